@@ -1,0 +1,205 @@
+"""A frozen CLIP that carries many tasks' residual attention prompts and routes each sample to one of them.
+
+Wrappers are injected into the backbone's own attention modules (no copy of the model), the way adapter libraries
+inject into frozen models. Each task owns one slot in every prompted block; a forward pass takes, per sample, a task
+name (or None) and a weight `w`, and groups samples by task inside every wrapper.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .loading import Backbone, sha256_tensors
+from .prompts import PromptConfig, PromptedAttention, PromptGroup, RoutingState
+
+log = logging.getLogger(__name__)
+
+TOWERS = ("visual", "text")
+TaskSpec = str | None | Sequence[str | None]
+
+
+class UnknownTask(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+class PromptedCLIP(nn.Module):
+    """`encode_image(images, tasks, weights)` / `encode_text(tokens, task, weight)` over a frozen open_clip CLIP."""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.clip = backbone.model
+        self.routing = RoutingState()
+        self._blocks = {"visual": backbone.image_blocks, "text": backbone.text_blocks}
+        self._slots: dict[str, str] = {}  # task name -> slot key (unique per load, so a reload never aliases)
+        self._configs: dict[str, PromptConfig] = {}
+        self._slot_ids = itertools.count()
+
+    # ---------------------------------------------------------------- tasks
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._slots)
+
+    def config(self, task: str) -> PromptConfig:
+        self._slot(task)
+        return self._configs[task]
+
+    def tower_depth(self, tower: str, config: PromptConfig) -> int:
+        return min(config.depth, len(self._blocks[tower]))
+
+    def width(self, tower: str) -> int:
+        """Width of the tower's attention (prefix key/value size)."""
+        attn = self._blocks[tower][0].attn
+        return attn.width if isinstance(attn, PromptedAttention) else attn.in_proj_weight.shape[1]
+
+    def add_task(self, task: str, config: PromptConfig = PromptConfig()) -> None:
+        """New task with untrained prompts (P_V = 0: outputs unchanged until it is trained)."""
+
+        def fresh(tower: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+            keys = torch.empty(config.n_prefix, self.width(tower)).uniform_(-config.key_init, config.key_init)
+            return keys, torch.zeros_like(keys)
+
+        self._install(task, config, fresh)
+
+    def load_task(self, task: str, tensors: dict[str, torch.Tensor], config: PromptConfig) -> None:
+        """Install (or replace) a task from `task_state`-style tensors; shapes are checked against this backbone."""
+        expected = self._expected_shapes(config)
+        if set(tensors) != set(expected):
+            missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+            raise ValueError(f"prompts of task '{task}' do not fit this backbone: missing {missing}, unexpected {extra}")
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(f"prompts of task '{task}': '{key}' has shape {tuple(tensors[key].shape)}, expected {shape}")
+        self._install(task, config, lambda tower, layer: (tensors[f"{tower}.{layer}.key"], tensors[f"{tower}.{layer}.value"]))
+
+    def delete_task(self, task: str) -> None:
+        slot = self._slot(task)
+        for wrapper in self._wrappers():
+            wrapper.remove_slot(slot)
+        del self._slots[task], self._configs[task]
+
+    def task_state(self, task: str) -> dict[str, torch.Tensor]:
+        """The task's prompts as contiguous CPU tensors with task-name-free keys `{tower}.{layer}.{key|value}`."""
+        slot = self._slot(task)
+        state = {}
+        for tower, layer, wrapper in self._prompted_blocks(self._configs[task]):
+            state[f"{tower}.{layer}.key"] = wrapper.prefix_keys[slot].detach().cpu().clone().contiguous()
+            state[f"{tower}.{layer}.value"] = wrapper.prefix_values[slot].detach().cpu().clone().contiguous()
+        return state
+
+    def prompt_parameters(self, task: str) -> list[nn.Parameter]:
+        slot = self._slot(task)
+        return [
+            param
+            for _, _, wrapper in self._prompted_blocks(self._configs[task])
+            for param in (wrapper.prefix_keys[slot], wrapper.prefix_values[slot])
+        ]
+
+    def num_prompt_parameters(self, task: str) -> int:
+        return sum(p.numel() for p in self.prompt_parameters(task))
+
+    def set_trainable(self, task: str | None) -> None:
+        """Only `task`'s prompts get gradients (None: nothing does); the backbone and other tasks stay frozen."""
+        for param in self.parameters():
+            param.requires_grad_(False)
+        if task is not None:
+            for param in self.prompt_parameters(task):
+                param.requires_grad_(True)
+            trainable = self.num_prompt_parameters(task)
+            frozen = sum(p.numel() for p in self.parameters()) - trainable
+            log.info("task %s: %s trainable prompt parameters, %s frozen", task, f"{trainable:,}", f"{frozen:,}")
+
+    def frozen_state_sha256(self) -> str:
+        """Hash of every backbone tensor under its original open_clip name (prompts excluded)."""
+        prompts = {id(p) for w in self._wrappers() for p in (*w.prefix_keys.values(), *w.prefix_values.values())}
+        named = itertools.chain(self.clip.named_parameters(), self.clip.named_buffers())
+        return sha256_tensors((name.replace(".base_layer", ""), t) for name, t in named if id(t) not in prompts)
+
+    # ---------------------------------------------------------------- encoding
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        tasks: TaskSpec = None,
+        weights: float | Sequence[float] | torch.Tensor = 1.0,
+        normalize: bool = False,
+    ) -> torch.Tensor:
+        """Image features; `tasks` is one name for the batch or one name/None per sample, `weights` a scalar or per sample."""
+        groups = self._groups(tasks, weights, images.shape[0], images.device)
+        with self.routing.use("visual", groups):
+            return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(
+        self, tokens: torch.Tensor, task: str | None = None, weight: float = 1.0, normalize: bool = False
+    ) -> torch.Tensor:
+        """Text features, with `task`'s prompts scaled by the scalar `weight` (per request on the text side)."""
+        groups = self._groups(task, weight, tokens.shape[0], tokens.device)
+        with self.routing.use("text", groups):
+            return self.clip.encode_text(tokens, normalize=normalize)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    # ---------------------------------------------------------------- internals
+    def _slot(self, task: str) -> str:
+        try:
+            return self._slots[task]
+        except KeyError:
+            raise UnknownTask(f"unknown task '{task}' (loaded: {sorted(self._slots) or 'none'})") from None
+
+    def _install(self, task: str, config: PromptConfig, make) -> None:
+        """Fill a fresh slot in every prompted block with `make(tower, layer) -> (P_K, P_V)`, then publish it."""
+        self._ensure_wrapped(config)
+        slot = f"s{next(self._slot_ids)}"
+        for tower, layer, wrapper in self._prompted_blocks(config):
+            wrapper.set_slot(slot, *make(tower, layer))
+        old = self._slots.get(task)
+        self._slots[task], self._configs[task] = slot, config  # one assignment makes the new prompts visible
+        if old is not None:
+            for wrapper in self._wrappers():
+                wrapper.remove_slot(old)
+
+    def _expected_shapes(self, config: PromptConfig) -> dict[str, tuple[int, int]]:
+        shapes = {}
+        for tower in TOWERS:
+            for layer in range(self.tower_depth(tower, config)):
+                shapes[f"{tower}.{layer}.key"] = shapes[f"{tower}.{layer}.value"] = (config.n_prefix, self.width(tower))
+        return shapes
+
+    def _ensure_wrapped(self, config: PromptConfig) -> None:
+        """Wrap the attention of the first `depth` blocks of each tower (peft-style setattr on the parent block)."""
+        for tower in TOWERS:
+            for block in list(self._blocks[tower])[: self.tower_depth(tower, config)]:
+                if not isinstance(block.attn, PromptedAttention):
+                    block.attn = PromptedAttention(block.attn, tower, self.routing)
+
+    def _wrappers(self) -> list[PromptedAttention]:
+        return [m for m in self.clip.modules() if isinstance(m, PromptedAttention)]
+
+    def _prompted_blocks(self, config: PromptConfig):
+        for tower in TOWERS:
+            for layer in range(self.tower_depth(tower, config)):
+                yield tower, layer, self._blocks[tower][layer].attn
+
+    def _groups(self, tasks: TaskSpec, weights, batch: int, device: torch.device) -> tuple[PromptGroup, ...]:
+        if tasks is None:
+            return ()
+        names = [tasks] * batch if isinstance(tasks, str) else list(tasks)
+        if len(names) != batch:
+            raise ValueError(f"got {len(names)} task names for a batch of {batch}")
+        w = torch.as_tensor(weights, dtype=torch.float32).flatten().cpu()
+        if w.numel() == 1:
+            w = w.expand(batch)
+        if w.numel() != batch:
+            raise ValueError(f"got {w.numel()} weights for a batch of {batch}")
+        groups = []
+        for name in dict.fromkeys(n for n in names if n is not None):
+            slot = self._slot(name)
+            index = (torch.tensor([n == name for n in names]) & (w != 0)).nonzero().flatten()
+            if len(index):  # w = 0 samples stay out of every group: frozen output, bit for bit
+                groups.append(PromptGroup(slot, index.to(device), w[index].to(device)))
+        return tuple(groups)

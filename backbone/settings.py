@@ -1,0 +1,17 @@
+"""Which backbone to load: the single source of defaults for the CLI, the Python API and the service."""
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BackboneSettings(BaseSettings):
+    """Backbone selection, read from `KEEPCLIP_MODEL`, `KEEPCLIP_PRETRAINED`, `KEEPCLIP_DEVICE`."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEPCLIP_", extra="ignore")
+
+    model: str = "ViT-B-16"
+    """open_clip model name, or path to a model-config JSON (its file stem becomes the model name)."""
+    pretrained: str | None = "openai"
+    """open_clip pretrained tag, or path to a checkpoint (.safetensors or open_clip state dict); `none` = random init."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` picks CUDA when available."""

@@ -1,0 +1,131 @@
+"""A task's fingerprint: a Gaussian over its L2-normalised frozen image features, router keys and a calibrated gate.
+
+The covariance is Ledoit-Wolf shrunk towards a scaled identity, so it stays well conditioned with fewer images
+than feature dimensions. The gate is calibrated on cross-fitted distances: each image's distance is measured with
+a Gaussian fitted without it, so the calibration sees what unseen images of the task look like.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .gate import Gate
+
+MIN_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    mean: torch.Tensor  # (d,)
+    whitener: torch.Tensor  # (d, d) inverse Cholesky factor of the covariance: z = whitener @ (f - mean)
+    logdet: float  # log |Σ|
+    shrinkage: float  # Ledoit-Wolf weight of the identity target, in [0, 1]
+
+    @classmethod
+    def fit(cls, features: torch.Tensor) -> "Gaussian":
+        x = features.double()
+        mean = x.mean(0)
+        cov, shrinkage = ledoit_wolf(x - mean)
+        chol = torch.linalg.cholesky(cov)
+        eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        whitener = torch.linalg.solve_triangular(chol, eye, upper=False)
+        logdet = 2.0 * chol.diagonal().log().sum().item()
+        return cls(mean=mean, whitener=whitener, logdet=logdet, shrinkage=shrinkage)
+
+    def mahalanobis_sq(self, features: torch.Tensor) -> torch.Tensor:
+        z = (features.to(self.mean) - self.mean) @ self.whitener.T  # (B, d)
+        return z.square().sum(-1)
+
+    def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
+        d = self.mean.shape[0]
+        return -0.5 * (d * math.log(2 * math.pi) + self.logdet + self.mahalanobis_sq(features))
+
+
+def ledoit_wolf(centered: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Shrunk covariance (1-s)·S + s·μ·I with the Ledoit-Wolf optimal s, from centred samples (n, d)."""
+    n, d = centered.shape
+    emp = centered.T @ centered / n  # (d, d)
+    mu = emp.diagonal().mean()
+    x2 = centered.square()
+    beta_ = (x2.T @ x2).sum() / n - emp.square().sum()  # Ledoit & Wolf (2004); same estimator as scikit-learn's
+    delta = (emp - mu * torch.eye(d, dtype=emp.dtype, device=emp.device)).square().sum()
+    shrinkage = 0.0 if delta <= 0 else float(min(beta_ / n, delta) / delta)
+    floor = 1e-6 * mu + 1e-12  # keeps the Cholesky finite even for identical images
+    eye = torch.eye(d, dtype=emp.dtype, device=emp.device)
+    return (1 - shrinkage) * emp + (shrinkage * mu + floor) * eye, shrinkage
+
+
+@dataclass(frozen=True)
+class TaskStats:
+    gaussian: Gaussian
+    keys: torch.Tensor  # (k, d) router keys: L2-normalised class means
+    gate: Gate
+    n_images: int
+
+    def mahalanobis_sq(self, features: torch.Tensor) -> torch.Tensor:
+        return self.gaussian.mahalanobis_sq(F.normalize(features.double(), dim=-1))
+
+    def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
+        return self.gaussian.log_likelihood(F.normalize(features.double(), dim=-1))
+
+    def weight(self, features: torch.Tensor) -> torch.Tensor:
+        """Gate w in (0, 1) per sample: near 1 on the task's own images, near 0 far from them."""
+        return self.gate(self.mahalanobis_sq(features)).float()
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        g = self.gaussian
+        return {
+            "mean": g.mean.float().contiguous(),
+            "whitener": g.whitener.float().contiguous(),
+            "logdet": torch.tensor([g.logdet], dtype=torch.float64),
+            "shrinkage": torch.tensor([g.shrinkage], dtype=torch.float64),
+            "keys": self.keys.float().contiguous(),
+            "gate": self.gate.to_tensor(),
+            "n_images": torch.tensor([self.n_images], dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "TaskStats":
+        gaussian = Gaussian(
+            mean=t["mean"].double(),
+            whitener=t["whitener"].double(),
+            logdet=t["logdet"].item(),
+            shrinkage=t["shrinkage"].item(),
+        )
+        return cls(gaussian=gaussian, keys=t["keys"].float(), gate=Gate.from_tensor(t["gate"]), n_images=int(t["n_images"]))
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    if labels is None:
+        return F.normalize(features.mean(0, keepdim=True), dim=-1)
+    classes = labels.unique()
+    return F.normalize(torch.stack([features[labels == c].mean(0) for c in classes]), dim=-1)
+
+
+def cross_fitted_distances(features: torch.Tensor, n_folds: int = 5, seed: int = 0) -> torch.Tensor:
+    """d² of every sample under a Gaussian fitted on the other folds."""
+    n = features.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    d2 = torch.empty(n, dtype=torch.float64)
+    for fold in order.chunk(min(n_folds, n)):
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[fold] = False
+        d2[fold] = Gaussian.fit(features[rest]).mahalanobis_sq(features[fold])
+    return d2
+
+
+def fit_task_stats(
+    features: torch.Tensor, labels: torch.Tensor | None = None, n_folds: int = 5, seed: int = 0
+) -> TaskStats:
+    """Fingerprint a task from the frozen image features of its training images (one row per image)."""
+    if features.ndim != 2 or features.shape[0] < MIN_IMAGES:
+        raise ValueError(f"a task fingerprint needs at least {MIN_IMAGES} feature rows, got shape {tuple(features.shape)}")
+    if labels is not None and labels.shape[0] != features.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {features.shape[0]} feature rows")
+    f = F.normalize(features.detach().double().cpu(), dim=-1)
+    gate = Gate.calibrate(cross_fitted_distances(f, n_folds, seed))
+    keys = class_means(f, None if labels is None else labels.cpu()).float()
+    return TaskStats(gaussian=Gaussian.fit(f), keys=keys, gate=gate, n_images=f.shape[0])

@@ -1,0 +1,1 @@
+"""Continual-learning benchmark and speed benchmarks."""

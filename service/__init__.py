@@ -1,0 +1,1 @@
+"""Ray Serve application: router, inference engine, HTTP API, Gradio UI, settings."""

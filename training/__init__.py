@@ -1,0 +1,1 @@
+"""Learning one task: data adapters, learners, Ray Train entry point."""
