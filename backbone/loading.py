@@ -149,6 +149,11 @@ def _fetch_pretrained(name: str, tag: str, cache_dir: str | None) -> str:
         ) from e
 
 
+def tag_needs_quick_gelu(name: str, tag: str | None) -> bool:
+    """OpenAI's weights were trained with QuickGELU; open_clip only warns when `ViT-B-16` + `openai` would use GELU."""
+    return bool(tag) and bool((open_clip.get_pretrained_cfg(name, tag) or {}).get("quick_gelu", False))
+
+
 def _resolve_weights(name: str, pretrained: str | None, cache_dir: str | None) -> tuple[str | None, str | None]:
     """-> (value for open_clip's `pretrained`, local file to fingerprint); (None, None) for random init."""
     if pretrained is None or str(pretrained).strip().lower() in NO_WEIGHTS:
@@ -195,7 +200,12 @@ def load_backbone(
     target = resolve_device(device)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained_arg, device=target, cache_dir=cache_dir, precision="fp32"
+            name,
+            pretrained=pretrained_arg,
+            device=target,
+            cache_dir=cache_dir,
+            precision="fp32",
+            force_quick_gelu=tag_needs_quick_gelu(name, pretrained_arg) and not cfg.get("quick_gelu", False),
         )
     except Exception as e:  # config is validated already: this is an unreadable checkpoint or another architecture's
         raise BackboneError(f"could not load weights '{pretrained}' into '{name}': {type(e).__name__}: {str(e)[:500]}") from e

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from backbone import BackboneError, UnsupportedBackbone, WeightsUnavailable, load_backbone, sha256_file
-from backbone.loading import SUPPORTED
+from backbone.loading import SUPPORTED, tag_needs_quick_gelu
 from tests.conftest import TINY_CONFIGS, tiny_backbone
 
 
@@ -104,3 +104,9 @@ def test_cuda_request_without_gpu_is_refused():
         pytest.skip("this machine has a GPU")
     with pytest.raises(BackboneError, match="no CUDA GPU"):
         load_backbone(str(TINY_CONFIGS / "keepclip-tiny-a.json"), None, "cuda")
+
+
+def test_openai_tags_get_quick_gelu_as_trained():
+    assert tag_needs_quick_gelu("ViT-B-16", "openai")
+    assert not tag_needs_quick_gelu("ViT-B-16", "laion2b_s34b_b88k")
+    assert not tag_needs_quick_gelu("ViT-B-16", None)
