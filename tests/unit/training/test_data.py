@@ -1,0 +1,104 @@
+"""Data adapters: each layout gives the same classes and images; the cached pixels are exactly the backbone's
+transform; the split is seeded and stratified."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import tiny_backbone
+from tests.unit.training.helpers import CLASS_NAMES, colour_images, write_folder, write_manifest, write_npz
+from training.data import (
+    DEFAULT_TEMPLATES, ImageSet, PixelPipeline, decode, read_class_names, read_templates, scan, split_train_val,
+)
+from training.errors import InputError
+
+
+@pytest.mark.parametrize("name", ["keepclip-tiny-a", "keepclip-tiny-b"])
+def test_cached_pixels_give_exactly_the_backbones_preprocess(name):
+    backbone = tiny_backbone(name)
+    pipeline = PixelPipeline(backbone.preprocess)
+    rng = np.random.default_rng(0)
+    images = [  # sizes that need resizing and cropping, and every colour mode a user may hand in
+        Image.fromarray(rng.integers(0, 256, (50, 37, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)),  # L
+        Image.fromarray(rng.integers(0, 256, (64, 90, 4), dtype=np.uint8), "RGBA"),
+    ]
+    assert pipeline.split
+    cached = np.stack([pipeline.pixels(im) for im in images])
+    assert cached.dtype == np.uint8
+    want = torch.stack([backbone.preprocess(im.convert("RGB")) for im in images])
+    assert torch.equal(pipeline.to_batch(cached), want)
+
+
+def test_all_layouts_read_the_same_classes_and_images(tmp_path):
+    backbone = tiny_backbone()
+    pipeline = PixelPipeline(backbone.preprocess)
+    npz = write_npz(tmp_path / "npz" / "train.npz", per_class=3, classnames_beside=True)
+    folder = write_folder(tmp_path / "folder", per_class=3)
+    jsonl = write_manifest(tmp_path / "jsonl" / "train.jsonl", per_class=3)
+    csv_ = write_manifest(tmp_path / "csv" / "train.csv", per_class=3, label_as="index")
+    sources = [scan(npz), scan(folder), scan(jsonl), scan(csv_, class_names=CLASS_NAMES, class_names_from="--class-names")]
+    decoded = [decode(s, pipeline)[0] for s in sources]
+    for source, images in zip(sources, decoded):
+        assert sorted(source.class_names) == sorted(CLASS_NAMES), source.format
+        names = [source.class_names[i] for i in images.labels]
+        assert sorted(names) == sorted(CLASS_NAMES[i] for i in colour_images(3)[1])
+    # the same colour image decodes to the same pixels whatever the layout (PNG is lossless)
+    by_name = [{s.class_names[l]: im.pixels[list(im.labels).index(l)] for l in set(im.labels.tolist())} for s, im in zip(sources, decoded)]
+    for other in by_name[1:]:
+        for cls in CLASS_NAMES:
+            assert np.array_equal(by_name[0][cls], other[cls])
+
+
+def test_class_names_from_folders_files_and_arrays(tmp_path):
+    folder = write_folder(tmp_path / "f", per_class=1, names=["sea_lion", "b", "c", "d"])
+    (folder / "b" / ".hidden").write_text("ignored")
+    (folder / "README.txt").write_text("files beside the class folders are ignored")
+    source = scan(folder)
+    assert source.class_names == ["b", "c", "d", "sea lion"] and len(source) == 4  # sorted folders, '_' read as ' '
+    mapping = tmp_path / "names.json"
+    mapping.write_text(json.dumps({"sea_lion": "Steller sea lion", "b": "bee", "c": "cat", "d": "dog"}))
+    assert scan(folder, read_class_names(mapping), "--classnames").class_names == ["bee", "cat", "dog", "Steller sea lion"]
+    lines = tmp_path / "names.txt"
+    lines.write_text("red\ngreen\n\nblue\nyellow\n")
+    assert read_class_names(lines) == CLASS_NAMES
+    inner = write_npz(tmp_path / "n" / "x.npz", per_class=1, class_names=np.array(CLASS_NAMES))
+    assert scan(inner).class_names == CLASS_NAMES
+
+
+def test_manifest_string_labels_are_the_class_names_in_natural_order(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    Image.fromarray(colour_images(1)[0][0]).save(tmp_path / "a.png")
+    manifest.write_text("".join(json.dumps({"path": "a.png", "label": f"class {i}"}) + "\n" for i in (10, 2, 1)))
+    assert scan(manifest).class_names == ["class 1", "class 2", "class 10"]
+
+
+def test_templates_files_and_the_default(tmp_path):
+    assert DEFAULT_TEMPLATES == ("a photo of a {}.",)
+    json_file = tmp_path / "t.json"
+    json_file.write_text(json.dumps(["a photo of a {}.", "a drawing of a {}."]))
+    assert read_templates(json_file) == ["a photo of a {}.", "a drawing of a {}."]
+    text = tmp_path / "t.txt"
+    text.write_text("a photo of a {}.\n\nno placeholder here\n")
+    with pytest.raises(InputError, match=r"t\.txt, line 3: 'no placeholder here' must contain '\{\}'"):
+        read_templates(text)
+
+
+def test_split_is_seeded_stratified_and_keeps_every_class_in_training():
+    labels = np.repeat(np.arange(5), [40, 20, 10, 2, 1])
+    train, val = split_train_val(labels, 0.1, seed=0)
+    again = split_train_val(labels, 0.1, seed=0)
+    assert np.array_equal(train, again[0]) and np.array_equal(val, again[1])
+    assert not np.array_equal(val, split_train_val(labels, 0.1, seed=1)[1])
+    assert np.bincount(labels[val], minlength=5).tolist() == [4, 2, 1, 0, 0]
+    assert set(labels[train]) == set(range(5)) and len(np.intersect1d(train, val)) == 0
+    assert len(train) + len(val) == len(labels)
+    assert len(split_train_val(labels, 0.0, seed=0)[1]) == 0
+
+
+def test_image_set_subset_and_concat():
+    images = ImageSet(np.zeros((5, 3, 2, 2), np.uint8), np.arange(5))
+    both = ImageSet.concat(images.subset(np.array([0, 1])), None, images.subset(np.array([4])))
+    assert both.labels.tolist() == [0, 1, 4] and both.pixels.shape == (3, 3, 2, 2)

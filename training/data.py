@@ -1,0 +1,522 @@
+"""Data adapters: a dataset on disk -> checked labels and class names -> decoded, preprocessed images in memory.
+
+Layouts of `--data PATH` (and `--test PATH`):
+
+    PATH/<class>/.../<image>    a folder per class (ImageFolder); class names are the folder names, '_' read as ' '
+    PATH.jsonl                  one JSON object per line: {"path": "imgs/001.png", "label": 3}  or  "label": "cat"
+    PATH.csv                    a header with `path` and `label` columns, then one row per image
+    PATH.npz                    `images` uint8 [N, H, W, 3] (or [N, H, W] greyscale) and `labels` int [N]
+
+Image paths in a manifest are relative to the manifest's folder (or absolute). Integer labels index the class
+names; string labels are class names. Class names come from `--class-names A,B,...` or `--classnames FILE` (a JSON
+list, a JSON object {folder: name} for folders, or one name per line), else from the layout: folder names, the
+label strings of a manifest (sorted), `classnames.json` beside the .npz, or a `class_names` array inside it.
+
+Everything is checked before any image is decoded, and every image is decoded before training starts; each error
+names the file, line or field. Decoding runs the backbone's own eval transform once per image: its PIL part (resize,
+crop, RGB) is cached as uint8, and ToTensor's /255 and Normalize run per batch (bit-identical, 4x less memory).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)  # used when no templates are given; recorded in the artifact
+NPZ_CLASSNAMES = "classnames.json"  # looked for beside an .npz (the layout of ../shared/data)
+MANIFEST_SUFFIXES = {".jsonl": "jsonl", ".csv": "csv"}
+SHOW_AT_MOST = 10  # file names listed in one error message
+
+
+# ---------------------------------------------------------------- class names and templates
+def _key(name: str) -> str:
+    """How the text encoder sees a class name: open_clip's tokenizer lowercases and splits on whitespace."""
+    return " ".join(name.lower().split())
+
+
+def check_class_names(names: list[str], where: str) -> list[str]:
+    """Non-empty strings, no two the same for the text encoder ('Cat' and 'cat ' count as the same)."""
+    if not isinstance(names, list) or not names:
+        raise InputError(f"{where}: no class names")
+    seen: dict[str, str] = {}
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"{where}: class name #{i} is {name!r}; class names must be non-empty strings")
+        if _key(name) in seen:
+            first = seen[_key(name)]
+            same = "" if first == name else " (the text encoder sees them as the same name)"
+            raise InputError(f"{where}: duplicate class names {first!r} and {name!r}{same}; each class needs its own name")
+        seen[_key(name)] = name
+    return [name.strip() for name in names]
+
+
+def parse_class_names(text: str) -> list[str]:
+    """`--class-names "cat,dog,bird"`."""
+    return check_class_names([part.strip() for part in text.split(",")], "--class-names")
+
+
+def read_class_names(path: str | Path) -> list[str] | dict[str, str]:
+    """A JSON list, a JSON object {folder or label: name}, or a text file with one name per line (blank lines skipped)."""
+    path = Path(path)
+    text = _read_text(path, "--classnames")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--classnames {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if isinstance(data, dict):
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+                raise InputError(f"--classnames {path}: a JSON object must map folder names to class names (strings)")
+            check_class_names(list(data.values()), f"--classnames {path}")
+            return {k: v.strip() for k, v in data.items()}
+        if not isinstance(data, list):
+            raise InputError(f"--classnames {path}: expected a JSON list of class names, got {type(data).__name__}")
+        return check_class_names(data, f"--classnames {path}")
+    return check_class_names([line.strip() for line in text.splitlines() if line.strip()], f"--classnames {path}")
+
+
+def read_templates(path: str | Path) -> list[str]:
+    """A JSON list or one template per line (blank lines skipped); each holds `{}` once, where the class name goes."""
+    path = Path(path)
+    text = _read_text(path, "--templates")
+    if path.suffix.lower() == ".json":
+        try:
+            templates = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"--templates {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
+            raise InputError(f"--templates {path}: expected a JSON list of strings")
+        where = [f"--templates {path}, entry {i}" for i in range(len(templates))]
+    else:
+        numbered = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        templates = [t for _, t in numbered]
+        where = [f"--templates {path}, line {n}" for n, _ in numbered]
+    return check_templates(templates, where, f"--templates {path}")
+
+
+def check_templates(templates: list[str], where: list[str] | None = None, source: str = "templates") -> list[str]:
+    if not templates:
+        raise InputError(f"{source}: no templates")
+    for i, template in enumerate(templates):
+        at = where[i] if where else f"{source}, template {i}"
+        if template.count("{}") != 1 or re.search(r"\{[^}]+\}", template):
+            raise InputError(f"{at}: {template!r} must contain '{{}}' exactly once (where the class name goes)")
+    if len(set(templates)) != len(templates):
+        raise InputError(f"{source}: duplicate templates")
+    return list(templates)
+
+
+def _read_text(path: Path, option: str) -> str:
+    if not path.exists():
+        raise InputError(f"{option} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{option} {path}: cannot be read as UTF-8 text ({e})") from None
+
+
+# ---------------------------------------------------------------- what a dataset holds (before decoding)
+@dataclass
+class LabeledSource:
+    """A dataset on disk, checked: class names, one label per image, and where each image comes from."""
+
+    path: Path
+    format: str  # "folder" | "jsonl" | "csv" | "npz"
+    class_names: list[str]
+    labels: np.ndarray  # (N,) int64 in [0, len(class_names))
+    class_keys: list[str]  # how the layout names each class (folder names, label strings); used to map a test set
+    class_names_from: str  # where the class names came from, for messages and the recipe
+    files: list[Path] | None = None  # (N,) image files (folder, manifest)
+    arrays: np.ndarray | None = None  # (N, H, W[, C]) uint8 images (npz)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def where(self, i: int) -> str:
+        return str(self.files[i]) if self.files is not None else f"{self.path}: images[{i}]"
+
+    def open(self, i: int) -> Image.Image:
+        if self.arrays is not None:
+            image = self.arrays[i]  # (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8
+            return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+        with Image.open(self.files[i]) as image:
+            image.load()
+            return image.convert("RGB")
+
+    def describe(self) -> dict:
+        return {"path": str(self.path), "format": self.format, "n_images": len(self), "class_names_from": self.class_names_from}
+
+
+def scan(
+    path: str | Path,
+    class_names: list[str] | dict[str, str] | None = None,
+    class_names_from: str | None = None,
+    reference: LabeledSource | None = None,
+    option: str = "--data",
+) -> LabeledSource:
+    """Read and check a dataset's layout, labels and class names; no image is decoded yet.
+
+    `class_names` (from --class-names/--classnames, described by `class_names_from`) override the layout's own.
+    With `reference` (the training set), this is a test set: it takes the reference's classes and may lack some.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{option} {path}: no such file or directory")
+    if reference is not None:
+        class_names, class_names_from = reference.class_names, reference.class_names_from
+    if path.is_dir():
+        source = _scan_folder(path, class_names, class_names_from, reference, option)
+    elif path.suffix.lower() == ".npz":
+        source = _scan_npz(path, class_names, class_names_from, option)
+    elif path.suffix.lower() in MANIFEST_SUFFIXES:
+        source = _scan_manifest(path, class_names, class_names_from, reference, option)
+    else:
+        raise InputError(
+            f"{option} {path}: unknown data format; expected a folder per class, a .jsonl or .csv manifest "
+            "(path, label), or an .npz with `images` and `labels`"
+        )
+    if len(source) == 0:
+        raise InputError(f"{option} {path}: no images")
+    if reference is None:
+        check_no_empty_class(source, option)
+    return source
+
+
+def check_no_empty_class(source: LabeledSource, option: str = "--data", labels: np.ndarray | None = None, after: str = "") -> None:
+    """Every class needs images (`labels`: those left after decoding, default all of the source's)."""
+    counts = np.bincount(source.labels if labels is None else labels, minlength=len(source.class_names))
+    empty = [i for i, n in enumerate(counts) if n == 0]
+    if not empty:
+        return
+    i = empty[0]
+    more = f" (and {len(empty) - 1} more empty classes)" if len(empty) > 1 else ""
+    if source.format == "folder":
+        raise InputError(f"{option} {source.path}: class folder {source.path / source.class_keys[i]} has no images{after}{more}")
+    raise InputError(
+        f"{option} {source.path}: class {source.class_names[i]!r} (label {i}, names from {source.class_names_from}) "
+        f"has no images{after}{more}; every class needs training images"
+    )
+
+
+def _visible_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _scan_folder(path, class_names, names_from, reference, option) -> LabeledSource:
+    folders = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise InputError(f"{option} {path}: no class folders; expected one sub-folder of images per class (ImageFolder layout)")
+    if reference is not None:  # a test set: its folders must be among the training set's
+        if reference.format == "folder":
+            keys = reference.class_keys
+        else:
+            keys = reference.class_names
+        unknown = [f for f in folders if f not in keys]
+        if unknown:
+            raise InputError(f"{option} {path}: class folders {unknown} are not classes of the training data (classes: {keys})")
+        index = {k: i for i, k in enumerate(keys)}
+        names, names_from, class_keys = reference.class_names, reference.class_names_from, list(keys)
+    else:
+        if class_names is None:
+            names, names_from = [f.replace("_", " ") for f in folders], "folder names"
+        elif isinstance(class_names, dict):
+            missing = [f for f in folders if f not in class_names]
+            extra = [k for k in class_names if k not in folders]
+            if missing or extra:
+                raise InputError(
+                    f"{names_from}: does not match the class folders of {path}: "
+                    f"{'no name for folders ' + str(missing) if missing else ''}"
+                    f"{'; ' if missing and extra else ''}{'no folders for ' + str(extra) if extra else ''}"
+                )
+            names = [class_names[f] for f in folders]
+        else:
+            if len(class_names) != len(folders):
+                raise InputError(
+                    f"{names_from}: lists {len(class_names)} class names but {path} has {len(folders)} class folders "
+                    f"({', '.join(folders[:5])}{', ...' if len(folders) > 5 else ''}); names are matched to folders in sorted order"
+                )
+            names = list(class_names)
+        names = check_class_names(names, names_from)
+        index = {f: i for i, f in enumerate(folders)}
+        class_keys = folders
+    files, labels = [], []
+    for folder in folders:
+        found = _visible_files(path / folder)
+        if not found and reference is None:
+            raise InputError(f"{option} {path}: class folder {path / folder} has no images")
+        files += found
+        labels += [index[folder]] * len(found)
+    stray = [p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if stray:
+        log.info("%s: ignoring %d files outside the class folders (%s)", path, len(stray), ", ".join(stray[:3]))
+    return LabeledSource(path, "folder", names, np.asarray(labels, dtype=np.int64), class_keys, names_from, files=files)
+
+
+def _natural(text: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _scan_manifest(path, class_names, names_from, reference, option) -> LabeledSource:
+    kind = MANIFEST_SUFFIXES[path.suffix.lower()]
+    rows = _read_jsonl(path, option) if kind == "jsonl" else _read_csv(path, option)
+    if isinstance(class_names, dict):
+        raise InputError(f"{names_from}: a JSON object of class names only applies to a folder per class; give a list for {path}")
+    names = list(class_names) if class_names is not None else None
+    if names is None:  # class names are the (string) labels, sorted
+        ints = [(line, label) for line, _, label in rows if isinstance(label, int)]
+        if ints:
+            line, label = ints[0]
+            raise InputError(
+                f"{option} {path}, line {line}: label {label} is a class index, but no class names were given "
+                "(pass --classnames FILE or --class-names A,B,...)"
+            )
+        names = sorted({label for _, _, label in rows}, key=_natural)
+        names_from = f"the labels of {path}"
+        names = check_class_names(names, names_from)
+    index = {name: i for i, name in enumerate(names)}
+    keys = reference.class_keys if reference is not None else names
+    key_index = {k: i for i, k in enumerate(keys)}
+    files, labels = [], []
+    for line, file, label in rows:
+        if isinstance(label, str) and label in index:
+            labels.append(index[label])
+        elif isinstance(label, str) and label in key_index:
+            labels.append(key_index[label])
+        elif isinstance(label, int) or (isinstance(label, str) and re.fullmatch(r"-?\d+", label)):
+            value = int(label)
+            if not 0 <= value < len(names):
+                raise InputError(
+                    f"{option} {path}, line {line}: label {value} is out of range: there are {len(names)} classes "
+                    f"(0-{len(names) - 1}, names from {names_from})"
+                )
+            labels.append(value)
+        else:
+            raise InputError(f"{option} {path}, line {line}: label {label!r} is not one of the class names (from {names_from})")
+        file_path = Path(file)
+        files.append(file_path if file_path.is_absolute() else path.parent / file_path)
+    return LabeledSource(path, kind, names, np.asarray(labels, dtype=np.int64), list(keys), names_from, files=files)
+
+
+def _read_jsonl(path: Path, option: str) -> list[tuple[int, str, int | str]]:
+    rows = []
+    for line, text in enumerate(_read_text(path, option).splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{option} {path}, line {line}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{option} {path}, line {line}: expected a JSON object with fields 'path' and 'label'")
+        for field in ("path", "label"):
+            if field not in row:
+                raise InputError(f"{option} {path}, line {line}: missing field {field!r}")
+        file, label = row["path"], row["label"]
+        if not isinstance(file, str) or not file:
+            raise InputError(f"{option} {path}, line {line}: field 'path' must be a non-empty string")
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise InputError(f"{option} {path}, line {line}: field 'label' must be a class index or a class name, got {label!r}")
+        rows.append((line, file, label.strip() if isinstance(label, str) else label))
+    return rows
+
+
+def _read_csv(path: Path, option: str) -> list[tuple[int, str, int | str]]:
+    reader = csv.DictReader(_read_text(path, option).splitlines())
+    if not reader.fieldnames:
+        raise InputError(f"{option} {path}: empty CSV; expected a header with columns 'path' and 'label'")
+    header = [h.strip() for h in reader.fieldnames]
+    for column in ("path", "label"):
+        if column not in header:
+            raise InputError(f"{option} {path}: missing column {column!r} in the header (found: {header})")
+    reader.fieldnames = header
+    rows = []
+    for row in reader:
+        file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not file:
+            raise InputError(f"{option} {path}, line {reader.line_num}: empty 'path'")
+        if not label:
+            raise InputError(f"{option} {path}, line {reader.line_num}: empty 'label'")
+        rows.append((reader.line_num, file, label))
+    return rows
+
+
+def _scan_npz(path, class_names, names_from, option) -> LabeledSource:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            fields = list(arrays.files)
+            missing = [f for f in ("images", "labels") if f not in fields]
+            if missing:
+                raise InputError(f"{option} {path}: no {' or '.join(repr(m) for m in missing)} array (found: {fields})")
+            images, labels = arrays["images"], arrays["labels"]
+            inner_names = arrays["class_names"].tolist() if "class_names" in fields else None
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{option} {path}: cannot be read as an .npz file ({type(e).__name__}: {e})") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+        raise InputError(
+            f"{option} {path}: field 'images' must be uint8 [N, H, W, 3] (or [N, H, W] greyscale), "
+            f"got {images.dtype} {list(images.shape)}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
+        raise InputError(f"{option} {path}: field 'labels' must be integers [N], got {labels.dtype} {list(labels.shape)}")
+    if len(labels) != len(images):
+        raise InputError(f"{option} {path}: field 'labels' has {len(labels)} entries but 'images' has {len(images)}")
+    if isinstance(class_names, dict):
+        raise InputError(f"{names_from}: a JSON object of class names only applies to a folder per class; give a list for {path}")
+    if class_names is None:
+        beside = path.parent / NPZ_CLASSNAMES
+        if beside.is_file():
+            class_names, names_from = read_class_names(beside), str(beside)
+            if isinstance(class_names, dict):
+                raise InputError(f"{beside}: expected a JSON list of class names")
+        elif inner_names is not None:
+            class_names, names_from = check_class_names([str(n) for n in inner_names], f"{path}: field 'class_names'"), f"{path}: field 'class_names'"
+        else:
+            raise InputError(
+                f"{option} {path}: no class names; pass --classnames FILE (a JSON list or one name per line) or "
+                f"--class-names A,B,..., or put {NPZ_CLASSNAMES} beside the .npz"
+            )
+    bad = (labels < 0) | (labels >= len(class_names))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{option} {path}: field 'labels' has {int(bad.sum())} values out of range, e.g. labels[{i}] = {int(labels[i])}; "
+            f"there are {len(class_names)} classes (0-{len(class_names) - 1}, names from {names_from})"
+        )
+    names = list(class_names)
+    return LabeledSource(path, "npz", names, labels.astype(np.int64), names, names_from, arrays=images)
+
+
+# ---------------------------------------------------------------- decoded images
+class PixelPipeline:
+    """open_clip's eval transform split at ToTensor: `pixels` (PIL part, once per image) and `to_batch` (per batch).
+
+    `to_batch(stack of pixels(img))` equals `stack(preprocess(img))` bit for bit. A transform without a ToTensor step
+    cannot be split; then `pixels` returns the full float tensor and `to_batch` only stacks.
+    """
+
+    def __init__(self, preprocess: Callable):
+        from torchvision.transforms import Compose, ToTensor
+
+        steps = list(getattr(preprocess, "transforms", []))
+        cut = next((i for i, step in enumerate(steps) if isinstance(step, ToTensor)), None)
+        self.split = cut is not None
+        self.pil_part = Compose(steps[:cut]) if self.split else preprocess
+        self.tensor_part = Compose(steps[cut + 1 :]) if self.split else None
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """(3, H, W) uint8 after resize/crop (or float32 after the whole transform when it cannot be split)."""
+        if not self.split:
+            return self.pil_part(image.convert("RGB")).numpy()
+        out = self.pil_part(image.convert("RGB"))
+        if not isinstance(out, Image.Image):
+            raise TypeError(f"the transform before ToTensor returned {type(out).__name__}, not a PIL image")
+        return np.ascontiguousarray(np.asarray(out.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
+
+    def to_batch(self, pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, 3, H, W) float model input."""
+        if not pixels.flags.writeable:  # a view of Ray's read-only object store: torch wants its own copy
+            pixels = pixels.copy()
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+        if not self.split:
+            return x
+        return self.tensor_part(x.to(torch.get_default_dtype()).div(255))  # exactly what ToTensor does to uint8
+
+
+@dataclass
+class ImageSet:
+    """Decoded images ready for batching, with their labels."""
+
+    pixels: np.ndarray  # (N, 3, H, W) uint8 — PixelPipeline.pixels of each image
+    labels: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> "ImageSet":
+        return ImageSet(self.pixels[index], self.labels[index])
+
+    @staticmethod
+    def concat(*sets: "ImageSet | None") -> "ImageSet":
+        sets = [s for s in sets if s is not None and len(s)]
+        return ImageSet(np.concatenate([s.pixels for s in sets]), np.concatenate([s.labels for s in sets]))
+
+
+def decode(
+    source: LabeledSource, pipeline: PixelPipeline, skip_unreadable: bool = False, option: str = "--data", progress: bool = True
+) -> tuple[ImageSet, list[str]]:
+    """Decode every image once (Pillow, RGB, the backbone's transform). -> (images, skipped files).
+
+    Unreadable files (missing, not an image, truncated) are all collected first; then either the error lists how many
+    and which, or, with `skip_unreadable`, they are left out with a warning.
+    """
+    from tqdm.auto import tqdm
+
+    pixels, keep, failures = [], [], []
+    items = range(len(source))
+    if progress and len(source) >= 512:
+        items = tqdm(items, desc=f"decoding {source.path.name}", unit="img", file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 30)
+    for i in items:
+        try:
+            image = source.open(i)
+        except FileNotFoundError:
+            failures.append((source.where(i), "file not found"))
+            continue
+        except UnidentifiedImageError:
+            failures.append((source.where(i), "not an image file"))
+            continue
+        except Exception as e:  # truncated, corrupt or exotic files: Pillow raises many kinds
+            failures.append((source.where(i), f"{type(e).__name__}: {e}"))
+            continue
+        pixels.append(pipeline.pixels(image))
+        keep.append(i)
+    if failures:
+        listed = "; ".join(f"{where} ({why})" for where, why in failures[:SHOW_AT_MOST])
+        more = f"; and {len(failures) - SHOW_AT_MOST} more" if len(failures) > SHOW_AT_MOST else ""
+        counted = f"{len(failures)} of {len(source)} images in {option} {source.path}"
+        if not skip_unreadable:
+            raise InputError(f"{counted} cannot be read: {listed}{more}. Fix or remove them, or pass --skip-unreadable to leave them out")
+        log.warning("--skip-unreadable: leaving out %s that cannot be read: %s%s", counted, listed, more)
+    if not keep:
+        raise InputError(f"{option} {source.path}: none of its {len(source)} images can be read")
+    images = ImageSet(np.stack(pixels), source.labels[np.asarray(keep)])
+    return images, [where for where, _ in failures]
+
+
+def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified split -> (train index, val index), both sorted; every class keeps at least one training image."""
+    if not 0 <= val_fraction < 1:
+        raise InputError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        members = members[rng.permutation(len(members))]
+        take = min(math.floor(val_fraction * len(members) + 0.5), len(members) - 1)
+        val.extend(members[:take].tolist())
+    if val_fraction > 0 and not val and len(labels) >= 2:  # tiny data: still hold out one image of the largest class
+        counts = np.bincount(labels)
+        if counts.max() >= 2:
+            members = np.flatnonzero(labels == counts.argmax())
+            val.append(int(members[rng.integers(len(members))]))
+    val = np.sort(np.asarray(val, dtype=np.int64))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
