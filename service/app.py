@@ -1,0 +1,167 @@
+"""The Ray Serve application: one ingress deployment that owns the engine, batches with `@serve.batch`, and builds
+its FastAPI + Gradio app on the replica (`__serve_build_asgi_app__`; a mounted Gradio app cannot be pickled).
+
+    from service.app import build_app
+    serve.run(build_app(ServiceSettings(store="./keepclip-store")), name="keepclip", route_prefix="/")
+
+or, from a Serve config file (also KubeRay's `serveConfigV2`; see service/serve_config.yaml):
+
+    applications:
+      - name: keepclip
+        route_prefix: /
+        import_path: service.app:app_builder
+        args: {store: s3://bucket/keepclip-store, model: ViT-B-16, pretrained: openai}
+        deployments:
+          - name: KeepclipDeployment
+            user_config: {max_batch_size: 16, batch_wait_timeout_s: 0.005, gate_threshold: 0.01}
+
+Updates to tasks never go through `serve.run`/`serve deploy` (which restart replicas): every replica follows the
+store's change feed itself. Runtime knobs (batch size and wait, gate threshold, router top-k, poll interval) arrive
+through `user_config` -> `reconfigure` without a restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from .settings import RUNTIME_KNOBS, ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(name="KeepclipDeployment", health_check_period_s=5, graceful_shutdown_timeout_s=10)
+@serve.ingress()
+class KeepclipDeployment:
+    def __init__(self, settings: ServiceSettings):
+        import torch
+
+        from .engine import Engine
+        from .metrics import ServiceMetrics
+
+        logging.getLogger("service").setLevel(logging.INFO)
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self.settings = settings
+        self.metrics = ServiceMetrics()
+        self.engine = Engine.from_settings(settings, metrics=self.metrics).start()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepclip-engine")
+
+        async def run_batch(jobs: list) -> list:  # one queue per replica (a closure, not a class attribute)
+            return await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.run_batch, jobs)
+
+        self._batched = serve.batch(
+            max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_timeout_s
+        )(run_batch)
+        log.info("keepclip replica up: %s, store %s, %d tasks", self.engine.fingerprint["name"], settings.store, len(self.engine.state.tasks))
+
+    def __serve_build_asgi_app__(self):
+        from .api import create_app
+
+        return create_app(self.settings, engine=self.engine, submit=self._batched, executor=self.executor, metrics=self.metrics)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Runtime knobs from the Serve config's `user_config` (see settings.RUNTIME_KNOBS); no restart."""
+        unknown = set(user_config or {}) - set(RUNTIME_KNOBS)
+        if unknown:
+            raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: {list(RUNTIME_KNOBS)}")
+        knobs = {k: v for k, v in (user_config or {}).items() if v is not None}
+        if "max_batch_size" in knobs:
+            self._batched.set_max_batch_size(int(knobs["max_batch_size"]))
+        if "batch_wait_timeout_s" in knobs:
+            self._batched.set_batch_wait_timeout_s(float(knobs["batch_wait_timeout_s"]))
+        self.engine.reconfigure(**knobs)
+        self.settings = self.settings.model_copy(update=knobs)
+        log.info("reconfigured: %s", knobs)
+
+    def check_health(self) -> None:
+        if not self.engine.polling:
+            raise RuntimeError("the store poller thread is not running")
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def build_app(args: ServiceSettings) -> Application:
+    """The typed app builder: settings -> a bound Serve application (one ingress deployment)."""
+    options: dict[str, Any] = {
+        "num_replicas": args.num_replicas,
+        "max_ongoing_requests": max(args.max_ongoing_requests, 2 * args.max_batch_size),
+        "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
+        "user_config": args.runtime_config(),
+    }
+    return KeepclipDeployment.options(**options).bind(args)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """`import_path: service.app:app_builder` for `serve run`/`serve deploy`/KubeRay; `args` are ServiceSettings
+    fields (KEEPCLIP_* environment variables and KEEPCLIP_SETTINGS_FILE fill in the rest)."""
+    args = dict(args or {})
+    file = args.pop("settings_file", None)
+    unknown = sorted(set(args) - set(ServiceSettings.model_fields))
+    if unknown:  # a typo in a Serve config would otherwise be dropped silently (the settings ignore extra keys)
+        raise ValueError(f"unknown keepclip settings in the Serve config args: {unknown}; known: {sorted(ServiceSettings.model_fields)}")
+    return build_app(ServiceSettings.load(file=file, **args))
+
+
+# ----------------------------------------------------------------------------- `keepclip serve`
+def run_service(settings: ServiceSettings, address: str | None = None, blocking: bool = True, ready_timeout_s: float = 300) -> str:
+    """Start (or join, with `address`) a Ray cluster, start Serve's HTTP proxy on settings.host:port, run the app.
+
+    Blocking: waits until Ctrl-C/SIGTERM, then deletes the app (and shuts Serve and Ray down if this call started
+    them). Returns the base URL.
+    """
+    import ray
+
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        started_ray = address is None
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
+    url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
+    _wait_ready(url, ready_timeout_s)
+    if not blocking:
+        return url
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"keepclip serving on {url}  (API docs {url}/docs, UI {url}/ui)  — Ctrl-C to stop", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("stopping keepclip ...", flush=True)
+        try:
+            serve.delete(settings.app_name)
+            if started_ray:
+                serve.shutdown()
+        finally:
+            if started_ray:
+                ray.shutdown()
+    return url
+
+
+def _wait_ready(url: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"keepclip did not answer {url}/healthz within {timeout_s:.0f} s")
+        time.sleep(0.25)

@@ -1,0 +1,515 @@
+"""The inference engine: frozen pass, per-image routing, prompted pass grouped by task, logits; and hot swap.
+
+Works without HTTP and without Ray:
+
+    engine = Engine.from_settings(ServiceSettings(model=..., pretrained=..., store=...))
+    engine.start()                                         # first sync + background poller
+    [result] = engine.run_batch([ClassifyJob(image=engine.preprocess(pil))])
+    result.task, result.gate, result.scores                # routed task, its gate weight, top-k
+
+**State.** Everything a request reads — loaded tasks (stats, cached text features), the FAISS router, the store
+generation — sits in one immutable `EngineState`. The poller thread follows the store's change feed, loads new or
+changed versions beside the live state, builds a new state and swaps one reference. A request takes a *lease* on
+the state it started with and uses only that state until it ends.
+
+**Prompt slots.** `PromptedCLIP.load_task(name)` for a name already loaded drops the old prompts at once, which
+would pull them from under a forward still routed to them. So every task *version* is loaded under its own internal
+name (`"{task}@v{version}#{n}"`), never reused; after a swap, an internal name that neither the live state nor any
+leased older state refers to is deleted. A forward therefore never loses the prompts it was routed to, and old
+prompts are freed as soon as the last request that could use them has finished.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from backbone import PromptConfig, TaskStats
+from prompts_store import DEFAULT_KIND, StoreError, TaskArtifact, TaskNotFound, TaskStore, open_store
+
+from .gallery import Gallery
+from .router import Route, Router
+from .runtime import Runtime
+from .runtime_onnx import select_runtime
+from .settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+LABEL_CACHE_SIZE = 4096
+
+
+class TaskNotLoaded(LookupError):
+    """A request named a task this replica does not serve (unknown, deleted, or refused)."""
+
+    def __init__(self, message: str, task: str):
+        super().__init__(message)
+        self.task = task
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class UnservableTask(ValueError):
+    """An artifact this engine cannot serve (another learner's kind, wrong shapes)."""
+
+
+# ----------------------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedTask:
+    name: str
+    version: int
+    slot: str  # internal PromptedCLIP task name, unique per load
+    class_names: tuple[str, ...]
+    templates: tuple[str, ...]
+    stats: TaskStats
+    text_prompted: torch.Tensor  # (C, D) class embeddings with the task's prompts (w = 1)
+    text_frozen: torch.Tensor  # (C, D) class embeddings of the frozen text tower
+    kind: str
+    created_at: str | None
+    checksum: str | None  # SHA-256 of task.json: identifies the exact artifact
+    metrics: Mapping[str, Any]
+    loaded_at: float  # time.time()
+
+
+@dataclass(eq=False)
+class EngineState:
+    """Immutable once published (only `leases`, guarded by the engine's lock, changes)."""
+
+    generation: int
+    tasks: Mapping[str, LoadedTask]
+    router: Router
+    errors: Mapping[str, str]  # task -> why its live version is not served (the previous one may be)
+    created_at: float = field(default_factory=time.time)
+    leases: int = 0
+
+
+def _empty_state(top_k: int, threshold: float) -> EngineState:
+    return EngineState(generation=0, tasks=MappingProxyType({}), router=Router({}, top_k, threshold), errors={})
+
+
+# ----------------------------------------------------------------------------------------- jobs
+
+
+@dataclass(frozen=True, eq=False)
+class ClassifyJob:
+    image: torch.Tensor  # (3, H, W), preprocessed
+    task: str | None = None  # classify within this task's classes (its prompts at w = 1)
+    labels: tuple[str, ...] | None = None  # open vocabulary (routing still applies, weighted)
+    top_k: int = 5
+
+
+@dataclass(frozen=True, eq=False)
+class EmbedJob:
+    image: torch.Tensor  # (3, H, W), preprocessed
+    task: str | None = None  # None: frozen embedding
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Score:
+    label: str
+    score: float  # softmax probability over the classes/labels considered
+    logit: float  # logit_scale * cosine
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    mode: str  # "task" | "labels" | "auto"
+    task: str | None  # task whose prompts (and, unless labels were given, classes) were used
+    version: int | None
+    gate: float  # weight w applied to that task's prompts; 0 = frozen CLIP
+    route: Route  # what the router said about this image
+    scores: list[Score]
+    message: str | None = None
+    generation: int = 0  # store generation of the state that served it
+
+
+@dataclass(frozen=True, eq=False)
+class EmbedResult:
+    embedding: torch.Tensor  # (D,), L2-normalised
+    task: str | None
+    version: int | None
+    weight: float
+
+
+class _NullMetrics:
+    def observe_batch(self, size: int) -> None: ...
+    def observe_route(self, task: str | None, weight: float) -> None: ...
+    def observe_state(self, generation: int, tasks: int) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    def __init__(self, runtime: Runtime, store: TaskStore, settings: ServiceSettings | None = None, metrics=None):
+        self.runtime = runtime
+        self.store = store
+        self.settings = settings or ServiceSettings()
+        self.metrics = metrics or _NullMetrics()
+        self.top_k = self.settings.router_top_k
+        self.threshold = self.settings.gate_threshold
+        self.poll_interval_s = self.settings.poll_interval_s
+        self.gallery = Gallery(runtime.embed_dim, self.settings.max_gallery_items)
+        self._state = _empty_state(self.top_k, self.threshold)
+        self._lock = threading.Lock()  # guards leases, retired states, registered slots
+        self._sync_lock = threading.Lock()  # one sync at a time (poller or an explicit refresh)
+        self._retired: list[EngineState] = []
+        self._slots: set[str] = set()  # internal names referenced by some published state
+        self._slot_ids = itertools.count()
+        self._label_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._label_lock = threading.Lock()
+        self._synced_once = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_poll_error: str | None = None
+        self.last_poll_at: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings, metrics=None) -> "Engine":
+        runtime = select_runtime(settings)  # settings.runtime: torch | onnx | auto (the faster on a startup probe)
+        return cls(runtime, open_store(settings.store), settings, metrics)
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def preprocess(self):
+        return self.runtime.preprocess
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        return self.runtime.fingerprint.to_dict()
+
+    def reconfigure(self, router_top_k=None, gate_threshold=None, poll_interval_s=None, **_ignored) -> None:
+        """Runtime knobs; each takes effect on the next batch (or poll)."""
+        if router_top_k is not None:
+            self.top_k = int(router_top_k)
+        if gate_threshold is not None:
+            self.threshold = float(gate_threshold)
+        if poll_interval_s is not None:
+            self.poll_interval_s = float(poll_interval_s)
+
+    @contextmanager
+    def lease(self) -> Iterator[EngineState]:
+        """The live state, kept (with its prompt slots) until the block ends, whatever swaps meanwhile."""
+        with self._lock:
+            state = self._state
+            state.leases += 1
+        try:
+            yield state
+        finally:
+            with self._lock:
+                state.leases -= 1
+                if state is not self._state and state.leases == 0:
+                    self._reap_locked()
+
+    # ------------------------------------------------------------------ hot swap
+    def start(self, poll: bool = True) -> "Engine":
+        """First sync (from the store snapshot), then follow the change feed in a daemon thread."""
+        try:
+            self.sync()
+        except Exception as e:  # store unreachable at start: serve frozen CLIP and keep trying
+            self.last_poll_error = f"{type(e).__name__}: {e}"
+            log.exception("first sync with store %s failed; will retry", self.store.url)
+        if poll and self._thread is None:
+            self._thread = threading.Thread(target=self._poll_loop, name="keepclip-store-poller", daemon=True)
+            self._thread.start()
+        return self
+
+    def request_sync(self) -> None:
+        """Ask the poller to look at the store now instead of at the end of its interval."""
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    @property
+    def polling(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.sync()
+                self.last_poll_error = None
+            except Exception as e:  # a store hiccup never stops the poller or the service
+                self.last_poll_error = f"{type(e).__name__}: {e}"
+                log.warning("polling store %s failed: %s", self.store.url, self.last_poll_error)
+
+    def sync(self) -> bool:
+        """Apply what changed in the store since the live state's generation; True if a new state was swapped in."""
+        with self._sync_lock:
+            self.last_poll_at = time.time()
+            live = self._state
+            batch = self.store.changes(live.generation)
+            if batch.resync or not self._synced_once:
+                snapshot = self.store.snapshot()
+                generation, names = snapshot.generation, {t.name for t in snapshot.tasks} | set(live.tasks)
+            elif batch.changes:
+                generation, names = batch.generation, {c.name for c in batch.changes}
+            else:
+                return False
+            tasks, errors, fresh = dict(live.tasks), dict(live.errors), []
+            for name in sorted(names):
+                self._refresh(name, tasks, errors, fresh)
+            router = Router({n: t.stats for n, t in tasks.items()}, self.top_k, self.threshold)
+            state = EngineState(generation, MappingProxyType(tasks), router, MappingProxyType(errors))
+            self._swap(state, fresh)
+            self._synced_once = True
+            self.metrics.observe_state(generation, len(tasks))
+            log.info("store generation %d live: %d tasks %s", generation, len(tasks), sorted(tasks))
+            return True
+
+    def _refresh(self, name: str, tasks: dict, errors: dict, fresh: list) -> None:
+        """Bring `tasks[name]` to the store's live version; on any refusal keep what is loaded."""
+        try:
+            artifact = self.store.get(name, backbone=self.fingerprint, fallback=True)
+        except TaskNotFound:
+            if tasks.pop(name, None) is not None:
+                log.info("task %s removed", name)
+            errors.pop(name, None)
+            return
+        except StoreError as e:  # BackboneMismatch, ArtifactIntegrityError, ...: logged and skipped
+            log.warning("task %s not loaded, %s: %s", name, "keeping the loaded version" if name in tasks else "", e)
+            errors[name] = str(e)
+            return
+        current = tasks.get(name)
+        checksum = artifact.checksums.get("task.json")
+        if current is not None and current.version == artifact.version and current.checksum == checksum:
+            errors.pop(name, None)
+            return
+        try:
+            loaded = self._load(artifact)
+        except Exception as e:  # unservable kind, shapes for another backbone, ...
+            log.warning("task %s v%s not loaded: %s", name, artifact.version, e)
+            errors[name] = f"{type(e).__name__}: {e}"
+            return
+        fresh.append(loaded.slot)
+        tasks[name] = loaded
+        errors.pop(name, None)
+        log.info("task %s v%d loaded (%d classes)", name, artifact.version, len(loaded.class_names))
+
+    def _load(self, artifact: TaskArtifact) -> LoadedTask:
+        if artifact.kind != DEFAULT_KIND:
+            raise UnservableTask(f"artifact kind '{artifact.kind}' is not servable (this engine serves '{DEFAULT_KIND}')")
+        config = prompt_config(artifact)
+        stats = TaskStats.from_tensors(artifact.stats)
+        if stats.keys.shape[-1] != self.runtime.embed_dim:
+            raise UnservableTask(f"router keys have dimension {stats.keys.shape[-1]}, backbone has {self.runtime.embed_dim}")
+        slot = f"{artifact.name}@v{artifact.version}#{next(self._slot_ids)}"
+        self.runtime.load_task(slot, artifact.prompts, config)
+        try:
+            templates = tuple(artifact.templates) or DEFAULT_TEMPLATES
+            text_prompted = self.runtime.class_text(artifact.class_names, templates, task=slot, weight=1.0)
+            text_frozen = self.runtime.class_text(artifact.class_names, templates)
+        except Exception:
+            self.runtime.delete_task(slot)
+            raise
+        return LoadedTask(
+            name=artifact.name,
+            version=int(artifact.version),
+            slot=slot,
+            class_names=tuple(artifact.class_names),
+            templates=templates,
+            stats=stats,
+            text_prompted=text_prompted,
+            text_frozen=text_frozen,
+            kind=artifact.kind,
+            created_at=artifact.created_at,
+            checksum=artifact.checksums.get("task.json"),
+            metrics=MappingProxyType(dict(artifact.metrics)),
+            loaded_at=time.time(),
+        )
+
+    def _swap(self, state: EngineState, fresh: list[str]) -> None:
+        with self._lock:
+            old, self._state = self._state, state  # the one reference swap: new requests see the new state
+            self._slots.update(fresh)
+            self._retired.append(old)
+            self._reap_locked()
+
+    def _reap_locked(self) -> None:
+        """Delete prompt slots no published state that a request may still hold refers to (caller holds _lock)."""
+        self._retired = [s for s in self._retired if s.leases > 0]
+        in_use = {t.slot for s in (self._state, *self._retired) for t in s.tasks.values()}
+        for slot in self._slots - in_use:
+            self.runtime.delete_task(slot)
+            self._slots.discard(slot)
+
+    def loaded_slots(self) -> set[str]:
+        with self._lock:
+            return set(self._slots)
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def run_batch(self, jobs: Sequence[ClassifyJob | EmbedJob]) -> list[ClassifyResult | EmbedResult | Exception]:
+        """One dynamic batch: results in order; a job that cannot be served gets its exception, not the batch."""
+        if not jobs:
+            return []
+        self.metrics.observe_batch(len(jobs))
+        with self.lease() as state:
+            images = torch.stack([j.image for j in jobs])
+            frozen = self.runtime.encode_image(images)  # (B, D) frozen pass: retrieval embedding + router input
+            classify = [i for i, j in enumerate(jobs) if isinstance(j, ClassifyJob)]
+            routes: dict[int, Route] = {}
+            if classify:
+                for i, r in zip(classify, state.router.route(frozen[classify], self.top_k, self.threshold)):
+                    routes[i] = r
+            # per job: (task, weight) of its prompted pass, or an error
+            plan: list[tuple[str | None, float] | Exception] = []
+            for i, job in enumerate(jobs):
+                if isinstance(job, ClassifyJob) and job.task is None:
+                    plan.append((routes[i].task, routes[i].weight))
+                elif job.task is not None and job.task not in state.tasks:
+                    plan.append(self._unknown(job.task, state))
+                elif isinstance(job, ClassifyJob):
+                    plan.append((job.task, 1.0))
+                else:
+                    plan.append((job.task, float(job.weight)))
+            features = frozen.clone()
+            prompted = [i for i, p in enumerate(plan) if not isinstance(p, Exception) and p[0] is not None and p[1] > 0]
+            if prompted:  # one pass; the wrappers group the samples by task
+                slots = [state.tasks[plan[i][0]].slot for i in prompted]
+                weights = [plan[i][1] for i in prompted]
+                features[prompted] = self.runtime.encode_image(images[prompted], tasks=slots, weights=weights)
+            results: list[Any] = []
+            for i, job in enumerate(jobs):
+                if isinstance(plan[i], Exception):
+                    results.append(plan[i])
+                elif isinstance(job, EmbedJob):
+                    task, w = plan[i]
+                    loaded = state.tasks.get(task) if task else None
+                    results.append(EmbedResult(features[i], task, loaded.version if loaded else None, w if task else 0.0))
+                else:
+                    results.append(self._classify_one(state, job, routes[i], plan[i], features[i]))
+            return results
+
+    def _unknown(self, task: str, state: EngineState) -> TaskNotLoaded:
+        why = state.errors.get(task)
+        detail = f": {why}" if why else f" (serving: {', '.join(sorted(state.tasks)) or 'none'})"
+        return TaskNotLoaded(f"task '{task}' is not served{detail}", task)
+
+    def _classify_one(self, state: EngineState, job: ClassifyJob, route: Route, plan, feature: torch.Tensor) -> ClassifyResult:
+        task, w = plan
+        loaded = state.tasks.get(task) if task else None
+        if job.labels is not None:
+            mode, names = "labels", list(job.labels)
+            text = self._label_text(job.labels, loaded.slot if loaded else None, w)
+        elif job.task is not None:
+            mode, names, text = "task", list(loaded.class_names), loaded.text_prompted
+        else:
+            mode = "auto"
+            if loaded is None:
+                self.metrics.observe_route(None, route.best_weight)
+                message = "no learned task matches this image (frozen CLIP answer); pass labels to classify it"
+                return ClassifyResult(mode, None, None, 0.0, route, [], message, state.generation)
+            names, text = list(loaded.class_names), loaded.text_prompted
+        if job.task is None:
+            self.metrics.observe_route(task, w if task else route.best_weight)
+        logits = self.runtime.logit_scale() * feature @ text.T  # (C,)
+        probs = logits.softmax(-1)
+        top = probs.topk(min(job.top_k, len(names)))
+        scores = [Score(names[c], float(p), float(logits[c])) for p, c in zip(top.values.tolist(), top.indices.tolist())]
+        message = None if loaded else "no learned task matches this image: frozen CLIP"
+        return ClassifyResult(
+            mode, task if loaded else None, loaded.version if loaded else None, w if loaded else 0.0, route, scores,
+            message, state.generation,
+        )
+
+    def _label_text(self, labels: tuple[str, ...], slot: str | None, weight: float) -> torch.Tensor:
+        """Open-vocabulary class embeddings: with the routed task's text prompts at the image's weight, else frozen (cached)."""
+        if slot is not None and weight > 0:
+            return self.runtime.class_text(labels, DEFAULT_TEMPLATES, task=slot, weight=weight)
+        with self._label_lock:
+            missing = [label for label in dict.fromkeys(labels) if label not in self._label_cache]
+        if missing:
+            feats = self.runtime.class_text(missing, DEFAULT_TEMPLATES)
+            with self._label_lock:
+                for label, f in zip(missing, feats):
+                    self._label_cache[label] = f
+                while len(self._label_cache) > LABEL_CACHE_SIZE:
+                    self._label_cache.popitem(last=False)
+        with self._label_lock:
+            for label in labels:
+                self._label_cache.move_to_end(label)
+            return torch.stack([self._label_cache[label] for label in labels])
+
+    # ------------------------------------------------------------------ convenience (no batching)
+    def classify(self, images: Sequence[torch.Tensor], task: str | None = None, labels=None, top_k: int = 5):
+        jobs = [ClassifyJob(im, task, tuple(labels) if labels else None, top_k) for im in images]
+        return _raise_first(self.run_batch(jobs))
+
+    def embed_images(self, images: Sequence[torch.Tensor], task: str | None = None, weight: float = 1.0):
+        return _raise_first(self.run_batch([EmbedJob(im, task, weight) for im in images]))
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], task: str | None = None, weight: float = 1.0) -> tuple[torch.Tensor, int | None]:
+        """(N, D) text embeddings, frozen or with a task's text prompts at `weight`; and the task version used."""
+        with self.lease() as state:
+            if task is None:
+                return self.runtime.encode_text(texts), None
+            if task not in state.tasks:
+                raise self._unknown(task, state)
+            loaded = state.tasks[task]
+            return self.runtime.encode_text(texts, loaded.slot, weight), loaded.version
+
+    def search_text(self, text: str, k: int) -> list[tuple[str, float]]:
+        feats, _ = self.embed_texts([text])
+        return self.gallery.search(feats[0], k)
+
+    def health(self) -> dict[str, Any]:
+        state = self._state
+        return {
+            "generation": state.generation,
+            "tasks": len(state.tasks),
+            "polling": self.polling,
+            "last_poll_error": self.last_poll_error,
+            "device": str(self.runtime.device),
+            "backbone": self.fingerprint,
+        }
+
+
+def _raise_first(results: list) -> list:
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results
+
+
+def prompt_config(artifact: TaskArtifact) -> PromptConfig:
+    """The artifact's PromptConfig (recipe["prompts"]), else inferred from its tensors' names and shapes."""
+    recipe = artifact.recipe.get("prompts") if isinstance(artifact.recipe, dict) else None
+    if isinstance(recipe, dict):
+        try:
+            return PromptConfig.from_dict(recipe)
+        except (TypeError, ValueError) as e:
+            raise UnservableTask(f"recipe.prompts is not a prompt config: {e}") from None
+    layers = [int(k.split(".")[1]) for k in artifact.prompts if k.count(".") == 2 and k.split(".")[1].isdigit()]
+    if not layers:
+        raise UnservableTask("the artifact has no prompt tensors named '{tower}.{layer}.{key|value}'")
+    n_prefix = next(iter(artifact.prompts.values())).shape[0]
+    return PromptConfig(depth=max(layers) + 1, n_prefix=int(n_prefix))

@@ -1,0 +1,306 @@
+"""ONNX Runtime implementation of the `Runtime` seam, and the choice between it and torch.
+
+`OnnxRuntime` runs the four graphs of `backbone.onnx_export` (frozen and prompted image and text towers), exported
+once per backbone and cached. Task prompts are graph inputs: `load_task` only pads the task's tensors to the graph's
+fixed `depth` × `n` (with a mask, see `backbone/onnx_export.py`), nothing is re-exported. A prompted image pass
+gathers, per sample, the prompts of its task (zeros and `w = 0` for samples without one), so a mixed batch is one
+call. A task whose depth or prefix count exceeds the graph's is served by the torch path (logged at load), and so
+are the samples routed to it; everything else never touches torch.
+
+`select_runtime(settings)` is what `Engine.from_settings` calls: `runtime = torch | onnx | auto`. `auto` measures
+both on a probe batch at startup (frozen + prompted pass, interleaved repeats, figures logged) and keeps the faster.
+When the graphs cannot be exported or loaded, the error (graph, operator, opset) is logged and torch serves.
+
+Execution provider: `CUDAExecutionProvider` when onnxruntime-gpu is installed and the backbone is on a CUDA device,
+else `CPUExecutionProvider`; intra-op threads = torch's (the cores this process may use, or the replica's share),
+all graph optimisations on.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from backbone import Backbone, PromptConfig, UnknownTask, load_backbone
+from backbone.onnx_export import DEFAULT_OPSET, GRAPHS, CachedGraphs, GraphSpec, OnnxCache
+
+from .runtime import Runtime, TorchRuntime
+
+log = logging.getLogger(__name__)
+
+TOWERS = ("visual", "text")
+TEXT_CHUNK = 256  # sequences per text call (bounds activation memory for large class lists)
+
+
+@dataclass(frozen=True, eq=False)
+class _TaskPrompts:
+    """One task's prompts padded to the graph's (depth, n); `mask` marks the real prefix slots."""
+
+    keys: dict[str, np.ndarray]  # tower -> (depth, n, width) float32
+    values: dict[str, np.ndarray]
+    mask: dict[str, np.ndarray]  # tower -> (depth, n) float32, 1 = real prefix
+
+
+def _threads(threads: int | None) -> int:
+    """`threads`, else torch's intra-op count: the cores available to this process, or what the replica reserved
+    (Ray sets OMP_NUM_THREADS to the replica's CPUs; `torch_threads` sets it explicitly) — so both runtimes get the same."""
+    return int(threads) if threads else torch.get_num_threads()
+
+
+def providers_for(device: torch.device) -> list:
+    """CUDA EP when onnxruntime-gpu is installed and the backbone is on a CUDA device; CPU otherwise."""
+    import onnxruntime as ort
+
+    if device.type == "cuda" and torch.cuda.is_available():
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        log.warning("the backbone is on %s but onnxruntime has no CUDA provider (install onnxruntime-gpu, extra "
+                    "'gpu'): ONNX graphs run on CPU", device)
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntime:
+    """Frozen and prompted towers in ONNX Runtime; torch only for tasks larger than the graphs."""
+
+    name = "onnx"
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        cache_dir: str | os.PathLike | None = None,
+        depth: int | None = None,
+        n_prefix: int | None = None,
+        opset: int = DEFAULT_OPSET,
+        threads: int | None = None,
+        providers: list | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.backbone = backbone
+        self.torch = TorchRuntime(backbone)  # tasks the graphs cannot take; shares the backbone's weights
+        self.fingerprint = backbone.fingerprint
+        self.preprocess = backbone.preprocess
+        self.embed_dim = self.torch.embed_dim
+        self.spec = GraphSpec.for_backbone(backbone, depth, n_prefix, opset)
+        self.graphs: CachedGraphs = OnnxCache(cache_dir).ensure(backbone, self.spec)  # OnnxExportError on failure
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = _threads(threads)
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # idle pool threads block instead of spinning: the engine runs torch/FAISS work between graph calls, and
+        # spinning threads would take those cores (measured: torch passes ran up to 50x slower right after a run)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.providers = providers or providers_for(backbone.device)
+        self.sessions = {g: ort.InferenceSession(str(self.graphs.path(g)), opts, providers=self.providers) for g in GRAPHS}
+        used = self.sessions["image_frozen"].get_providers()[0]
+        self.device = torch.device("cuda", backbone.device.index or 0) if used == "CUDAExecutionProvider" else torch.device("cpu")
+        self._scale = self.torch.logit_scale()
+        self._tasks: dict[str, _TaskPrompts] = {}  # slot -> padded prompts (graph path)
+        self._torch_tasks: set[str] = set()  # slots served by the torch path (too deep / too many prefixes)
+        log.info("ONNX runtime for %s: %s, %d intra-op threads, graphs %s (prompted depth %d/%d, n %d)",
+                 self.fingerprint.name, used, opts.intra_op_num_threads, self.graphs.directory,
+                 self.spec.depth_image, self.spec.depth_text, self.spec.n_prefix)
+
+    @classmethod
+    def load(cls, model: str, pretrained: str | None, device: str = "auto", **kwargs) -> "OnnxRuntime":
+        return cls(load_backbone(model, pretrained, device), **kwargs)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.spec.image_size
+
+    def close(self) -> None:
+        """Drop the sessions (their memory); the object is unusable afterwards."""
+        self.sessions = {}
+
+    # ------------------------------------------------------------------ tasks
+    def load_task(self, slot: str, prompts: dict[str, torch.Tensor], config: PromptConfig) -> None:
+        # the torch model checks the shapes against the backbone (same errors as TorchRuntime) and keeps a copy
+        # (a few hundred KB) so the task can always be served there
+        self.torch.load_task(slot, prompts, config)
+        depths = {t: min(config.depth, self._layers(t)) for t in TOWERS}
+        too_big = [f"{t} depth {depths[t]} > {self.spec.depth(t)}" for t in TOWERS if depths[t] > self.spec.depth(t)]
+        if config.n_prefix > self.spec.n_prefix:
+            too_big.append(f"n_prefix {config.n_prefix} > {self.spec.n_prefix}")
+        if too_big:
+            self._torch_tasks.add(slot)
+            self._tasks.pop(slot, None)
+            log.warning("task %s does not fit the ONNX graphs (%s): it is served by torch", slot, ", ".join(too_big))
+            return
+        keys, values, mask = {}, {}, {}
+        for tower in TOWERS:
+            shape = (self.spec.depth(tower), self.spec.n_prefix, self.spec.width(tower))
+            keys[tower], values[tower] = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            mask[tower] = np.zeros(shape[:2], np.float32)
+            for layer in range(depths[tower]):
+                keys[tower][layer, : config.n_prefix] = prompts[f"{tower}.{layer}.key"].detach().float().cpu().numpy()
+                values[tower][layer, : config.n_prefix] = prompts[f"{tower}.{layer}.value"].detach().float().cpu().numpy()
+                mask[tower][layer, : config.n_prefix] = 1.0
+        self._torch_tasks.discard(slot)
+        self._tasks[slot] = _TaskPrompts(keys, values, mask)
+
+    def delete_task(self, slot: str) -> None:
+        self.torch.delete_task(slot)  # UnknownTask if it was never loaded
+        self._tasks.pop(slot, None)
+        self._torch_tasks.discard(slot)
+
+    def served_by_torch(self, slot: str) -> bool:
+        return slot in self._torch_tasks
+
+    def _layers(self, tower: str) -> int:
+        return len(self.backbone.image_blocks if tower == "visual" else self.backbone.text_blocks)
+
+    def _task(self, slot: str) -> _TaskPrompts:
+        try:
+            return self._tasks[slot]
+        except KeyError:
+            raise UnknownTask(f"unknown task '{slot}' (loaded: {sorted(self._tasks) or 'none'})") from None
+
+    # ------------------------------------------------------------------ encoding
+    def _run(self, graph: str, **inputs: np.ndarray) -> np.ndarray:
+        return self.sessions[graph].run(None, inputs)[0]
+
+    def encode_image(self, images, tasks=None, weights=None):
+        images = images.detach().float().cpu()
+        batch = images.shape[0]
+        names = [None] * batch if tasks is None else list(tasks)
+        if len(names) != batch:
+            raise ValueError(f"got {len(names)} task names for a batch of {batch}")
+        w = [1.0] * batch if weights is None else [float(x) for x in weights]
+        if len(w) != batch:
+            raise ValueError(f"got {len(w)} weights for a batch of {batch}")
+        # samples with no task or w = 0: frozen; tasks too large for the graphs: torch; the rest: prompted graph
+        active = [i for i in range(batch) if names[i] is not None and w[i] != 0]
+        for i in active:
+            if names[i] not in self._torch_tasks:
+                self._task(names[i])
+        by_torch = [i for i in active if names[i] in self._torch_tasks]
+        by_graph = [i for i in active if names[i] not in self._torch_tasks]
+        x = images.numpy()
+        if not by_graph:
+            out = self._run("image_frozen", images=x)
+        else:
+            out = self._run("image_prompted", images=x, **self._image_prompts(names, w, by_graph, batch))
+        out = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+        if by_torch:
+            out[by_torch] = self.torch.encode_image(
+                images[by_torch], tasks=[names[i] for i in by_torch], weights=[w[i] for i in by_torch]
+            )
+        return out
+
+    def _image_prompts(self, names, w, rows, batch) -> dict[str, np.ndarray]:
+        """Per-sample prompt inputs: the task's padded prompts on `rows`, zeros and w = 0 elsewhere."""
+        d, n, width = self.spec.depth_image, self.spec.n_prefix, self.spec.width_image
+        keys = np.zeros((batch, d, n, width), np.float32)
+        values = np.zeros_like(keys)
+        mask = np.zeros((batch, d, n), np.float32)
+        weight = np.zeros(batch, np.float32)
+        for i in rows:
+            task = self._tasks[names[i]]
+            keys[i], values[i], mask[i] = task.keys["visual"], task.values["visual"], task.mask["visual"]
+            weight[i] = w[i]
+        return {"prefix_keys": keys, "prefix_values": values, "prefix_mask": mask, "weight": weight}
+
+    def encode_text(self, texts: Sequence[str], task: str | None = None, weight: float = 1.0) -> torch.Tensor:
+        if task is not None and weight != 0 and task in self._torch_tasks:
+            return self.torch.encode_text(texts, task, weight)
+        tokens = self.backbone.tokenizer(list(texts)).cpu().numpy().astype(np.int64)
+        if task is None or weight == 0:
+            graph, extra = "text_frozen", {}
+        else:
+            t = self._task(task)
+            graph = "text_prompted"
+            extra = {"prefix_keys": t.keys["text"], "prefix_values": t.values["text"], "prefix_mask": t.mask["text"],
+                     "weight": np.array([weight], np.float32)}
+        chunks = [self._run(graph, tokens=tokens[i : i + TEXT_CHUNK], **extra) for i in range(0, len(tokens), TEXT_CHUNK)]
+        return torch.from_numpy(np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32))
+
+    def class_text(self, class_names, templates, task=None, weight=1.0) -> torch.Tensor:
+        class_names, templates = list(class_names), list(templates)
+        feats = self.encode_text([t.format(c) for c in class_names for t in templates], task, weight)
+        feats = feats.view(len(class_names), len(templates), -1).mean(1)  # (C, D)
+        return feats / feats.norm(dim=-1, keepdim=True)
+
+    def logit_scale(self) -> float:
+        return self._scale
+
+
+# ----------------------------------------------------------------------------------------- choice
+
+
+PROBE_TASK = "__keepclip_runtime_probe__"
+
+
+def measure(runtimes: dict[str, Any], image_size: tuple[int, int], batch: int = 4, rounds: int = 2) -> dict[str, float]:
+    """Median seconds of one frozen + one prompted image pass at `batch`, per runtime, repeats interleaved.
+
+    Every runtime gets the same probe task (depth and n of `PromptConfig()`, random keys and values), removed
+    afterwards. One warm-up pass each is not counted.
+    """
+    images = torch.randn(batch, 3, *image_size, generator=torch.Generator().manual_seed(0))
+    any_rt = next(iter(runtimes.values()))
+    backbone = any_rt.backbone
+    config = PromptConfig()
+    g = torch.Generator().manual_seed(1)
+    prompts = {}
+    for tower, blocks in (("visual", backbone.image_blocks), ("text", backbone.text_blocks)):
+        attn = blocks[0].attn
+        width = (attn.get_base_layer() if hasattr(attn, "get_base_layer") else attn).in_proj_weight.shape[1]
+        for layer in range(min(config.depth, len(blocks))):
+            prompts[f"{tower}.{layer}.key"] = torch.rand(config.n_prefix, width, generator=g) * 0.04 - 0.02
+            prompts[f"{tower}.{layer}.value"] = torch.randn(config.n_prefix, width, generator=g) * 0.02
+    weights = [1.0] * batch
+    slots = {name: f"{PROBE_TASK}{name}" for name in runtimes}  # one per runtime: they may share a torch model
+    times: dict[str, list[float]] = {name: [] for name in runtimes}
+    loaded = []
+    try:
+        for name, rt in runtimes.items():
+            rt.load_task(slots[name], prompts, config)
+            loaded.append(name)
+            rt.encode_image(images), rt.encode_image(images, [slots[name]] * batch, weights)  # warm-up
+        for _ in range(rounds):
+            for name, rt in runtimes.items():
+                start = time.perf_counter()
+                rt.encode_image(images)
+                rt.encode_image(images, [slots[name]] * batch, weights)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        for name in loaded:
+            runtimes[name].delete_task(slots[name])
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def select_runtime(settings) -> Runtime:
+    """The runtime `settings.runtime` asks for: `torch`, `onnx` (torch if the graphs fail, logged), or `auto`."""
+    backbone = load_backbone(settings.model, settings.pretrained, settings.device)
+    choice = settings.runtime
+    if choice == "torch":
+        return TorchRuntime(backbone)
+    try:
+        onnx = OnnxRuntime(backbone, cache_dir=settings.onnx_cache_dir, opset=settings.onnx_opset,
+                           threads=settings.torch_threads)
+    except Exception as e:  # noqa: BLE001 - OnnxExportError (names graph, op, opset) or onnxruntime refusing a graph
+        log.error("runtime '%s': the ONNX path is unavailable, serving with torch instead. %s: %s",
+                  choice, type(e).__name__, e)
+        return TorchRuntime(backbone)
+    if choice == "onnx":
+        return onnx
+    batch = max(1, min(settings.max_batch_size, 4))
+    start = time.perf_counter()
+    figures = measure({"onnx": onnx, "torch": onnx.torch}, onnx.image_size, batch=batch)
+    best = min(figures, key=figures.get)
+    other = "torch" if best == "onnx" else "onnx"
+    log.info("runtime auto: per probe batch of %d (frozen + prompted pass) onnx %.4f s, torch %.4f s -> %s "
+             "(%.2fx faster; measured in %.1f s)", batch, figures["onnx"], figures["torch"], best,
+             figures[other] / figures[best], time.perf_counter() - start)
+    if best == "onnx":
+        return onnx
+    onnx.close()
+    return onnx.torch

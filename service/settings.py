@@ -1,0 +1,140 @@
+"""Typed settings of the service: the one source of defaults for `keepclip serve`, the Serve app builder and tests.
+
+Precedence (highest first): values passed in code or on the command line, `KEEPCLIP_*` environment variables,
+a `.env` file, a settings file (YAML or JSON; `KEEPCLIP_SETTINGS_FILE` or `ServiceSettings.load(file=...)`),
+then the defaults below. The backbone and store fields are inherited from `backbone.settings.BackboneSettings`
+and `prompts_store.StoreSettings`, so every command agrees on them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from backbone.settings import BackboneSettings
+from prompts_store.settings import StoreSettings
+
+SETTINGS_FILE_ENV = "KEEPCLIP_SETTINGS_FILE"
+_settings_file: ContextVar[str | None] = ContextVar("keepclip_settings_file", default=None)
+
+# The knobs a running deployment can change without a restart (Serve `user_config` -> `reconfigure`).
+RUNTIME_KNOBS = ("max_batch_size", "batch_wait_timeout_s", "gate_threshold", "router_top_k", "poll_interval_s")
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Values from a YAML or JSON settings file (keys are field names, without the KEEPCLIP_ prefix)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str):
+        super().__init__(settings_cls)
+        self.path = Path(path)
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        try:
+            text = self.path.read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read settings file {self.path}: {e}") from None
+        if self.path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"settings file {self.path} must hold a mapping of setting names to values")
+        return {k: v for k, v in data.items() if k in self.settings_cls.model_fields}
+
+
+class ServiceSettings(BackboneSettings, StoreSettings):
+    """Everything the service needs; each field also reads `KEEPCLIP_<FIELD>` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="KEEPCLIP_", env_file=".env", extra="ignore")
+
+    # --- where it listens (keepclip serve) ---
+    host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy")
+    app_name: str = Field("keepclip", description="Serve application name")
+    route_prefix: str = Field("/", description="Serve route prefix of the application")
+
+    # --- replicas ---
+    num_replicas: int = Field(1, ge=1, description="Serve replicas; each polls the store and holds its own gallery")
+    replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica")
+    replica_gpus: float = Field(0.0, ge=0, description="Ray GPUs per replica (set 1 with --device cuda)")
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads per replica (None: Ray's default, = replica_cpus)"
+    )
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica accepts at once (>= batch size)")
+
+    # --- inference runtime (service/runtime_onnx.py) ---
+    runtime: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="what runs the towers: torch eager, ONNX Runtime, or auto = the faster on a startup probe"
+    )
+    onnx_cache_dir: str | None = Field(
+        None, description="exported ONNX graphs, per backbone (None: $XDG_CACHE_HOME/keepclip/onnx or ~/.cache/keepclip/onnx)"
+    )
+    onnx_opset: int = Field(17, ge=7, le=20, description="ONNX opset of the exported graphs (older onnxruntime: lower)")
+
+    # --- batching and routing (runtime knobs, see RUNTIME_KNOBS) ---
+    max_batch_size: int = Field(16, ge=1, le=1024, description="largest dynamic batch of images")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="how long a batch waits to fill")
+    router_top_k: int = Field(3, ge=1, le=64, description="candidate tasks FAISS hands to the exact Gaussian check")
+    gate_threshold: float = Field(
+        0.01, ge=0, le=1, description="gate weights below this are treated as 0: frozen answer, no prompted pass"
+    )
+    poll_interval_s: float = Field(0.25, gt=0, le=60, description="how often each replica polls the store's change feed")
+
+    # --- security and limits ---
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token for DELETE/rollback of tasks; unset = those endpoints are refused"
+    )
+    max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body accepted (413 above)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="largest decoded image (width x height) accepted; guards decompression bombs"
+    )
+    max_labels: int = Field(256, ge=1, description="most labels in one open-vocabulary request")
+    max_label_chars: int = Field(200, ge=1, description="longest label")
+    max_top_k: int = Field(100, ge=1, description="largest top_k a request may ask for")
+    max_gallery_items: int = Field(100_000, ge=1, description="gallery capacity per replica")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one gallery request")
+
+    # --- UI ---
+    ui: bool = Field(True, description="mount the Gradio UI at /ui")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings, dotenv_settings]
+        path = _settings_file.get() or os.environ.get(SETTINGS_FILE_ENV)
+        if path:
+            sources.append(_FileSource(settings_cls, path))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, file: str | os.PathLike | None = None, **overrides: Any) -> "ServiceSettings":
+        """Settings from `overrides` > environment > .env > `file` (YAML/JSON) > defaults; None overrides are ignored."""
+        token = _settings_file.set(str(file) if file else None)
+        try:
+            return cls(**{k: v for k, v in overrides.items() if v is not None})
+        finally:
+            _settings_file.reset(token)
+
+    def runtime_config(self) -> dict[str, Any]:
+        """The Serve `user_config` that carries the runtime knobs."""
+        return {k: getattr(self, k) for k in RUNTIME_KNOBS}
+
+    def admin_token_value(self) -> str | None:
+        token = self.admin_token.get_secret_value() if self.admin_token is not None else None
+        return token or None

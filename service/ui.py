@@ -1,0 +1,99 @@
+"""Gradio UI at /ui, built on the replica (a mounted Gradio app cannot be pickled into a Serve deployment).
+
+Tabs: classify an upload (routed task, gate, top-5), zero-shot with free labels, text search over the gallery,
+and the list of tasks. The callbacks call the engine directly (Gradio runs them in worker threads).
+"""
+from __future__ import annotations
+
+import gradio as gr
+from fastapi import FastAPI
+
+from .engine import Engine
+from .images import crop_extreme_aspect
+from .settings import ServiceSettings
+
+TITLE = "keepclip"
+
+
+def _prepare(engine: Engine, settings: ServiceSettings, image):
+    if image is None:
+        raise gr.Error("Upload an image first.")
+    w, h = image.size
+    if w * h > settings.max_image_pixels or w == 0 or h == 0:
+        raise gr.Error(f"The image is {w}x{h}; the limit is {settings.max_image_pixels} pixels.")
+    return engine.preprocess(crop_extreme_aspect(image.convert("RGB")))
+
+
+def _route_text(r) -> str:
+    if r.task is None:
+        best = f" (closest: `{r.route.best}`, gate {r.route.best_weight:.3f})" if r.route.best else ""
+        return f"**No learned task matches this image** — frozen CLIP{best}."
+    return f"**Routed task:** `{r.task}` v{r.version}  ·  **gate** w = {r.gate:.3f}"
+
+
+def build_ui(engine: Engine, settings: ServiceSettings) -> gr.Blocks:
+    def classify(image):
+        [r] = engine.classify([_prepare(engine, settings, image)], top_k=5)
+        if not r.scores:
+            return _route_text(r) + " Pass labels in the Zero-shot tab to classify it.", None
+        return _route_text(r), {s.label: s.score for s in r.scores}
+
+    def zero_shot(image, labels_text):
+        labels = [part.strip() for part in (labels_text or "").split(",") if part.strip()]
+        if not labels:
+            raise gr.Error("Type some labels, separated by commas.")
+        if len(labels) > settings.max_labels:
+            raise gr.Error(f"At most {settings.max_labels} labels.")
+        [r] = engine.classify([_prepare(engine, settings, image)], labels=list(dict.fromkeys(labels)), top_k=5)
+        return _route_text(r), {s.label: s.score for s in r.scores}
+
+    def search(text, k):
+        if not text or not text.strip():
+            raise gr.Error("Type a query.")
+        hits = engine.search_text(text.strip()[:2000], int(k))
+        if not hits:
+            return [["(the gallery is empty: add images with POST /v1/gallery)", 0.0]]
+        return [[i, round(s, 4)] for i, s in hits]
+
+    def tasks():
+        state = engine.state
+        rows = [
+            [t.name, t.version, len(t.class_names), ", ".join(t.class_names[:8]) + (" …" if len(t.class_names) > 8 else ""), t.created_at or ""]
+            for t in sorted(state.tasks.values(), key=lambda t: t.name)
+        ]
+        rows += [[name, None, None, f"not served: {why[:120]}", ""] for name, why in sorted(state.errors.items()) if name not in state.tasks]
+        return rows or [["(no tasks yet)", None, None, "", ""]], f"store generation {state.generation}"
+
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as ui:
+        gr.Markdown("## keepclip — one frozen CLIP, many learned tasks\nEach image is routed on its own to the task whose fingerprint it matches.")
+        with gr.Tab("Classify"):
+            with gr.Row():
+                image = gr.Image(type="pil", label="Image", elem_id="classify-image", height=280)
+                with gr.Column():
+                    route = gr.Markdown(elem_id="classify-route")
+                    top5 = gr.Label(num_top_classes=5, label="Top-5", elem_id="classify-label")
+            gr.Button("Classify", variant="primary", elem_id="classify-button").click(classify, image, [route, top5])
+        with gr.Tab("Zero-shot"):
+            with gr.Row():
+                zs_image = gr.Image(type="pil", label="Image", height=280)
+                with gr.Column():
+                    zs_labels = gr.Textbox(label="Labels (comma-separated)", placeholder="cat, dog, airplane")
+                    zs_route = gr.Markdown()
+                    zs_out = gr.Label(num_top_classes=5, label="Top-5")
+            gr.Button("Classify with these labels", variant="primary").click(zero_shot, [zs_image, zs_labels], [zs_route, zs_out])
+        with gr.Tab("Search"):
+            with gr.Row():
+                query = gr.Textbox(label="Text query", scale=4)
+                k = gr.Slider(1, 50, value=5, step=1, label="top k", scale=1)
+            hits = gr.Dataframe(headers=["id", "score"], label="Gallery matches")
+            gr.Button("Search", variant="primary").click(search, [query, k], hits)
+        with gr.Tab("Tasks"):
+            table = gr.Dataframe(headers=["task", "version", "classes", "class names", "created"], label="Tasks served")
+            generation = gr.Markdown()
+            gr.Button("Refresh").click(tasks, None, [table, generation])
+            ui.load(tasks, None, [table, generation])
+    return ui
+
+
+def mount_ui(app: FastAPI, engine: Engine, settings: ServiceSettings, path: str = "/ui") -> FastAPI:
+    return gr.mount_gradio_app(app, build_ui(engine, settings), path=path, max_file_size=settings.max_body_bytes)

@@ -1,0 +1,91 @@
+"""Every endpoint and every bad-input case over real HTTP on a local Ray Serve (tiny backbone)."""
+from __future__ import annotations
+
+import base64
+
+import httpx
+import pytest
+
+from service.testing import make_color_task
+from tests.unit.service.test_api import BAD_BODIES, BAD_IMAGES, error
+from tests.e2e.test_service_hotswap import color_png
+
+
+@pytest.fixture(scope="module")
+def http(keepclip_service):
+    with httpx.Client(base_url=keepclip_service.url, timeout=60) as c:
+        yield c
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_classify_every_mode(http):
+    auto = http.post("/v1/classify", files={"file": ("r.png", color_png("red"), "image/png")}).json()
+    assert auto["mode"] == "auto" and auto["task"] == "red" and auto["gate"] > 0.5 and auto["scores"][0]["label"].endswith("red")
+    task = http.post("/v1/classify", json={"image": b64(color_png("red")), "task": "green", "top_k": 1}).json()
+    assert task["mode"] == "task" and task["task"] == "green" and len(task["scores"]) == 1 and task["routed"]["task"] == "red"
+    labels = http.post("/v1/classify", files={"file": ("g.png", color_png("green"), "image/png")}, data={"labels": "leaf,grass,sky"}).json()
+    assert labels["mode"] == "labels" and labels["task"] == "green" and len(labels["scores"]) == 3
+    none = http.post("/v1/classify", json={"image": b64(color_png("gray"))}).json()
+    assert none["task"] is None and none["scores"] == [] and none["message"]
+
+
+def test_embed_gallery_search_tasks_health_metrics_docs_ui(http):
+    assert http.post("/v1/embed", files={"file": ("r.png", color_png("red"), "image/png")}).json()["dim"] == 32
+    assert http.post("/v1/embed", json={"text": "red", "task": "red"}).json()["version"] >= 1
+    added = http.post("/v1/gallery", json={"items": [{"id": f"red-{i}", "image": b64(color_png("red", seed=i))} for i in range(3)]
+                                            + [{"id": "green-0", "image": b64(color_png("green"))}]}).json()
+    assert added["size"] >= 4
+    hits = http.post("/v1/search", files={"file": ("q.png", color_png("green", seed=50), "image/png")}, data={"top_k": "1"}).json()
+    assert hits["results"][0]["id"] == "green-0"
+    assert len(http.post("/v1/search", json={"text": "something red", "top_k": 2}).json()["results"]) == 2
+    names = {t["name"] for t in http.get("/v1/tasks").json()["tasks"]}
+    assert {"red", "green"} <= names
+    assert http.get("/v1/tasks/red").json()["class_names"] == ["light red", "dark red"]
+    health = http.get("/healthz").json()
+    assert health["status"] == "ok" and health["polling"]
+    metrics = http.get("/metrics").text
+    assert 'keepclip_requests_total{endpoint="/v1/classify",method="POST",status="200"}' in metrics
+    assert "keepclip_batch_size_bucket" in metrics and "keepclip_loaded_tasks" in metrics
+    assert http.get("/docs").status_code == 200 and "/v1/classify" in http.get("/openapi.json").json()["paths"]
+    ui = http.get("/ui/")
+    assert ui.status_code == 200 and "gradio" in ui.text.lower()
+
+
+def test_admin_delete_and_rollback(http, keepclip_service):
+    svc = keepclip_service
+    svc.store.publish(make_color_task(svc.maker, "gray"))
+    auth = {"Authorization": f"Bearer {svc.token}"}
+    error(http.delete("/v1/tasks/gray"), 401, "unauthorized")
+    error(http.delete("/v1/tasks/gray", headers={"Authorization": "Bearer nope"}), 403, "forbidden")
+    error(http.post("/v1/tasks/gray/rollback", json={"version": 1}, headers={"Authorization": "Bearer nope"}), 403)
+    assert http.delete("/v1/tasks/gray", headers=auth).json()["op"] == "delete"
+    error(http.delete("/v1/tasks/gray", headers=auth), 404, "task_not_found")
+    assert http.post("/v1/tasks/gray/rollback", json={"version": 1}, headers=auth).json()["version"] == 1
+    assert http.delete("/v1/tasks/gray", headers=auth).status_code == 200
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGES))
+def test_bad_images(http, case):
+    data, status, code = BAD_IMAGES[case]
+    error(http.post("/v1/classify", files={"file": ("x.png", data, "image/png")}), status, code)
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+def test_bad_requests(http, case):
+    kwargs, status, code = BAD_BODIES[case]
+    error(http.post("/v1/classify", **kwargs), status, code)
+
+
+def test_bodies_over_the_limit_and_the_service_keeps_serving(http):
+    error(http.post("/v1/classify", content=b"x" * (300 * 1024), headers={"content-type": "application/json"}), 413, "payload_too_large")
+
+    def chunks():
+        for _ in range(300):
+            yield b"y" * 1024
+
+    error(http.post("/v1/classify", content=chunks(), headers={"content-type": "application/json"}), 413, "payload_too_large")
+    assert http.post("/v1/classify", json={"image": b64(color_png("red"))}).json()["task"] == "red"
+    assert http.get("/healthz").json()["status"] == "ok"

@@ -1,0 +1,31 @@
+"""The Serve app builder and its config file, without starting Ray."""
+import importlib
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve import Application
+
+from service.app import app_builder, build_app
+from service.settings import RUNTIME_KNOBS, ServiceSettings
+
+CONFIG = Path(__file__).resolve().parents[3] / "service" / "serve_config.yaml"
+
+
+def test_typed_builder_and_import_path_builder(tmp_path):
+    assert isinstance(build_app(ServiceSettings(store=str(tmp_path), ui=False)), Application)
+    assert isinstance(app_builder({"store": str(tmp_path), "max_batch_size": 4, "ui": False}), Application)
+
+
+def test_builder_refuses_a_misspelt_setting(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown keepclip settings in the Serve config args: \['max_batch_sise'\]"):
+        app_builder({"store": str(tmp_path), "max_batch_sise": 4})
+
+
+def test_serve_config_is_loadable_by_serve_and_kuberay():
+    config = yaml.safe_load(CONFIG.read_text())
+    app = config["applications"][0]
+    module, attr = app["import_path"].split(":")
+    assert getattr(importlib.import_module(module), attr) is app_builder
+    ServiceSettings(**app["args"])  # every arg is a setting
+    assert set(app["deployments"][0]["user_config"]) <= set(RUNTIME_KNOBS)

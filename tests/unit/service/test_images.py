@@ -1,0 +1,49 @@
+"""Untrusted image bytes: every failure is a 4xx ApiError, extreme aspect ratios are cropped before resizing."""
+import io
+
+import pytest
+from PIL import Image
+
+from service.errors import ApiError
+from service.images import crop_extreme_aspect, decode_base64, decode_image
+
+
+def encode(im: Image.Image, fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_decodes_common_formats_to_rgb():
+    for fmt, mode in (("PNG", "RGBA"), ("JPEG", "L"), ("GIF", "P"), ("BMP", "RGB"), ("WEBP", "RGB")):
+        im = decode_image(encode(Image.new(mode, (20, 10)), fmt), max_pixels=1000)
+        assert im.mode == "RGB" and im.size == (20, 10)
+
+
+@pytest.mark.parametrize(
+    "data, status",
+    [(b"", 422), (b"GIF89a", 422), (b"\x89PNG\r\n\x1a\n" + b"\0" * 30, 422), (b"hello", 422)],
+)
+def test_refusals(data, status):
+    with pytest.raises(ApiError) as e:
+        decode_image(data, max_pixels=1000)
+    assert e.value.status_code == status
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    with pytest.raises(ApiError) as e:
+        decode_image(encode(Image.new("RGB", (40, 30))), max_pixels=40 * 30 - 1)
+    assert e.value.status_code == 413 and e.value.code == "image_too_large"
+
+
+def test_base64_and_data_urls():
+    assert decode_base64("data:image/png;base64,aGVs\nbG8=") == b"hello"
+    for bad in ("", "   ", "a", "@@@@"):
+        with pytest.raises(ApiError):
+            decode_base64(bad)
+
+
+def test_extreme_aspect_ratio_is_cropped_to_the_central_square():
+    im = Image.new("RGB", (1000, 10))
+    assert crop_extreme_aspect(im).size == (10, 10)
+    assert crop_extreme_aspect(Image.new("RGB", (30, 10))).size == (30, 10)

@@ -1,0 +1,148 @@
+"""The ONNX Runtime path of the engine: same answers as torch, tasks larger than the graphs on torch, the runtime
+setting (torch | onnx | auto) and the logged fallback to torch when the graphs cannot be exported."""
+import re
+
+import pytest
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from backbone import PromptConfig, UnknownTask, load_backbone
+from service.engine import Engine
+from service.runtime import Runtime, TorchRuntime
+from service.runtime_onnx import OnnxRuntime
+from service.settings import ServiceSettings
+from service.testing import color_sample, make_color_task
+
+from .conftest import TINY_JSON
+
+PARITY = 1e-4
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("onnx-cache"))  # one export of the served tiny backbone for this module
+
+
+@pytest.fixture(scope="module")
+def runtimes(tiny_checkpoint, onnx_cache):
+    """An ONNX runtime and, on a separately loaded copy of the same weights, the torch runtime to compare with."""
+    onnx = OnnxRuntime(load_backbone(TINY_JSON, tiny_checkpoint, "cpu"), cache_dir=onnx_cache)
+    return onnx, TorchRuntime(load_backbone(TINY_JSON, tiny_checkpoint, "cpu"))
+
+
+def color_batch(runtime, *names, seed=7):
+    return torch.stack([runtime.preprocess(Image.fromarray(color_sample(n, 1, seed=seed + i)[0])) for i, n in enumerate(names)])
+
+
+def load_both(runtimes, slot, artifact):
+    config = PromptConfig.from_dict(artifact.recipe["prompts"])
+    for rt in runtimes:
+        rt.load_task(slot, artifact.prompts, config)
+
+
+def test_onnx_runtime_answers_like_the_torch_runtime(runtimes, task_maker):
+    onnx, ref = runtimes
+    assert isinstance(onnx, Runtime) and onnx.embed_dim == ref.embed_dim and onnx.fingerprint == ref.fingerprint
+    # hand-made tasks have depth 2 and 4 prefixes: padded (and masked) into the graphs' 3 layers x 8 prefixes
+    load_both(runtimes, "red#1", make_color_task(task_maker, "red", seed=0, prompt_scale=0.5))
+    load_both(runtimes, "green#1", make_color_task(task_maker, "green", seed=1, prompt_scale=0.5))
+    try:
+        images = color_batch(onnx, "red", "green", "blue", "red", "green")
+        tasks, weights = ["red#1", "green#1", None, "red#1", "green#1"], [1.0, 0.3, 0.0, 0.5, 0.0]
+        assert (onnx.encode_image(images) - ref.encode_image(images)).abs().max() <= PARITY
+        prompted = onnx.encode_image(images, tasks, weights)  # one mixed call
+        assert (prompted - ref.encode_image(images, tasks, weights)).abs().max() <= PARITY
+        assert (prompted[0] - onnx.encode_image(images[:1])[0]).abs().max() > 1e-3  # the prompts act
+        texts = ["a photo of a light red.", "dark red", "a cat"]
+        assert (onnx.encode_text(texts) - ref.encode_text(texts)).abs().max() <= PARITY
+        assert (onnx.encode_text(texts, "red#1", 0.3) - ref.encode_text(texts, "red#1", 0.3)).abs().max() <= PARITY
+        names, templates = ["light red", "dark red"], ["a photo of a {}.", "a {} thing"]
+        got = onnx.class_text(names, templates, task="green#1", weight=1.0)
+        assert got.shape == (2, onnx.embed_dim)
+        assert (got - ref.class_text(names, templates, task="green#1", weight=1.0)).abs().max() <= PARITY
+        assert onnx.logit_scale() == pytest.approx(ref.logit_scale())
+    finally:
+        for rt in runtimes:
+            rt.delete_task("red#1"), rt.delete_task("green#1")
+    with pytest.raises(UnknownTask):
+        onnx.encode_image(images[:1], ["red#1"], [1.0])
+
+
+def test_a_task_larger_than_the_graphs_is_served_by_torch_and_logged(runtimes, task_maker, caplog):
+    onnx, ref = runtimes
+    big = make_color_task(task_maker, "blue", config=PromptConfig(depth=2, n_prefix=16), prompt_scale=0.5)
+    with caplog.at_level("WARNING", logger="service.runtime_onnx"):
+        load_both(runtimes, "blue#1", big)
+    assert "task blue#1 does not fit the ONNX graphs (n_prefix 16 > 8): it is served by torch" in caplog.text
+    load_both(runtimes, "red#2", make_color_task(task_maker, "red", prompt_scale=0.5))
+    try:
+        assert onnx.served_by_torch("blue#1") and not onnx.served_by_torch("red#2")
+        images = color_batch(onnx, "blue", "red", "green", "blue")
+        tasks, weights = ["blue#1", "red#2", None, "blue#1"], [1.0, 1.0, 0.0, 0.4]
+        assert (onnx.encode_image(images, tasks, weights) - ref.encode_image(images, tasks, weights)).abs().max() <= PARITY
+        texts = ["light blue", "dark blue"]
+        assert (onnx.encode_text(texts, "blue#1", 1.0) - ref.encode_text(texts, "blue#1", 1.0)).abs().max() <= PARITY
+    finally:
+        for rt in runtimes:
+            rt.delete_task("blue#1"), rt.delete_task("red#2")
+
+
+def summary(results):
+    return [(r.task, r.version, [s.label for s in r.scores]) for r in results]
+
+
+def test_engine_with_runtime_onnx_classifies_like_runtime_torch(settings, store, task_maker, onnx_cache):
+    for i, name in enumerate(("red", "green", "blue")):
+        store.publish(make_color_task(task_maker, name, seed=i, prompt_scale=0.2))
+    engines = {
+        rt: Engine.from_settings(settings.model_copy(update={"runtime": rt, "onnx_cache_dir": onnx_cache}))
+        for rt in ("onnx", "torch")
+    }
+    try:
+        assert type(engines["onnx"].runtime) is OnnxRuntime and type(engines["torch"].runtime) is TorchRuntime
+        results = {}
+        for rt, engine in engines.items():
+            assert engine.sync() and set(engine.state.tasks) == {"red", "green", "blue"}
+            pil = [Image.fromarray(color_sample(n, 1, seed=31 + i)[0]) for i, n in enumerate(["red", "blue", "yellow", "green", "red"])]
+            images = [engine.preprocess(p) for p in pil]
+            results[rt] = (engine.classify(images), engine.classify(images[:2], labels=["red", "blue", "cat"]))
+        (auto_o, labels_o), (auto_t, labels_t) = results["onnx"], results["torch"]
+        assert summary(auto_o) == summary(auto_t) and summary(labels_o) == summary(labels_t)
+        assert [r.task for r in auto_o] == ["red", "blue", None, "green", "red"]
+        for a, b in zip(auto_o + labels_o, auto_t + labels_t):
+            assert a.gate == pytest.approx(b.gate, abs=PARITY)
+            assert [s.score for s in a.scores] == pytest.approx([s.score for s in b.scores], abs=PARITY)
+    finally:
+        for engine in engines.values():
+            engine.close()
+
+
+def test_an_export_failure_falls_back_to_torch_and_says_why(settings, tmp_path, caplog):
+    broken = settings.model_copy(update={"runtime": "onnx", "onnx_opset": 13, "onnx_cache_dir": str(tmp_path)})
+    with caplog.at_level("ERROR", logger="service.runtime_onnx"):
+        engine = Engine.from_settings(broken)
+    assert type(engine.runtime) is TorchRuntime
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "serving with torch instead" in record.message and "OnnxExportError" in record.message
+    assert "opset 13 failed at operator aten::scaled_dot_product_attention" in record.message
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left in the cache
+
+
+def test_auto_measures_both_runtimes_and_keeps_the_faster(settings, onnx_cache, caplog):
+    with caplog.at_level("INFO", logger="service.runtime_onnx"):
+        engine = Engine.from_settings(settings.model_copy(update={"runtime": "auto", "onnx_cache_dir": onnx_cache}))
+    m = re.search(r"runtime auto: .* onnx ([\d.]+) s, torch ([\d.]+) s -> (onnx|torch)", caplog.text)
+    assert m, caplog.text
+    onnx_s, torch_s, chosen = float(m[1]), float(m[2]), m[3]
+    assert chosen == ("onnx" if onnx_s <= torch_s else "torch")
+    assert type(engine.runtime) is (OnnxRuntime if chosen == "onnx" else TorchRuntime)
+
+
+def test_runtime_settings(monkeypatch):
+    assert ServiceSettings().runtime == "auto" and ServiceSettings().onnx_cache_dir is None
+    monkeypatch.setenv("KEEPCLIP_RUNTIME", "onnx")
+    monkeypatch.setenv("KEEPCLIP_ONNX_CACHE_DIR", "/tmp/graphs")
+    assert ServiceSettings().runtime == "onnx" and ServiceSettings().onnx_cache_dir == "/tmp/graphs"
+    with pytest.raises(ValidationError):
+        ServiceSettings(runtime="tensorrt")
