@@ -70,15 +70,19 @@ def parse_class_names(text: str) -> list[str]:
     return check_class_names([part.strip() for part in text.split(",")], "--class-names")
 
 
+def _parse_json(text: str, path: Path, option: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{option} {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
 def read_class_names(path: str | Path) -> list[str] | dict[str, str]:
     """A JSON list, a JSON object {folder or label: name}, or a text file with one name per line (blank lines skipped)."""
     path = Path(path)
     text = _read_text(path, "--classnames")
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--classnames {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        data = _parse_json(text, path, "--classnames")
         if isinstance(data, dict):
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
                 raise InputError(f"--classnames {path}: a JSON object must map folder names to class names (strings)")
@@ -95,10 +99,7 @@ def read_templates(path: str | Path) -> list[str]:
     path = Path(path)
     text = _read_text(path, "--templates")
     if path.suffix.lower() == ".json":
-        try:
-            templates = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"--templates {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        templates = _parse_json(text, path, "--templates")
         if not isinstance(templates, list) or not all(isinstance(t, str) for t in templates):
             raise InputError(f"--templates {path}: expected a JSON list of strings")
         where = [f"--templates {path}, entry {i}" for i in range(len(templates))]
