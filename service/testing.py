@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,6 +19,13 @@ import torch
 from safetensors.torch import save_file
 
 from backbone import Backbone, PromptConfig, PromptedCLIP, fit_task_stats, image_features
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for test and benchmark servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 from prompts_store import DEFAULT_KIND, TaskArtifact
 
 COLORS: dict[str, tuple[int, int, int]] = {

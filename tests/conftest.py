@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from backbone import Backbone, PromptedCLIP, image_features, load_backbone
+from service.testing import free_port  # noqa: F401 - re-exported for the e2e tests
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KEEPCLIP_SHARED", REPO.parent / "shared")).resolve()
@@ -64,12 +64,6 @@ def domain(shared_dir, proxy):
         return image_features(proxy, images), torch.as_tensor(labels), names
 
     return load
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

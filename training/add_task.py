@@ -356,9 +356,10 @@ def _absolute_if_file(value: str | None) -> str | None:
 
 
 def _print_summary(name: str, version: int, store_url: str, task, summary: dict[str, Any], seconds: float) -> None:
+    from .learner import _pct
+
     def pct(key):
-        value = summary.get(key)
-        return "-" if value is None else f"{100 * value:.1f}%"
+        return _pct(summary.get(key))
 
     lines = [
         f"published task {name!r} version {version} to store {store_url}",
