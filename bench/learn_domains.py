@@ -62,19 +62,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def subsample_index(labels: np.ndarray, limit: int | None, every_class: bool = False, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded subsample (all when `limit` is None); `every_class`: classes take turns, so each
+    keeps an image."""
+    if limit is None or limit >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    if every_class:  # round robin over the classes, each in a seeded random order
+        queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+        order = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
+        return np.sort(np.asarray(order[:limit]))
+    return np.sort(rng.permutation(len(labels))[:limit])
+
+
 def subsample(src: Path, dst: Path, limit: int | None, every_class: bool = False) -> Path:
-    """The domain's .npz, or a seeded subsample of it; `every_class`: classes take turns, so each keeps an image."""
+    """The domain's .npz, or a seeded subsample of it written to `dst`."""
     if limit is None:
         return src
     with np.load(src) as data:
         images, labels = data["images"], data["labels"]
-    rng = np.random.default_rng(0)
-    if every_class:  # round robin over the classes, each in a seeded random order
-        queues = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
-        order = [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
-        keep = np.sort(np.asarray(order[:limit]))
-    else:
-        keep = np.sort(rng.permutation(len(labels))[:limit])
+    keep = subsample_index(labels, limit, every_class)
     dst.parent.mkdir(parents=True, exist_ok=True)
     np.savez(dst, images=images[keep], labels=labels[keep])
     shutil.copy(src.parent / "classnames.json", dst.parent / "classnames.json")

@@ -66,7 +66,8 @@ def load_test_images(data_dir: Path, domains, per_domain: int, seed: int = 0) ->
 
 
 # ----------------------------------------------------------------------------- in-process measurements
-def baseline_images_per_s(settings, pngs: list[bytes], batch_size: int, class_names: list[str], min_s: float) -> float:
+def baseline_images_per_s(settings, pngs: list[bytes], batch_size: int, class_names: list[str], min_s: float,
+                          latencies: list[float] | None = None) -> float:
     """Plain open_clip zero-shot: decode + preprocess + frozen image tower + logits over `class_names`."""
     import torch
     from PIL import Image
@@ -85,10 +86,11 @@ def baseline_images_per_s(settings, pngs: list[bytes], batch_size: int, class_na
             f = model.encode_image(x, normalize=True)
             return (scale * f @ text.T).softmax(-1).topk(5)
 
-    return _loop_images_per_s(run, pngs, batch_size, min_s)
+    return _loop_images_per_s(run, pngs, batch_size, min_s, latencies)
 
 
-def engine_images_per_s(settings, pngs: list[bytes], batch_size: int, min_s: float) -> tuple[float, dict]:
+def engine_images_per_s(settings, pngs: list[bytes], batch_size: int, min_s: float,
+                        latencies: list[float] | None = None) -> tuple[float, dict]:
     """The keepclip engine without HTTP or Ray: decode + preprocess + run_batch (task-agnostic)."""
     from collections import Counter
 
@@ -104,17 +106,21 @@ def engine_images_per_s(settings, pngs: list[bytes], batch_size: int, min_s: flo
         for r in engine.run_batch(jobs):
             routed[r.task] += 1
 
-    rate = _loop_images_per_s(run, pngs, batch_size, min_s)
+    rate = _loop_images_per_s(run, pngs, batch_size, min_s, latencies)
     return rate, {"routed_share": {str(k): v / sum(routed.values()) for k, v in routed.most_common()}, "tasks": len(engine.state.tasks)}
 
 
-def _loop_images_per_s(run, pngs, batch_size: int, min_s: float) -> float:
+def _loop_images_per_s(run, pngs, batch_size: int, min_s: float, latencies: list[float] | None = None) -> float:
+    """images/s of `run` over batches of `pngs` for at least `min_s`; appends each batch's seconds to `latencies`."""
     run(pngs[:batch_size])  # warm-up
     done, start, i = 0, time.perf_counter(), 0
     while time.perf_counter() - start < min_s:
         batch = [pngs[(i + j) % len(pngs)] for j in range(batch_size)]
         i += batch_size
+        t = time.perf_counter()
         run(batch)
+        if latencies is not None:
+            latencies.append(time.perf_counter() - t)
         done += len(batch)
     return done / (time.perf_counter() - start)
 

@@ -26,6 +26,7 @@ PretrainedOpt = typer.Option(
     _defaults.pretrained, "--pretrained", help="open_clip pretrained tag, checkpoint path, or 'none' [KEEPCLIP_PRETRAINED]"
 )
 DeviceOpt = typer.Option(_defaults.device, "--device", help="cuda, cpu or auto [KEEPCLIP_DEVICE]")
+_RAW = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}  # argparse parses the rest
 
 
 @app.callback()
@@ -91,17 +92,34 @@ def serve(
 
 
 # ----------------------------------------------------------------------------- add-task
-@app.command(
-    "add-task",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
-    add_help_option=False,
-)
+@app.command("add-task", context_settings=_RAW, add_help_option=False)
 def add_task(ctx: typer.Context) -> None:
     """Learn a task and publish it (NAME --data PATH ...; --workers N runs it on Ray Train). `add-task --help` lists every option."""
     from training.add_task import main as add_task_main
 
     # the same argparse parser as `python -m training.add_task`, so both take exactly the same arguments
     raise typer.Exit(add_task_main(list(ctx.args), prog="keepclip add-task"))
+
+
+# ----------------------------------------------------------------------------- benchmarks
+bench_app = typer.Typer(help="Benchmarks: continual learning (accuracy matrix, Transfer/Avg/Last) and speed.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("continual", context_settings=_RAW, add_help_option=False)
+def bench_continual(ctx: typer.Context) -> None:
+    """Learn tasks in order, evaluate every task after each: keepclip against zero-shot, full-ft and LwF (`--help`: options)."""
+    from bench.continual import main as continual_main
+
+    raise typer.Exit(continual_main(list(ctx.args), prog="keepclip bench continual"))
+
+
+@bench_app.command("speed", context_settings=_RAW, add_help_option=False)
+def bench_speed(ctx: typer.Context) -> None:
+    """Engine vs plain open_clip images/s, router cost at 10/100/1000 tasks, memory per task (`--help`: options)."""
+    from bench.speed import main as speed_main
+
+    raise typer.Exit(speed_main(list(ctx.args), prog="keepclip bench speed"))
 
 
 # ----------------------------------------------------------------------------- client commands

@@ -1,0 +1,493 @@
+"""Speed and memory of keepclip against plain open_clip zero-shot, in one run (a benchmark, not a test).
+
+    python -m bench.speed --model ../shared/models/proxy-clip/proxy-clip.json \
+        --pretrained ../shared/models/proxy-clip/proxy-clip.safetensors --device cpu
+    python -m bench.speed --store ./keepclip-store --tasks 10 100 1000 --load-tasks 100 --out speed.json
+
+Everything runs in this process, on one backbone (--model/--pretrained/--device, KEEPCLIP_* like every command;
+`--pretrained none` draws a random init once and saves it, so that every load has the same weights), one batch size
+and one number of torch threads; the engine runs on torch eager like the baseline unless --runtime says otherwise:
+
+1. **engine vs zero-shot**: the keepclip engine (`Engine.run_batch` on task-agnostic `ClassifyJob`s: frozen pass,
+   routing, prompted pass of the routed images, logits) against plain open_clip zero-shot (frozen image tower + logits
+   over the union of the tasks' class names). Both decode and preprocess the same PNGs in batches of --batch-size
+   (the loops of `bench.service_speed`); --rounds pairs of runs of --seconds each, in ABBA order so that load changes
+   hit both alike. images/s, per-batch latency p50/p99 and the ratio engine / zero-shot. The tasks are a copy of
+   --store, or, without one, hand-made tasks (real fingerprints, random prompts of the default recipe) in a temporary
+   store: one per shared domain found under --data, else noisy colour tasks. Test images are the domains' test
+   splits, else noisy colour images (so that this runs without ../shared);
+2. **router vs number of tasks**: for each count in --tasks, synthetic fingerprints (random `TaskStats` of the
+   backbone's embedding dimension, float64 as the engine holds them, --classes-per-task router keys) fed to
+   `service.router.Router`: build seconds, µs per image of `route()` at batch 1 and at --batch-size, FAISS index
+   bytes, bytes of the stats' tensors;
+3. **memory per task**: one default-recipe task (`PromptConfig()` prompts, a real fingerprint, --classes-per-task
+   classes) published to a temporary store: its files' bytes and its prompt parameters; then --load-tasks copies
+   loaded into an engine already serving one: resident memory added per task (RSS delta / N, free heap pages given
+   back to the OS before and after, so it counts what the tasks keep) and the exact bytes one loaded task holds
+   (prompt tensors, cached text features, stats).
+
+Writes --out (JSON with the machine and the command line) and a Markdown table beside it (.md), and prints the table.
+On a shared machine only the ratios within one run mean much.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import io
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.onnx_speed import PROXY, SHARED, rss_mib
+from bench.service_speed import DOMAINS, baseline_images_per_s, engine_images_per_s, load_test_images, percentile
+
+log = logging.getLogger("bench.speed")
+COLOR_TASKS = ("red", "green", "blue", "yellow")  # hand-made tasks when --data has no domains
+
+
+# ----------------------------------------------------------------------------- command line
+def _positive(kind):
+    """argparse type: a number of `kind` above 0 (the error names the option and what was given)."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} > 0, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def local_path(url: str) -> Path | None:
+    """The directory of a local store URL; None for an fsspec URL (s3://, gs://, memory://)."""
+    if "://" not in url or url.startswith("file://"):
+        return Path(url.removeprefix("file://"))
+    return None
+
+
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    from backbone.settings import BackboneSettings
+
+    defaults = BackboneSettings()
+    # like `bench continual`: the proxy CLIP in ../shared unless KEEPCLIP_MODEL names another backbone
+    proxy = "KEEPCLIP_MODEL" not in os.environ and (PROXY / "proxy-clip.safetensors").is_file()
+    model = str(PROXY / "proxy-clip.json") if proxy else defaults.model
+    pretrained = str(PROXY / "proxy-clip.safetensors") if proxy else defaults.pretrained
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default=model, help="open_clip name or model-config JSON [the proxy CLIP in ../shared, else KEEPCLIP_MODEL]")
+    p.add_argument("--pretrained", default=pretrained, help="tag, checkpoint or none [the proxy's weights, else KEEPCLIP_PRETRAINED]")
+    p.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"), help="[KEEPCLIP_DEVICE]")
+    p.add_argument("--runtime", default="torch", choices=("torch", "onnx", "auto"),
+                   help="engine runtime (torch: the same eager torch as the zero-shot baseline) [torch]")
+    p.add_argument("--store", help="a store of learned tasks, copied first (default: hand-made tasks in a temp store)")
+    p.add_argument("--data", type=Path, default=SHARED / "data", help="the shared domains (<domain>/test.npz)")
+    p.add_argument("--domains", default=",".join(DOMAINS))
+    p.add_argument("--per-domain", type=_positive(int), default=100, help="test images per domain (or colour)")
+    p.add_argument("--batch-size", type=_positive(int), default=16)
+    p.add_argument("--threads", type=_positive(int), default=len(os.sched_getaffinity(0)), help="torch threads")
+    p.add_argument("--seconds", type=_positive(float), default=10.0, help="duration of each engine/zero-shot run")
+    p.add_argument("--rounds", type=_positive(int), default=2, help="pairs of engine/zero-shot runs (ABBA order)")
+    p.add_argument("--tasks", type=_positive(int), nargs="+", default=[10, 100, 1000], help="router task counts")
+    p.add_argument("--classes-per-task", type=_positive(int), default=10)
+    p.add_argument("--router-seconds", type=_positive(float), default=1.0, help="duration of each route() timing")
+    p.add_argument("--load-tasks", type=_positive(int), default=100, help="tasks loaded for the RSS per task")
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "keepclip-bench" / "speed.json")
+    args = p.parse_args(argv)
+    local = local_path(args.store) if args.store else None
+    if local is not None and not local.is_dir():
+        p.error(f"--store {args.store}: no such directory")
+    args.domains = [d for d in args.domains.split(",") if d]
+    return args
+
+
+# ----------------------------------------------------------------------------- shared pieces
+def load_maker(args, work: Path):
+    """The backbone that makes tasks, and the checkpoint every later load uses: a random init is saved once, so that
+    the engines load the same weights and accept the tasks (same fingerprint)."""
+    from backbone import PromptedCLIP, load_backbone
+    from backbone.loading import NO_WEIGHTS
+    from service.testing import save_checkpoint
+
+    pretrained = args.pretrained
+    if pretrained is None or pretrained.lower() in NO_WEIGHTS:
+        # a checkpoint file is fingerprinted by its own hash: reload it, so maker and engines agree
+        pretrained = save_checkpoint(load_backbone(args.model, None, "cpu"), work / "random-init.safetensors")
+    return PromptedCLIP(load_backbone(args.model, pretrained, args.device)), pretrained
+
+
+def stats_nbytes(stats) -> int:
+    """Bytes of a TaskStats' tensors as held in memory (mean, whitener, router keys)."""
+    g = stats.gaussian
+    return g.mean.nbytes + g.whitener.nbytes + stats.keys.nbytes
+
+
+def present_domains(args, split: str) -> list[str]:
+    return [d for d in args.domains if (args.data / d / f"{split}.npz").is_file()]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def trim_heap() -> None:
+    """Give free heap pages back to the OS (glibc), so that memory freed by earlier sections is not silently
+    reused by what is measured next and the RSS delta sees every new allocation."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the delta may under-count
+        pass
+
+
+def rss_bytes() -> int:
+    try:
+        import psutil
+    except ImportError:
+        return int(rss_mib() * 2**20)
+    return psutil.Process().memory_info().rss
+
+
+# ----------------------------------------------------------------------------- 1. engine vs zero-shot
+def engine_store(args, maker, work: Path):
+    """The tasks the engine serves: a copy of --store (probe runs must never touch it), or hand-made ones."""
+    from prompts_store import open_store
+
+    if args.store:
+        local = local_path(args.store)
+        if local is None:
+            return open_store(args.store)  # remote: the engine only reads it
+        shutil.copytree(local, work / "store", ignore=shutil.ignore_patterns(".lock", "tmp"))
+        store = open_store(work / "store")
+        if not store.list():
+            raise SystemExit(f"store {args.store} holds no tasks")
+        return store
+    store = open_store(work / "store")
+    publish_hand_made(args, maker, store)
+    return store
+
+
+def publish_hand_made(args, maker, store) -> None:
+    from backbone import PromptConfig
+    from service.testing import make_color_task, publish_domain_tasks
+
+    domains = [d for d in present_domains(args, "train") if (args.data / d / "classnames.json").is_file()]
+    if domains:
+        log.info("publishing hand-made tasks for %s", ", ".join(domains))
+        publish_domain_tasks(maker, store, args.data, domains, n=300)
+        return
+    log.info("no domains under %s: publishing hand-made colour tasks %s", args.data, ", ".join(COLOR_TASKS))
+    for i, name in enumerate(COLOR_TASKS):
+        store.publish(make_color_task(maker, name, seed=i, config=PromptConfig()))
+
+
+def sample_pngs(args) -> list[bytes]:
+    from service.testing import color_sample
+
+    domains = present_domains(args, "test")
+    if domains:
+        return load_test_images(args.data, domains, args.per_domain)
+    log.warning("no test images under %s: using noisy colour images", args.data)
+    images = [im for i, c in enumerate(COLOR_TASKS) for im in color_sample(c, args.per_domain, seed=1000 * i)]
+    order = np.random.default_rng(0).permutation(len(images))
+    return [png_bytes(images[j]) for j in order]
+
+
+def summarize(runs: list[tuple[float, list[float]]], batch_size: int) -> dict:
+    """Runs of (images/s, per-batch seconds) -> images/s over all of them and the batch latency quantiles."""
+    images = sum(batch_size * len(lat) for _, lat in runs)
+    seconds = sum(batch_size * len(lat) / rate for rate, lat in runs)
+    latencies = [x for _, lat in runs for x in lat]
+    return {"images_per_s": images / seconds, "images": images, "batches": len(latencies),
+            "batch_latency_ms": {"p50": 1000 * percentile(latencies, 50), "p99": 1000 * percentile(latencies, 99)},
+            "per_run_images_per_s": [rate for rate, _ in runs]}
+
+
+def bench_engine(args, settings, maker, work: Path) -> dict:
+    store = engine_store(args, maker, work)
+    tasks = store.list()
+    class_names = [c for t in tasks for c in store.get(t.name).class_names]
+    pngs = sample_pngs(args)
+    settings = settings.model_copy(update={"store": store.url})
+    log.info("%d tasks, %d classes, %d test images, batch %d, %d torch threads",
+             len(tasks), len(class_names), len(pngs), args.batch_size, args.threads)
+    runs: dict[str, list] = {"zero_shot": [], "engine": []}
+    routing: dict = {}
+    for k in range(args.rounds):
+        for name in ("zero_shot", "engine") if k % 2 == 0 else ("engine", "zero_shot"):
+            latencies: list[float] = []
+            if name == "zero_shot":
+                rate = baseline_images_per_s(settings, pngs, args.batch_size, class_names, args.seconds, latencies)
+            else:
+                rate, routing = engine_images_per_s(settings, pngs, args.batch_size, args.seconds, latencies)
+            runs[name].append((rate, latencies))
+            log.info("round %d/%d %s: %.1f images/s", k + 1, args.rounds, name, rate)
+    if routing.get("tasks") == 0:
+        log.warning("the engine serves none of the store's tasks (made for another backbone?): frozen answers only")
+    out = {name: summarize(r, args.batch_size) for name, r in runs.items()}
+    out["engine"].update(routing)
+    out["ratio_engine_to_zero_shot"] = out["engine"]["images_per_s"] / out["zero_shot"]["images_per_s"]
+    out["per_round_ratio"] = [e[0] / z[0] for e, z in zip(runs["engine"], runs["zero_shot"])]
+    out.update(tasks=[t.name for t in tasks], classes=len(class_names), test_images=len(pngs))
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. router vs number of tasks
+def synthetic_stats(dim: int, classes: int, gen):
+    """A TaskStats shaped like a fitted one (dense float64 whitener, unit-norm keys) whose own images route to it."""
+    import torch
+    import torch.nn.functional as F
+
+    from backbone import Gate, Gaussian, TaskStats
+
+    sigma = 0.3 / math.sqrt(dim)  # per-dimension spread of a task's normalised features
+    mean = F.normalize(torch.randn(dim, generator=gen, dtype=torch.float64), dim=0)
+    # the inverse Cholesky factor of a fitted covariance is dense lower-triangular
+    tril = torch.randn(dim, dim, generator=gen, dtype=torch.float64).tril(-1)
+    whitener = (torch.eye(dim, dtype=torch.float64) + 0.1 / math.sqrt(dim) * tril) / sigma
+    keys = F.normalize(mean + sigma * torch.randn(classes, dim, generator=gen, dtype=torch.float64), dim=-1).float()
+    gaussian = Gaussian(mean=mean, whitener=whitener, logdet=-2 * whitener.diagonal().log().sum().item(), shrinkage=0.5)
+    gate = Gate(center=1.5 * dim, scale=0.1 * dim)  # own images have d² ≈ dim: w ≈ 1
+    return TaskStats(gaussian=gaussian, keys=keys, gate=gate, n_images=20 * classes)
+
+
+def queries_for(stats: dict, n: int, seed: int = 0):
+    """(n, d) float32 image features, each drawn near a random task's mean (as frozen features arrive)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    names = list(stats)
+    picks = torch.randint(len(names), (n,), generator=gen).tolist()
+    means = torch.stack([stats[names[i]].gaussian.mean for i in picks])
+    sigma = 0.3 / math.sqrt(means.shape[1])
+    return (means + sigma * torch.randn(means.shape, generator=gen, dtype=torch.float64)).float()
+
+
+def route_us_per_image(router, queries, batch: int, min_s: float) -> float:
+    batches = list(queries.split(batch))[: max(1, len(queries) // batch)]
+    router.route(batches[0])  # warm-up
+    done, start, k = 0, time.perf_counter(), 0
+    while time.perf_counter() - start < min_s:
+        router.route(batches[k % len(batches)])
+        done += batches[k % len(batches)].shape[0]
+        k += 1
+    return 1e6 * (time.perf_counter() - start) / done
+
+
+def bench_router(args, dim: int, top_k: int, threshold: float) -> list[dict]:
+    import faiss
+    import torch
+    from tqdm import tqdm
+
+    from service.router import Router
+
+    gen = torch.Generator().manual_seed(0)
+    # made once for the largest count; smaller counts take a prefix
+    stats = {f"task-{i:05d}": synthetic_stats(dim, args.classes_per_task, gen)
+             for i in tqdm(range(max(args.tasks)), desc="synthetic fingerprints", leave=False)}
+    names, rows = list(stats), []
+    for n in args.tasks:
+        subset = {name: stats[name] for name in names[:n]}
+        start = time.perf_counter()
+        router = Router(subset, top_k, threshold)
+        build_s = time.perf_counter() - start
+        queries = queries_for(subset, 16 * args.batch_size)
+        per_image = {str(b): route_us_per_image(router, queries, b, args.router_seconds) for b in (1, args.batch_size)}
+        rows.append({"tasks": n, "router_keys": router.index.ntotal, "build_s": build_s, "route_us_per_image": per_image,
+                     "faiss_index_bytes": int(faiss.serialize_index(router.index).nbytes),
+                     "stats_bytes": sum(stats_nbytes(s) for s in subset.values())})
+        log.info("router, %d tasks: build %.3f s, route %s µs/image (batch 1, %d)", n, build_s,
+                 " / ".join(f"{v:.0f}" for v in per_image.values()), args.batch_size)
+    return rows
+
+
+# ----------------------------------------------------------------------------- 3. memory per task
+def default_task(maker, classes: int):
+    """A default-recipe task: PromptConfig() prompts (random), a real fingerprint of noisy images, `classes` classes."""
+    from backbone import PromptConfig
+    from service.testing import color_images, make_task
+
+    n = max(8, 4 * classes)
+    images = color_images((128, 128, 128), n, noise=60.0)
+    labels = [i % classes for i in range(n)]
+    return make_task(maker, "probe", images, labels, [f"class {i}" for i in range(classes)], config=PromptConfig(),
+                     prompt_scale=0.02, metrics={"note": "bench.speed: default recipe, random prompts"})
+
+
+def artifact_files(root: Path, name: str, version: int) -> dict[str, int]:
+    """Bytes of each file of a task version, in the documented layout <store>/tasks/<name>/v000001/ (docs/store.md)."""
+    folder = root / "tasks" / name / f"v{version:06d}"
+    return {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def loaded_task_bytes(runtime, loaded) -> dict[str, int]:
+    """Exact bytes one loaded task holds: its prompt parameters, cached class text features and stats."""
+    model = getattr(runtime, "torch", runtime).model  # OnnxRuntime keeps the prompts in its torch fallback
+    out = {"prompts": sum(p.numel() * p.element_size() for p in model.prompt_parameters(loaded.slot)),
+           "text_features": loaded.text_prompted.nbytes + loaded.text_frozen.nbytes,
+           "stats": stats_nbytes(loaded.stats)}
+    return {**out, "total": sum(out.values())}
+
+
+def resident_per_task(args, settings, store, artifact) -> dict:
+    """RSS added by loading --load-tasks copies of `artifact` into an engine that already serves one task."""
+    from tqdm import tqdm
+
+    from service.engine import Engine
+
+    engine = Engine.from_settings(settings)
+    engine.sync()  # the store holds "probe": loads one task, so code paths and caches are warm before measuring
+    for i in tqdm(range(args.load_tasks), desc="publishing copies", leave=False):
+        store.publish(dataclasses.replace(artifact, name=f"copy-{i:04d}", version=None, checksums={}))
+    gc.collect()
+    trim_heap()
+    before = rss_bytes()
+    start = time.perf_counter()
+    engine.sync()
+    load_s = time.perf_counter() - start
+    gc.collect()
+    trim_heap()  # what loading freed again (artifact bytes, activations) is not what a task keeps
+    delta = rss_bytes() - before
+    engine.close()
+    loaded = len(engine.state.tasks) - 1
+    if loaded != args.load_tasks:
+        raise SystemExit(f"the engine loaded {loaded} of {args.load_tasks} tasks: {dict(engine.state.errors)}")
+    exact = loaded_task_bytes(engine.runtime, engine.state.tasks["copy-0000"])
+    return {"tasks_loaded": loaded, "load_s": load_s, "rss_delta_bytes": delta, "rss_per_task_bytes": delta / loaded,
+            "exact_bytes_per_task": exact}
+
+
+def bench_memory(args, settings, artifact, work: Path) -> dict:
+    from prompts_store import open_store
+
+    store = open_store(work / "memory-store")
+    version = store.publish(dataclasses.replace(artifact, version=None, checksums={}))
+    files = artifact_files(work / "memory-store", artifact.name, version)
+    out = {"prompt_config": artifact.recipe["prompts"], "classes": len(artifact.class_names),
+           "prompt_parameters": sum(t.numel() for t in artifact.prompts.values()),
+           "artifact_files_bytes": files, "artifact_bytes": sum(files.values())}
+    out.update(resident_per_task(args, settings.model_copy(update={"store": store.url}), store, artifact))
+    log.info("one task: %d prompt parameters, %d bytes on disk, %.0f bytes resident per loaded task",
+             out["prompt_parameters"], out["artifact_bytes"], out["rss_per_task_bytes"])
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def machine(threads: int) -> dict:
+    import faiss
+    import open_clip
+    import torch
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    return {"cpu": cpu or platform.processor(), "cores": len(os.sched_getaffinity(0)), "torch_threads": threads,
+            "torch": torch.__version__, "open_clip": open_clip.__version__, "faiss": faiss.__version__,
+            "python": platform.python_version(), "load_average_at_end": os.getloadavg()[0]}
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+def markdown(results: dict) -> str:
+    e, m, mach = results["engine_vs_zero_shot"], results["memory_per_task"], results["machine"]
+    b = results["batch_size"]
+    lines = [f"`{results['command']}`", "",
+             f"{mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']}, "
+             f"open_clip {mach['open_clip']}, faiss {mach['faiss']}; load average {mach['load_average_at_start']:.1f} at the "
+             f"start, {mach['load_average_at_end']:.1f} at the end; backbone {results['model']}", "",
+             f"| batch of {b} | images/s | batch latency p50 | p99 |", "|---|---|---|---|"]
+    for key, label in (("zero_shot", "plain open_clip zero-shot"), ("engine", f"keepclip engine ({len(e['tasks'])} tasks)")):
+        r = e[key]
+        lines.append(f"| {label} | {r['images_per_s']:.1f} | {r['batch_latency_ms']['p50']:.1f} ms "
+                     f"| {r['batch_latency_ms']['p99']:.1f} ms |")
+    lines += ["", f"engine / zero-shot: **{e['ratio_engine_to_zero_shot']:.2f}x** (per round: "
+              f"{', '.join(f'{x:.2f}' for x in e['per_round_ratio'])}); routed to a task: "
+              f"{1 - e['engine'].get('routed_share', {}).get('None', 0):.0%} of the test images", "",
+              f"| tasks | router keys | build | route µs/image, batch 1 | batch {b} | FAISS index | stats in memory |",
+              "|---|---|---|---|---|---|---|"]
+    for r in results["router"]:
+        us = r["route_us_per_image"]
+        lines.append(f"| {r['tasks']} | {r['router_keys']} | {r['build_s'] * 1000:.1f} ms | {us['1']:.0f} | {us[str(b)]:.0f} "
+                     f"| {fmt_bytes(r['faiss_index_bytes'])} | {fmt_bytes(r['stats_bytes'])} |")
+    x = m["exact_bytes_per_task"]
+    lines += ["", "| one task, default recipe | |", "|---|---|",
+              f"| prompt parameters ({m['prompt_config']['depth']} x {m['prompt_config']['n_prefix']}) | {m['prompt_parameters']:,} |",
+              f"| artifact on disk ({', '.join(f'{k} {fmt_bytes(v)}' for k, v in m['artifact_files_bytes'].items())}) "
+              f"| {fmt_bytes(m['artifact_bytes'])} |",
+              f"| loaded: prompts + text features ({m['classes']} classes) + stats | {fmt_bytes(x['prompts'])} + "
+              f"{fmt_bytes(x['text_features'])} + {fmt_bytes(x['stats'])} = {fmt_bytes(x['total'])} |",
+              f"| resident memory per task (RSS delta / {m['tasks_loaded']}) | {fmt_bytes(m['rss_per_task_bytes'])} |"]
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, out: Path) -> str:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    out.with_suffix(".md").write_text(table + "\n")
+    return table
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None, prog: str = "python -m bench.speed") -> int:
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")  # open_clip logs on root
+    log.setLevel(logging.INFO)
+    logging.getLogger("service.engine").setLevel(logging.WARNING)  # a line per loaded task would drown the progress
+    import torch
+
+    from service.settings import ServiceSettings
+
+    torch.set_num_threads(args.threads)
+    command = f"{prog} {shlex.join(sys.argv[1:] if argv is None else argv)}"
+    load_at_start = os.getloadavg()[0]
+    results: dict = {"command": command, "model": args.model, "batch_size": args.batch_size}
+    with tempfile.TemporaryDirectory(prefix="keepclip-bench-speed-") as tmp:
+        work = Path(tmp)
+        maker, pretrained = load_maker(args, work)
+        settings = ServiceSettings(model=args.model, pretrained=pretrained, device=args.device, runtime=args.runtime,
+                                   torch_threads=args.threads, max_batch_size=args.batch_size, ui=False)
+        probe = default_task(maker, args.classes_per_task)
+        results["engine_vs_zero_shot"] = bench_engine(args, settings, maker, work)
+        # memory before the router: its synthetic stats (GBs for big backbones) would blur the RSS deltas
+        results["memory_per_task"] = bench_memory(args, settings, probe, work)
+        results["router"] = bench_router(args, probe.stats["mean"].shape[0], settings.router_top_k,
+                                         settings.gate_threshold)
+    results["machine"] = {**machine(args.threads), "load_average_at_start": load_at_start}
+    table = write_outputs(results, args.out)
+    print(table)
+    print(f"\nwritten: {args.out} and {args.out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""`bench.speed` on a tiny random backbone, without ../shared: the three sections, their figures consistent with each
+other, and bad input refused by argparse (exit code 2, no traceback)."""
+import json
+
+import pytest
+
+from bench.speed import main
+from tests.conftest import TINY_CONFIGS
+
+TINY = TINY_CONFIGS / "keepclip-tiny-a.json"
+CLASSES, TASKS, LOADED, BATCH = 5, (10, 20), 3, 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("speed")
+    out = tmp / "out" / "speed.json"
+    argv = ["--model", str(TINY), "--pretrained", "none", "--device", "cpu", "--data", str(tmp / "no-data"),
+            "--threads", "1", "--per-domain", "4", "--batch-size", str(BATCH), "--seconds", "0.2", "--rounds", "1",
+            "--tasks", *map(str, TASKS), "--classes-per-task", str(CLASSES), "--router-seconds", "0.05",
+            "--load-tasks", str(LOADED), "--out", str(out)]
+    assert main(argv) == 0
+    return json.loads(out.read_text()), out
+
+
+def test_engine_and_zero_shot_are_measured_on_the_same_images(run):
+    results, _ = run
+    e = results["engine_vs_zero_shot"]
+    assert e["tasks"] == ["blue", "green", "red", "yellow"] and e["engine"]["tasks"] == 4  # hand-made, all served
+    for key in ("zero_shot", "engine"):
+        r = e[key]
+        assert r["images_per_s"] > 0 and r["images"] == BATCH * r["batches"] > 0
+        assert 0 < r["batch_latency_ms"]["p50"] <= r["batch_latency_ms"]["p99"]
+    assert e["ratio_engine_to_zero_shot"] == pytest.approx(e["engine"]["images_per_s"] / e["zero_shot"]["images_per_s"])
+    assert sum(e["engine"]["routed_share"].values()) == pytest.approx(1.0)
+
+
+def test_router_rows_per_task_count(run):
+    results, _ = run
+    dim = json.loads(TINY.read_text())["embed_dim"]
+    rows = results["router"]
+    assert [r["tasks"] for r in rows] == list(TASKS)
+    for r in rows:
+        assert r["router_keys"] == r["tasks"] * CLASSES and r["build_s"] > 0
+        assert set(r["route_us_per_image"]) == {"1", str(BATCH)} and min(r["route_us_per_image"].values()) > 0
+        assert r["faiss_index_bytes"] >= r["router_keys"] * dim * 4  # float32 keys
+        assert r["stats_bytes"] == r["tasks"] * (dim * 8 + dim * dim * 8 + CLASSES * dim * 4)  # float64 mean, whitener
+
+
+def test_memory_per_task_is_consistent_with_the_prompt_parameter_count(run):
+    results, _ = run
+    m = results["memory_per_task"]
+    cfg = json.loads(TINY.read_text())
+    depth, n = m["prompt_config"]["depth"], m["prompt_config"]["n_prefix"]
+    per_layer = [(min(depth, cfg[t]["layers"]), cfg[t]["width"]) for t in ("vision_cfg", "text_cfg")]
+    params = sum(2 * n * layers * width for layers, width in per_layer)  # keys + values, both towers
+    assert m["prompt_parameters"] == params
+    files = m["artifact_files_bytes"]
+    assert set(files) == {"prompts.safetensors", "stats.safetensors", "task.json"}
+    assert 4 * params < files["prompts.safetensors"] < 4 * params + 4096  # float32 + safetensors header
+    assert m["artifact_bytes"] == sum(files.values())
+    exact = m["exact_bytes_per_task"]
+    assert exact["prompts"] == 4 * params and exact["text_features"] == 2 * CLASSES * cfg["embed_dim"] * 4
+    assert exact["total"] == exact["prompts"] + exact["text_features"] + exact["stats"]
+    assert m["tasks_loaded"] == LOADED and m["load_s"] > 0
+    assert m["rss_per_task_bytes"] == m["rss_delta_bytes"] / LOADED  # can be ~0 for tiny tasks: allocator pages
+
+
+def test_report_records_the_machine_and_command_and_writes_markdown(run, capsys):
+    results, out = run
+    assert results["command"].startswith("python -m bench.speed --model") and "--tasks 10 20" in results["command"]
+    assert results["machine"]["cores"] >= 1 and results["machine"]["torch_threads"] == 1 and results["machine"]["torch"]
+    table = out.with_suffix(".md").read_text()
+    assert "engine / zero-shot" in table and "| 20 | 100 |" in table and "prompt parameters" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "0"], "argument --tasks: must be > 0, got 0"),
+    (["--tasks", "10", "ten"], "argument --tasks: expected an integer > 0, got 'ten'"),
+    (["--batch-size", "-1"], "argument --batch-size: must be > 0, got -1"),
+    (["--seconds", "0"], "argument --seconds: must be > 0, got 0"),
+    (["--store", "/nonexistent/keepclip-store"], "--store /nonexistent/keepclip-store: no such directory"),
+])
+def test_bad_input_is_an_argparse_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_store_without_tasks_is_refused_with_its_name(tmp_path):
+    (tmp_path / "empty-store").mkdir()
+    argv = ["--model", str(TINY), "--pretrained", "none", "--device", "cpu", "--data", str(tmp_path / "no-data"),
+            "--store", str(tmp_path / "empty-store"), "--out", str(tmp_path / "speed.json")]
+    with pytest.raises(SystemExit, match="empty-store holds no tasks"):
+        main(argv)
+    assert not (tmp_path / "speed.json").exists()
