@@ -35,7 +35,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .continual_report import continual_metrics, heatmap, retrieval_scores, to_markdown

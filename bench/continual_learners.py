@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from backbone import PromptConfig, PromptedCLIP, TaskStats, text_classifier
 from prompts_store import TaskStore
-from service.router import NO_ROUTE, Router
+from service.router import Router
 from backbone.token_prompts import TokenPromptConfig, TokenPrompts
 from training.data import ImageSet, PixelPipeline
 from training.continual_pretraining import ContinualPretrainer, ContinualPretrainingSettings
