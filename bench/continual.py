@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
         args.limit_train = QUICK["train"] if args.limit_train == FULL_TRAIN else args.limit_train
         args.limit_test = args.limit_test or QUICK["test"]
         args.epochs = args.epochs or QUICK["epochs"]
-        args.ft_epochs = QUICK["ft_epochs"] if args.ft_epochs == build_parser().get_default("ft_epochs") else args.ft_epochs
+        args.ft_epochs = QUICK["ft_epochs"] if args.ft_epochs == parser.get_default("ft_epochs") else args.ft_epochs
     args.limit_train = args.limit_train or None  # 0: every image
     for name in ("limit_train", "limit_test", "epochs", "ft_epochs", "vote_batch"):
         value = getattr(args, name)
@@ -140,21 +140,18 @@ def load_task(folder: Path, pipeline, limit_train: int | None, limit_test: int |
                      "n_val": len(val_index), "n_test": len(test)})
 
 
-@torch.no_grad()
 def eval_tasks(spec, tasks, batch: int = 256):
     """Frozen test features and frozen class text of every task, computed once and shared by every learner."""
     from backbone import PromptedCLIP, text_classifier
-    from training.data import PixelPipeline
+    from training.image_text_prompts import prompted_images
 
     from .continual_learners import EvalTask
 
     backbone = spec.load()
-    model, pipeline = PromptedCLIP(backbone), PixelPipeline(backbone.preprocess)
+    model = PromptedCLIP(backbone)  # no task: the frozen text tower
     out = []
     for task in tasks:
-        pixels = task.test.pixels
-        frozen = torch.cat([model.encode_image(pipeline.to_batch(pixels[s : s + batch], backbone.device), normalize=True).float().cpu()
-                            for s in range(0, len(pixels), batch)])
+        frozen = prompted_images(backbone, None, task.test.pixels, batch)
         text = text_classifier(model, task.class_names, task.templates).float().cpu()
         out.append(EvalTask(task.name, task.class_names, task.templates, task.test, frozen, text))
     return out, backbone.fingerprint.to_dict()

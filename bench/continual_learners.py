@@ -371,10 +371,7 @@ class FullFineTune:
             return frozen_answers(learned, tests)
         out = {CLASS_SET: [], TASK_AGNOSTIC: []}
         for i, t in enumerate(tests):
-            feats = self.last_features[i] = torch.cat([
-                F.normalize(self.visual(self.pipeline.to_batch(t.test.pixels[s : s + self.eval_batch], self.backbone.device)), dim=-1).float().cpu()
-                for s in range(0, len(t.test), self.eval_batch)
-            ])
+            feats = self.last_features[i] = prompted_images(self.backbone, None, t.test.pixels, self.eval_batch)  # the tuned tower
             out[CLASS_SET].append(accuracy(feats, self.class_text(t), t.test.labels))
             union = union_tasks(learned, i)
             out[TASK_AGNOSTIC].append(union_accuracy(feats, [self.class_text(tests[k]) for k in union], union.index(i), t.test.labels))

@@ -111,11 +111,7 @@ class ImageTextPromptLearner:
         from .data import ImageSet
 
         everything = ImageSet.concat(task.train, task.val)
-        pipeline = PixelPipeline(backbone.preprocess)
-        with torch.no_grad():
-            feats = torch.cat([backbone.model.encode_image(pipeline.to_batch(everything.pixels[i : i + 256], backbone.device), normalize=True).float().cpu()
-                               for i in range(0, len(everything), 256)])
-        return feats, everything.labels
+        return prompted_images(backbone, None, everything.pixels, self.settings.eval_batch_size), everything.labels
 
 
 @torch.no_grad()
@@ -126,8 +122,9 @@ def prompted_text(backbone: Backbone, prompts: TokenPrompts, class_names: list[s
 
 
 @torch.no_grad()
-def prompted_images(backbone: Backbone, prompts: TokenPrompts, pixels: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """(N, D) normalised image features with the task's visual tokens (pixels as PixelPipeline.pixels gives them)."""
+def prompted_images(backbone: Backbone, prompts: TokenPrompts | None, pixels: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """(N, D) normalised image features with the task's visual tokens, or frozen with `prompts=None` (pixels as
+    PixelPipeline.pixels gives them)."""
     pipeline = PixelPipeline(backbone.preprocess)
     with applied(backbone.model, prompts):
         return torch.cat([F.normalize(backbone.model.encode_image(pipeline.to_batch(pixels[i : i + batch], backbone.device)), dim=-1).float().cpu()
