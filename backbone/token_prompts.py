@@ -6,17 +6,21 @@
 - Text tower (context optimisation, CoOp): class prompts are tokenised as "X X X X {class name}." and the embeddings
   of the `n_context` placeholders are replaced by shared learned vectors (initialised from "a photo of a").
 
-Both are installed with hooks for the duration of a `with applied(clip, prompts):` block and removed after it: the
-backbone is never modified, and outside the block it is the frozen CLIP.
+Both act through forward hooks, installed once per model, that do nothing unless a `with applied(clip, prompts):`
+block is active in the calling thread (a context variable): the backbone's weights are never modified, and outside
+the block, or in another thread at the same time, it is the frozen CLIP.
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+KIND = "image-text-prompts"  # the artifact kind of tasks made of these prompts
 PLACEHOLDER = "X"
 CONTEXT_INIT = "a photo of a"
 
@@ -88,35 +92,57 @@ def class_tokens(tokenizer, class_names: list[str], config: TokenPromptConfig) -
 @contextmanager
 def applied(clip, prompts: TokenPrompts | None):
     """Inside the block, `clip.encode_image` runs with the visual tokens and `clip.encode_text` (on `class_tokens`)
-    with the learned context; `prompts=None` leaves the frozen CLIP as it is."""
-    if prompts is None:
-        yield
-        return
-    blocks, n, depth = image_blocks(clip), prompts.config.visual_tokens, prompts.visual.shape[0]
-    hooks = []
-
-    def enter(layer):
-        def hook(module, args, kwargs):
-            x = args[0]
-            tokens = prompts.visual[layer].to(x.dtype).expand(x.shape[0], -1, -1)
-            body = x if layer == 0 else x[:, :-n]  # later blocks: replace the previous block's prompt outputs
-            return (torch.cat([body, tokens], 1), *args[1:]), kwargs
-        return hook
-
-    def leave(module, args, output):
-        return output[:, :-n]
-
-    def context(module, args, output):
-        k = prompts.context.shape[0]
-        ctx = prompts.context.to(output.dtype).expand(output.shape[0], -1, -1)
-        return torch.cat([output[:, :1], ctx, output[:, 1 + k :]], 1)
-
+    with the learned context; `prompts=None` is the frozen CLIP. Only the calling thread (context) sees the prompts:
+    a pass of the same model in another thread, at the same time, stays frozen."""
+    if prompts is not None:
+        _install_hooks(clip)
+    token = _ACTIVE.set((id(clip), prompts) if prompts is not None else None)
     try:
-        for layer in range(depth):
-            hooks.append(blocks[layer].register_forward_pre_hook(enter(layer), with_kwargs=True))
-        hooks.append(blocks[len(blocks) - 1].register_forward_hook(leave))
-        hooks.append(clip.token_embedding.register_forward_hook(context))
         yield
     finally:
-        for hook in hooks:
-            hook.remove()
+        _ACTIVE.reset(token)
+
+
+_ACTIVE: ContextVar[tuple[int, TokenPrompts] | None] = ContextVar("keepclip_token_prompts", default=None)
+_INSTALL_LOCK = threading.Lock()
+
+
+def _install_hooks(clip) -> None:
+    """Hooks on the image blocks and the token embedding, once per model; each does nothing unless `applied` set
+    prompts for this model in the current context (no change to the model's parameters or its frozen output)."""
+    with _INSTALL_LOCK:
+        blocks, owner = image_blocks(clip), id(clip)
+        if getattr(clip, "_token_prompt_hooks", (None,))[0] == owner:  # (a deep copy carries inert hooks of another id)
+            return
+
+        def active() -> TokenPrompts | None:
+            entry = _ACTIVE.get()
+            return entry[1] if entry is not None and entry[0] == owner else None
+
+        def enter(layer):
+            def hook(module, args, kwargs):
+                prompts = active()
+                if prompts is None or layer >= prompts.visual.shape[0]:
+                    return None  # frozen, or past the prompted blocks: the last prompts' outputs travel on
+                x, n = args[0], prompts.config.visual_tokens
+                tokens = prompts.visual[layer].to(x.dtype).expand(x.shape[0], -1, -1)
+                body = x if layer == 0 else x[:, :-n]  # later blocks: replace the previous block's prompt outputs
+                return (torch.cat([body, tokens], 1), *args[1:]), kwargs
+            return hook
+
+        def leave(module, args, output):
+            prompts = active()
+            return None if prompts is None else output[:, : -prompts.config.visual_tokens]
+
+        def context(module, args, output):
+            prompts = active()
+            if prompts is None:
+                return None
+            k = prompts.context.shape[0]
+            ctx = prompts.context.to(output.dtype).expand(output.shape[0], -1, -1)
+            return torch.cat([output[:, :1], ctx, output[:, 1 + k :]], 1)
+
+        hooks = [block.register_forward_pre_hook(enter(layer), with_kwargs=True) for layer, block in enumerate(blocks)]
+        hooks.append(blocks[len(blocks) - 1].register_forward_hook(leave))
+        hooks.append(clip.token_embedding.register_forward_hook(context))
+        clip._token_prompt_hooks = (owner, hooks)

@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from backbone import PromptConfig, PromptedCLIP, TaskStats, text_classifier
 from prompts_store import TaskStore
 from service.router import Router
+from backbone.task_identity import TaskIdentityHead
 from backbone.token_prompts import TokenPromptConfig, TokenPrompts
 from training.data import ImageSet, PixelPipeline
 from training.continual_pretraining import ContinualPretrainer, ContinualPretrainingSettings
-from training.image_text_prompts import ImageTextPromptLearner, ImageTextPromptSettings, TaskIdentityHead, prompted_images, prompted_text
+from training.image_text_prompts import ImageTextPromptLearner, ImageTextPromptSettings, prompted_images, prompted_text
 from training.learner import ResidualPromptLearner, RunContext, TaskData
 from training.runtime import load_frozen_backbone
 from training.settings import ResidualPromptSettings

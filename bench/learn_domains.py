@@ -43,7 +43,8 @@ QUICK = {"train": 200, "test": 200, "epochs": 2}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.learn_domains", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.learn_domains", description=__doc__.split("\n\n")[0],
+                                     epilog="Any other option is passed to add-task as it is (recipe options, e.g. --augment none).")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['train']} train / {QUICK['test']} test images per domain, {QUICK['epochs']} epochs")
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help=f"the shared folder with models/proxy-clip and data [{DEFAULT_SHARED}]")
     parser.add_argument("--out", type=Path, help="results, store and checkpoints go here (emptied first) [$TMPDIR/keepclip-bench/learn_domains[-quick]]")
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit-test", type=int, help="test images per domain (seeded subsample)")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--workers", type=int, default=0, help="add-task --workers (0: in this process)")
-    args = parser.parse_args(argv)
+    args, args.recipe = parser.parse_known_args(argv)  # the rest goes to add-task as it is: recipe options (--lr 1 ...)
     if args.quick:
         args.limit_train = args.limit_train or QUICK["train"]
         args.limit_test = args.limit_test or QUICK["test"]
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [
         "--model", str(proxy / "proxy-clip.json"), "--pretrained", str(proxy / "proxy-clip.safetensors"), "--device", "cpu",
         "--store", str(store), "--checkpoint-dir", str(checkpoints), "--workers", str(args.workers),
-    ] + (["--epochs", str(args.epochs)] if args.epochs else [])
+    ] + (["--epochs", str(args.epochs)] if args.epochs else []) + args.recipe
 
     rows = []
     for domain in args.domains:

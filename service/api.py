@@ -34,7 +34,7 @@ from prompts_store import (ArtifactIntegrityError, InvalidTaskName, InvalidVersi
 
 from . import schemas as S
 from .batching import MicroBatcher
-from .engine import ClassifyJob, ClassifyResult, EmbedJob, EmbedResult, Engine, TaskNotLoaded
+from .engine import ClassifyJob, ClassifyResult, EmbedJob, EmbedResult, Engine, TaskNotLoaded, WeightNotSupported
 from .errors import STATUS_CODES, ApiError, error_body
 from .gallery import GalleryFull
 from .images import decode_base64, decode_image
@@ -257,6 +257,8 @@ def create_app(
     def raise_task_error(result):
         if isinstance(result, TaskNotLoaded):
             raise ApiError(404, "task_not_found", str(result))
+        if isinstance(result, WeightNotSupported):
+            raise ApiError(422, "validation_error", str(result))
         if isinstance(result, Exception):
             raise result
         return result
@@ -334,6 +336,8 @@ def create_app(
             feats, version = await in_engine(engine.embed_texts, texts, req.task, req.weight)
         except TaskNotLoaded as e:
             raise ApiError(404, "task_not_found", str(e)) from None
+        except WeightNotSupported as e:
+            raise ApiError(422, "validation_error", str(e)) from None
         return S.EmbedResponse(
             kind="text", embeddings=feats.tolist(), dim=int(feats.shape[1]), task=req.task, version=version,
             weight=req.weight if req.task else 0.0,

@@ -12,6 +12,10 @@ generation — sits in one immutable `EngineState`. The poller thread follows th
 changed versions beside the live state, builds a new state and swaps one reference. A request takes a *lease* on
 the state it started with and uses only that state until it ends.
 
+**Kinds.** Residual-prompt tasks (keepclip's) are routed by the FAISS router and gate; image-text prompt tasks (the
+comparison learner's, `backbone/token_prompts.py`) by a task-identity head over them, for images no residual-prompt
+task claims; their prompts apply in full or not at all (docs/service.md).
+
 **Prompt slots.** `PromptedCLIP.load_task(name)` for a name already loaded drops the old prompts at once, which
 would pull them from under a forward still routed to them. So every task *version* is loaded under its own internal
 name (`"{task}@v{version}#{n}"`), never reused; after a swap, an internal name that neither the live state nor any
@@ -34,6 +38,9 @@ from typing import Any
 import torch
 
 from backbone import PromptConfig, TaskStats
+from backbone.task_identity import TaskIdentityHead
+from backbone.token_prompts import KIND as IMAGE_TEXT_KIND
+from backbone.token_prompts import TokenPromptConfig
 from prompts_store import DEFAULT_KIND, StoreError, TaskArtifact, TaskNotFound, TaskStore, open_store
 
 from .gallery import Gallery
@@ -60,7 +67,11 @@ class TaskNotLoaded(LookupError):
 
 
 class UnservableTask(ValueError):
-    """An artifact this engine cannot serve (another learner's kind, wrong shapes)."""
+    """An artifact this engine cannot serve (an unknown kind, wrong shapes)."""
+
+
+class WeightNotSupported(ValueError):
+    """A prompt weight strictly between 0 and 1 for a task whose prompts apply only in full (image-text prompts)."""
 
 
 # ----------------------------------------------------------------------------------------- state
@@ -73,7 +84,8 @@ class LoadedTask:
     slot: str  # internal PromptedCLIP task name, unique per load
     class_names: tuple[str, ...]
     templates: tuple[str, ...]
-    stats: TaskStats
+    stats: TaskStats | None  # residual prompts: the router's fingerprint; None for image-text prompts
+    identity_stats: Mapping[str, torch.Tensor] | None  # image-text prompts: class means + covariance for the identity head
     text_prompted: torch.Tensor  # (C, D) class embeddings with the task's prompts (w = 1)
     text_frozen: torch.Tensor  # (C, D) class embeddings of the frozen text tower
     kind: str
@@ -91,6 +103,7 @@ class EngineState:
     tasks: Mapping[str, LoadedTask]
     router: Router
     errors: Mapping[str, str]  # task -> why its live version is not served (the previous one may be)
+    identity: "TaskIdentity | None" = None  # picks an image-text prompt task for images no residual task claims
     created_at: float = field(default_factory=time.time)
     leases: int = 0
 
@@ -276,8 +289,9 @@ class Engine:
             tasks, errors, fresh = dict(live.tasks), dict(live.errors), []
             for name in sorted(names):
                 self._refresh(name, tasks, errors, fresh)
-            router = Router({n: t.stats for n, t in tasks.items()}, self.top_k, self.threshold)
-            state = EngineState(generation, MappingProxyType(tasks), router, MappingProxyType(errors))
+            router = Router({n: t.stats for n, t in tasks.items() if t.stats is not None}, self.top_k, self.threshold)
+            identity = TaskIdentity.build(tasks, previous=live.identity)
+            state = EngineState(generation, MappingProxyType(tasks), router, MappingProxyType(errors), identity)
             self._swap(state, fresh)
             self._synced_once = True
             self.metrics.observe_state(generation, len(tasks))
@@ -314,12 +328,17 @@ class Engine:
         log.info("task %s v%d loaded (%d classes)", name, artifact.version, len(loaded.class_names))
 
     def _load(self, artifact: TaskArtifact) -> LoadedTask:
-        if artifact.kind != DEFAULT_KIND:
-            raise UnservableTask(f"artifact kind '{artifact.kind}' is not servable (this engine serves '{DEFAULT_KIND}')")
-        config = prompt_config(artifact)
-        stats = TaskStats.from_tensors(artifact.stats)
-        if stats.keys.shape[-1] != self.runtime.embed_dim:
-            raise UnservableTask(f"router keys have dimension {stats.keys.shape[-1]}, backbone has {self.runtime.embed_dim}")
+        """Install the artifact's prompts under a fresh slot, with what routing and classifying need (by kind)."""
+        if artifact.kind == DEFAULT_KIND:
+            config, stats, identity = prompt_config(artifact), TaskStats.from_tensors(artifact.stats), None
+            dim = stats.keys.shape[-1]
+        elif artifact.kind == IMAGE_TEXT_KIND:
+            config, stats, identity = token_prompt_config(artifact), None, identity_stats(artifact)
+            dim = identity["class_means"].shape[-1]
+        else:
+            raise UnservableTask(f"artifact kind '{artifact.kind}' is not servable (this engine serves '{DEFAULT_KIND}' and '{IMAGE_TEXT_KIND}')")
+        if dim != self.runtime.embed_dim:
+            raise UnservableTask(f"the task's statistics have dimension {dim}, the backbone's features {self.runtime.embed_dim}")
         slot = f"{artifact.name}@v{artifact.version}#{next(self._slot_ids)}"
         self.runtime.load_task(slot, artifact.prompts, config)
         try:
@@ -336,6 +355,7 @@ class Engine:
             class_names=tuple(artifact.class_names),
             templates=templates,
             stats=stats,
+            identity_stats=identity,
             text_prompted=text_prompted,
             text_frozen=text_frozen,
             kind=artifact.kind,
@@ -379,17 +399,22 @@ class Engine:
             if classify:
                 for i, r in zip(classify, state.router.route(frozen[classify], self.top_k, self.threshold)):
                     routes[i] = r
+            # images no residual-prompt task claims: the identity head's image-text prompt task, all or nothing (w = 1)
+            unclaimed = [i for i in classify if jobs[i].task is None and routes[i].task is None]
+            picked = state.identity.pick(frozen[unclaimed]) if state.identity is not None and unclaimed else []
+            identity_pick = dict(zip(unclaimed, picked))
             # per job: (task, weight) of its prompted pass, or an error
             plan: list[tuple[str | None, float] | Exception] = []
             for i, job in enumerate(jobs):
                 if isinstance(job, ClassifyJob) and job.task is None:
-                    plan.append((routes[i].task, routes[i].weight))
+                    plan.append((identity_pick[i], 1.0) if i in identity_pick else (routes[i].task, routes[i].weight))
                 elif job.task is not None and job.task not in state.tasks:
                     plan.append(self._unknown(job.task, state))
                 elif isinstance(job, ClassifyJob):
                     plan.append((job.task, 1.0))
                 else:
-                    plan.append((job.task, float(job.weight)))
+                    refused = _weight_error(state.tasks[job.task], job.weight) if job.task else None
+                    plan.append(refused or (job.task, float(job.weight)))
             features = frozen.clone()
             prompted = [i for i, p in enumerate(plan) if not isinstance(p, Exception) and p[0] is not None and p[1] > 0]
             if prompted:  # one pass; the wrappers group the samples by task
@@ -475,6 +500,8 @@ class Engine:
             if task not in state.tasks:
                 raise self._unknown(task, state)
             loaded = state.tasks[task]
+            if (refused := _weight_error(loaded, weight)) is not None:
+                raise refused
             return self.runtime.encode_text(texts, loaded.slot, weight), loaded.version
 
     def search_text(self, text: str, k: int) -> list[tuple[str, float]]:
@@ -491,6 +518,64 @@ class Engine:
             "device": str(self.runtime.device),
             "backbone": self.fingerprint,
         }
+
+
+def _weight_error(loaded: LoadedTask, weight: float) -> WeightNotSupported | None:
+    """Image-text prompt tokens cannot be scaled: for such a task only the weights 0 and 1 are allowed."""
+    if loaded.kind == IMAGE_TEXT_KIND and float(weight) not in (0.0, 1.0):
+        return WeightNotSupported(
+            f"task '{loaded.name}' is of kind '{IMAGE_TEXT_KIND}': its prompts apply in full or not at all; weight must be 0 or 1, got {weight:g}"
+        )
+    return None
+
+
+@dataclass(frozen=True, eq=False)
+class TaskIdentity:
+    """The task-identity head over the loaded image-text prompt tasks, trained on their statistics only."""
+
+    names: tuple[str, ...]
+    versions: tuple[tuple[str, int, str | None], ...]  # (task, version, checksum): what it was trained on
+    head: TaskIdentityHead | None  # None with a single such task: it is the pick
+
+    @classmethod
+    def build(cls, tasks: Mapping[str, LoadedTask], previous: "TaskIdentity | None" = None) -> "TaskIdentity | None":
+        chosen = sorted(name for name, t in tasks.items() if t.identity_stats is not None)
+        if not chosen:
+            return None
+        versions = tuple((n, tasks[n].version, tasks[n].checksum) for n in chosen)
+        if previous is not None and previous.versions == versions:
+            return previous  # same tasks, same statistics: no retraining
+        head = TaskIdentityHead.fit([dict(tasks[n].identity_stats) for n in chosen]) if len(chosen) > 1 else None
+        return cls(tuple(chosen), versions, head)
+
+    def pick(self, frozen: torch.Tensor) -> list[str]:
+        """The task of each frozen image feature (the only task when there is one)."""
+        if self.head is None:
+            return [self.names[0]] * len(frozen)
+        return [self.names[int(i)] for i in self.head.predict(frozen)]
+
+
+def token_prompt_config(artifact: TaskArtifact) -> TokenPromptConfig:
+    """recipe["prompts"] of an image-text prompt artifact."""
+    recipe = artifact.recipe.get("prompts") if isinstance(artifact.recipe, dict) else None
+    if not isinstance(recipe, dict):
+        raise UnservableTask(f"a '{IMAGE_TEXT_KIND}' artifact needs recipe.prompts (visual_tokens, visual_depth, text_context)")
+    try:
+        return TokenPromptConfig.from_dict(recipe)
+    except (TypeError, ValueError) as e:
+        raise UnservableTask(f"recipe.prompts is not an image-text prompt config: {e}") from None
+
+
+def identity_stats(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
+    """The class means (C, D) and covariance (D, D) an image-text prompt task is identified by, checked."""
+    means, cov = artifact.stats.get("class_means"), artifact.stats.get("covariance")
+    n = len(artifact.class_names)
+    if means is None or cov is None or means.ndim != 2 or means.shape[0] != n or tuple(cov.shape) != (means.shape[1],) * 2:
+        got = {k: tuple(v.shape) for k, v in artifact.stats.items()}
+        raise UnservableTask(f"a '{IMAGE_TEXT_KIND}' artifact needs stats class_means ({n}, D) and covariance (D, D), got {got}")
+    if not (torch.isfinite(means).all() and torch.linalg.cholesky_ex(cov.double()).info == 0):
+        raise UnservableTask("the class means must be finite and the covariance positive definite (the identity head samples from it)")
+    return {"class_means": means.float(), "covariance": cov.float()}
 
 
 def _raise_first(results: list) -> list:

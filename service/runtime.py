@@ -2,8 +2,11 @@
 
 `Runtime` is all the engine needs: encode images (frozen, or per sample with a task's prompts scaled by w), encode
 text, and install/remove a task's prompts under an internal name. `TorchRuntime` runs `backbone.PromptedCLIP`
-eagerly on CPU or CUDA. A later ONNX Runtime implementation only has to provide the same methods (e.g. an exported
-frozen image tower for `encode_image(images)` with `tasks=None`, falling back to torch for prompted passes).
+eagerly on CPU or CUDA; `service/runtime_onnx.py` provides the same methods with ONNX Runtime.
+
+A task is loaded with the config of its kind: `PromptConfig` (residual prompts, weighted per sample inside
+PromptedCLIP) or `TokenPromptConfig` (image-text prompt tokens, `backbone/token_prompts.py`: all or nothing, so any
+w > 0 applies them in full; its class text is "<learned context> {class name}.", without templates).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from backbone import Backbone, BackboneFingerprint, PromptConfig, PromptedCLIP, load_backbone
+from backbone.token_prompts import TokenPromptConfig, TokenPrompts, applied, class_tokens
 from backbone.zeroshot import text_classifier
 
 
@@ -36,7 +40,7 @@ class Runtime(Protocol):
     ) -> torch.Tensor:
         """(C, D) class embeddings: mean of normalised template embeddings, re-normalised."""
 
-    def load_task(self, slot: str, prompts: dict[str, torch.Tensor], config: PromptConfig) -> None: ...
+    def load_task(self, slot: str, prompts: dict[str, torch.Tensor], config: PromptConfig | TokenPromptConfig) -> None: ...
 
     def delete_task(self, slot: str) -> None: ...
 
@@ -56,6 +60,7 @@ class TorchRuntime:
             backbone.model, "text_projection", None
         ) is not None else int(self._probe_dim())
         self._scale = float(self.model.logit_scale().item())
+        self._token_tasks: dict[str, TokenPrompts] = {}  # slots of image-text prompt tasks
 
     @classmethod
     def load(cls, model: str, pretrained: str | None, device: str = "auto") -> "TorchRuntime":
@@ -74,14 +79,24 @@ class TorchRuntime:
     @torch.no_grad()
     def encode_image(self, images, tasks=None, weights=None):
         images = images.to(self.device, non_blocking=True)
-        if tasks is None or all(t is None for t in tasks):
+        names = [None] * len(images) if tasks is None else list(tasks)
+        w = [1.0] * len(images) if weights is None else [float(x) for x in weights]
+        by_tokens = {slot: [i for i, t in enumerate(names) if t == slot and w[i] > 0] for slot in set(names) & set(self._token_tasks)}
+        residual = [None if t in self._token_tasks else t for t in names]
+        if all(t is None for t in residual):
             feats = self.model.encode_image(images, normalize=True)
         else:
-            feats = self.model.encode_image(images, tasks=list(tasks), weights=list(weights), normalize=True)
+            feats = self.model.encode_image(images, tasks=residual, weights=w, normalize=True)
+        for slot, rows in by_tokens.items():  # one pass per image-text prompt task
+            if rows:
+                with applied(self.backbone.model, self._token_tasks[slot]):
+                    feats[rows] = self.model.encode_image(images[rows], normalize=True).to(feats.dtype)
         return feats.float().cpu()
 
     @torch.no_grad()
     def encode_text(self, texts, task=None, weight=1.0):
+        if task in self._token_tasks and weight != 0:  # raw texts take the place of a class name
+            return self._token_text(list(texts), task)
         tokens = self.backbone.tokenizer(list(texts)).to(self.device)
         if task is None or weight == 0:
             feats = self.model.encode_text(tokens, normalize=True)
@@ -92,13 +107,27 @@ class TorchRuntime:
     def class_text(self, class_names, templates, task=None, weight=1.0):
         if task is None or weight == 0:
             return text_classifier(self.model, list(class_names), list(templates)).float().cpu()
+        if task in self._token_tasks:
+            return self._token_text(list(class_names), task)
         return text_classifier(self.model, list(class_names), list(templates), task=task, weight=weight).float().cpu()
 
+    @torch.no_grad()
+    def _token_text(self, names: list[str], slot: str) -> torch.Tensor:
+        prompts = self._token_tasks[slot]
+        tokens = class_tokens(self.backbone.tokenizer, names, prompts.config).to(self.device)
+        with applied(self.backbone.model, prompts):
+            return self.model.encode_text(tokens, normalize=True).float().cpu()
+
     def load_task(self, slot, prompts, config):
+        if isinstance(config, TokenPromptConfig):
+            tokens = TokenPrompts(self.backbone.model, self.backbone.tokenizer, config).load(prompts)
+            self._token_tasks[slot] = tokens.to(self.device).requires_grad_(False)
+            return
         self.model.load_task(slot, prompts, config)
 
     def delete_task(self, slot):
-        self.model.delete_task(slot)
+        if self._token_tasks.pop(slot, None) is None:
+            self.model.delete_task(slot)
 
     def logit_scale(self) -> float:
         return self._scale

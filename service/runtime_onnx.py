@@ -4,8 +4,8 @@
 once per backbone and cached. Task prompts are graph inputs: `load_task` only pads the task's tensors to the graph's
 fixed `depth` × `n` (with a mask, see `backbone/onnx_export.py`), nothing is re-exported. A prompted image pass
 gathers, per sample, the prompts of its task (zeros and `w = 0` for samples without one), so a mixed batch is one
-call. A task whose depth or prefix count exceeds the graph's is served by the torch path (logged at load), and so
-are the samples routed to it; everything else never touches torch.
+call. A task whose depth or prefix count exceeds the graph's, or an image-text prompt task, is served by the torch path
+(logged at load), and so are the samples routed to it; everything else never touches torch.
 
 `select_runtime(settings)` is what `Engine.from_settings` calls: `runtime = torch | onnx | auto`. `auto` measures
 both on a probe batch at startup (frozen + prompted pass, interleaved repeats, figures logged) and keeps the faster.
@@ -125,6 +125,11 @@ class OnnxRuntime:
         # the torch model checks the shapes against the backbone (same errors as TorchRuntime) and keeps a copy
         # (a few hundred KB) so the task can always be served there
         self.torch.load_task(slot, prompts, config)
+        if not isinstance(config, PromptConfig):  # image-text prompt tokens: the graphs take residual prompts only
+            self._torch_tasks.add(slot)
+            self._tasks.pop(slot, None)
+            log.info("task %s (%s) is served by torch", slot, type(config).__name__)
+            return
         depths = {t: min(config.depth, self._layers(t)) for t in TOWERS}
         too_big = [f"{t} depth {depths[t]} > {self.spec.depth(t)}" for t in TOWERS if depths[t] > self.spec.depth(t)]
         if config.n_prefix > self.spec.n_prefix:
@@ -223,6 +228,8 @@ class OnnxRuntime:
         return torch.from_numpy(np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32))
 
     def class_text(self, class_names, templates, task=None, weight=1.0) -> torch.Tensor:
+        if task is not None and weight != 0 and task in self._torch_tasks:
+            return self.torch.class_text(class_names, templates, task, weight)
         class_names, templates = list(class_names), list(templates)
         feats = self.encode_text([t.format(c) for c in class_names for t in templates], task, weight)
         feats = feats.view(len(class_names), len(templates), -1).mean(1)  # (C, D)

@@ -123,6 +123,28 @@ def make_color_task(
     return make_task(model, name, images, labels, [f"light {name}", f"dark {name}"], seed=seed, **kwargs)
 
 
+def make_image_text_task(model: PromptedCLIP, name: str, n: int = 32, epochs: int = 3, seed: int = 0) -> TaskArtifact:
+    """A learned image-text prompt task (kind "image-text-prompts") on the colour task's images: a few epochs of the
+    real learner (`training/image_text_prompts.py`), small prompts, on the model's frozen backbone."""
+    from PIL import Image
+
+    from training.data import ImageSet, PixelPipeline
+    from training.image_text_prompts import ImageTextPromptLearner, ImageTextPromptSettings
+    from training.learner import RunContext, TaskData
+
+    light_rgb, dark_rgb = shades(COLORS[name])
+    backbone = model.backbone
+    size = backbone.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = np.concatenate([color_images(light_rgb, n // 2, size, seed=seed), color_images(dark_rgb, n - n // 2, size, seed=seed + 1)])
+    pipeline = PixelPipeline(backbone.preprocess)
+    pixels = np.stack([pipeline.pixels(Image.fromarray(im)) for im in images])
+    labels = np.array([0] * (n // 2) + [1] * (n - n // 2))
+    task = TaskData(name, [f"light {name}", f"dark {name}"], ["a photo of a {}."], ImageSet(pixels, labels))
+    settings = ImageTextPromptSettings(visual_tokens=2, text_context=2, epochs=epochs, batch_size=16, seed=seed)
+    return ImageTextPromptLearner(settings).fit(task, backbone, RunContext(progress=False))
+
+
 def publish_domain_tasks(
     model: PromptedCLIP,
     store,

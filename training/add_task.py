@@ -107,6 +107,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("--warmup-steps", type=int, default=recipe.warmup_steps, metavar="N", help=f"linear warm-up steps before the cosine [{recipe.warmup_steps}]")
     train.add_argument("--final-lr-ratio", type=float, default=recipe.final_lr_ratio, metavar="X", help=f"the cosine ends at lr x this [{recipe.final_lr_ratio}]")
     train.add_argument("--text-templates", choices=("mean", "sample"), default=recipe.text_templates, help=f"class text features per training step: the mean over all templates (what is evaluated and served), or one random template per class (cheaper) [{recipe.text_templates}]")
+    train.add_argument("--augment", choices=("none", "random-crop"), default=recipe.augment, help=f"training images only: 'random-crop' takes a random crop of each image at every step (no flips) [{recipe.augment}]")
+    train.add_argument("--crop-scale", type=float, default=recipe.crop_scale, metavar="X", help=f"random-crop: the smallest crop as a fraction of the image area [{recipe.crop_scale}]")
     train.add_argument("--seed", type=int, default=recipe.seed, metavar="N", help=f"split, data order, templates, prompt init [{recipe.seed}]")
     train.add_argument("--eval-batch-size", type=int, default=recipe.eval_batch_size, metavar="N", help=f"[{recipe.eval_batch_size}]")
 
@@ -141,7 +143,8 @@ def recipe_settings(args: argparse.Namespace) -> ResidualPromptSettings:
         lr_reference_logit_scale=args.lr_reference_logit_scale, key_init=args.key_init,
         momentum=args.momentum, weight_decay=args.weight_decay, final_lr_ratio=args.final_lr_ratio,
         warmup_steps=args.warmup_steps, val_fraction=args.val_fraction, seed=args.seed,
-        text_templates=args.text_templates, eval_batch_size=args.eval_batch_size,
+        text_templates=args.text_templates, eval_batch_size=args.eval_batch_size, augment=args.augment,
+        crop_scale=args.crop_scale,
     )
 
 

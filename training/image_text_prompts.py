@@ -10,7 +10,8 @@ prompts, domain picked per image) with HiDe-Prompt's task-identity head trained 
 
     learner = ImageTextPromptLearner()
     artifact = learner.fit(task, backbone)          # kind "image-text-prompts"; publish it like any artifact
-    head = TaskIdentityHead.fit([stats_a, stats_b]) # after each new task, from every task's stored statistics
+    head = TaskIdentityHead.fit([stats_a, stats_b]) # backbone/task_identity.py: after each new task, from every
+                                                    # task's stored statistics (artifact.stats)
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from backbone import Backbone
 from backbone.task_stats import ledoit_wolf
-from backbone.token_prompts import TokenPromptConfig, TokenPrompts, applied, class_tokens
+from backbone.token_prompts import KIND, TokenPromptConfig, TokenPrompts, applied, class_tokens
 from prompts_store import TaskArtifact
 
 from .data import PixelPipeline
@@ -33,7 +34,6 @@ from .learner import RunContext, TaskData, _progress, _pct
 
 log = logging.getLogger(__name__)
 
-KIND = "image-text-prompts"
 
 
 @dataclass(frozen=True)
@@ -146,37 +146,3 @@ def class_statistics(frozen: tuple[torch.Tensor, np.ndarray], task: TaskData) ->
     covariance, _ = ledoit_wolf(f - means[y])
     return {"class_means": means.float().contiguous(), "covariance": covariance.float().contiguous(),
             "class_counts": torch.bincount(y, minlength=len(task.class_names))}
-
-
-class TaskIdentityHead:
-    """Linear softmax over tasks, trained on features sampled from each task's class Gaussians (no stored images)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        self.weight, self.bias = weight, bias
-
-    @classmethod
-    def fit(cls, stats: list[dict[str, torch.Tensor]], samples_per_class: int = 64, steps: int = 300, lr: float = 0.05,
-            seed: int = 0) -> "TaskIdentityHead":
-        generator = torch.Generator().manual_seed(seed)
-        xs, ys = [], []
-        for t, s in enumerate(stats):
-            means, cov = s["class_means"].double(), s["covariance"].double()
-            chol = torch.linalg.cholesky(cov + 1e-8 * torch.eye(cov.shape[0], dtype=cov.dtype))
-            z = torch.randn(means.shape[0], samples_per_class, means.shape[1], generator=generator, dtype=torch.float64)
-            xs.append(F.normalize((means[:, None, :] + z @ chol.T).reshape(-1, means.shape[1]), dim=-1).float())
-            ys.append(torch.full((xs[-1].shape[0],), t))
-        x, y = torch.cat(xs), torch.cat(ys)
-        weight = torch.zeros(len(stats), x.shape[1], requires_grad=True)
-        bias = torch.zeros(len(stats), requires_grad=True)
-        optimizer = torch.optim.Adam([weight, bias], lr=lr)
-        counts = torch.bincount(y).float()
-        balance = counts.sum() / (len(stats) * counts)  # every task counts alike, whatever its number of classes
-        for _ in range(steps):
-            optimizer.zero_grad()
-            F.cross_entropy(x @ (20 * weight).T + bias, y, weight=balance).backward()
-            optimizer.step()
-        return cls((20 * weight).detach(), bias.detach())
-
-    def predict(self, features: torch.Tensor) -> torch.Tensor:
-        """(N,) task index per L2-normalised frozen image feature."""
-        return (F.normalize(features.float(), dim=-1) @ self.weight.T + self.bias).argmax(-1)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from backbone import Backbone, PromptConfig, PromptedCLIP, fit_task_stats, text_classifier
 from prompts_store import TaskArtifact
 
+from .augment import crop_boxes, random_resized_crop
 from .checkpoint import Checkpoints, TrainState, check_resumable
 from .comm import Comm
 from .data import ImageSet, PixelPipeline
@@ -112,7 +113,8 @@ class ResidualPromptLearner:
             "loss": "cross-entropy over the task's class names; logits = frozen logit scale x cosine(image, text), both towers prompted",
             "text_templates": {"train": s.text_templates, "eval": "mean of all templates"},
             "selection": "best validation epoch (epoch 0, the untrained prompts = frozen answer, included)" if task.val is not None and len(task.val) else "last epoch",
-            "augmentation": "none",
+            "augmentation": {"name": "random-resized-crop", "scale": [s.crop_scale, 1.0], "ratio": [0.75, 4 / 3], "flip": False}
+            if s.augment == "random-crop" else "none",
             "data": task.source,
         }
 
@@ -217,12 +219,14 @@ class ResidualPromptLearner:
                 lr = self._lr(global_step, total_steps, base_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = order[step * s.batch_size : (step + 1) * s.batch_size][comm.rank :: comm.world_size]
+                global_batch = order[step * s.batch_size : (step + 1) * s.batch_size]
+                batch = global_batch[comm.rank :: comm.world_size]
+                pixels = self._augmented(task.train.pixels[batch], len(global_batch), (s.seed, epoch, step), comm)
                 optimizer.zero_grad(set_to_none=False)
                 loss_value = 0.0
                 if len(batch):
                     text = self._text_features(model, tokens, task.name, (s.seed, epoch, step))  # (C, D), prompted
-                    images = pipeline.to_batch(task.train.pixels[batch], device)
+                    images = pipeline.to_batch(pixels, device)
                     features = model.encode_image(images, tasks=task.name, normalize=True)  # (b, D), prompted
                     logits = scale * features @ text.T  # (b, C)
                     target = labels[batch].to(device)
@@ -367,6 +371,15 @@ class ResidualPromptLearner:
                 bound = math.sqrt(3.0) * spread[name]
                 state[name] = (torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 2 - 1).mul(bound).to(tensor.dtype)
         model.load_task(task.name, state, model.config(task.name))
+
+    def _augmented(self, pixels: np.ndarray, n_global: int, seed: tuple[int, ...], comm: Comm) -> np.ndarray:
+        """This rank's share of the step's training pixels, randomly cropped when the recipe says so; the boxes are
+        drawn for the whole global batch, so the crops do not depend on the number of workers."""
+        s = self.settings
+        if s.augment == "none" or not len(pixels):
+            return pixels
+        boxes = crop_boxes(n_global, *pixels.shape[-2:], (s.crop_scale, 1.0), np.random.default_rng([*seed, 1]))
+        return random_resized_crop(pixels, boxes[comm.rank :: comm.world_size])
 
     def _text_features(self, model: PromptedCLIP, tokens: torch.Tensor, task: str, seed: tuple[int, ...]) -> torch.Tensor:
         """(C, D) normalised, prompted class text features with gradients: one sampled template per class, or the mean."""

@@ -33,6 +33,8 @@ class ResidualPromptSettings:
     text_templates: Literal["mean", "sample"] = "mean"  # per step: the mean over all templates (the classifier that is
     #   evaluated and served), or one random template per class (T x less text-tower work, noisier gradients)
     eval_batch_size: int = 256  # images per forward pass when evaluating and fingerprinting
+    augment: Literal["none", "random-crop"] = "none"  # training images only: a random resized crop per image, per step
+    crop_scale: float = 0.5  # random-crop: the smallest crop, as a fraction of the image's area
 
     def __post_init__(self):
         positive = ("depth", "n_prefix", "epochs", "batch_size", "eval_batch_size")
@@ -52,6 +54,10 @@ class ResidualPromptSettings:
             raise InputError(f"--final-lr-ratio must be in (0, 1], got {self.final_lr_ratio}")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.augment not in ("none", "random-crop"):
+            raise InputError(f"--augment must be 'none' or 'random-crop', got {self.augment!r}")
+        if not 0 < self.crop_scale <= 1:
+            raise InputError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if self.text_templates not in ("sample", "mean"):
             raise InputError(f"--text-templates must be 'sample' or 'mean', got {self.text_templates!r}")
 

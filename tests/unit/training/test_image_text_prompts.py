@@ -1,15 +1,18 @@
 """The image-text prompt learner: it trains only its prompt tokens (the backbone is untouched and, outside an
 `applied` block, bit for bit the frozen CLIP), its artifact round-trips through the store, and the task-identity head
 finds an image's task from stored class statistics alone."""
+import threading
+
 import numpy as np
 import pytest
 import torch
 
+from backbone.task_identity import TaskIdentityHead
 from backbone.token_prompts import TokenPromptConfig, TokenPrompts, applied, class_tokens
 from prompts_store import open_store
 from tests.conftest import tiny_backbone
 from training.data import ImageSet, PixelPipeline, split_train_val
-from training.image_text_prompts import KIND, ImageTextPromptLearner, ImageTextPromptSettings, TaskIdentityHead, classify
+from training.image_text_prompts import KIND, ImageTextPromptLearner, ImageTextPromptSettings, classify
 from training.learner import RunContext, TaskData
 
 from .helpers import CLASS_NAMES, colour_images
@@ -52,6 +55,33 @@ def test_only_the_prompt_tokens_change_and_the_frozen_model_is_restored(learned)
     depth = min(SETTINGS.visual_depth, len(backbone.model.visual.transformer.resblocks))
     assert artifact.prompts["visual.tokens"].shape == (depth, 2, backbone.model.visual.transformer.width)
     assert artifact.prompts["text.context"].shape == (2, backbone.model.token_embedding.weight.shape[1])
+
+
+def test_prompts_apply_only_in_the_thread_that_applies_them(learned):
+    """The service runs frozen passes in one thread while another is inside `applied`: those must stay frozen."""
+    backbone, _, task, artifact, _ = learned
+    images = PixelPipeline(backbone.preprocess).to_batch(task.test.pixels[:4])
+    with torch.no_grad():
+        frozen = backbone.model.encode_image(images)
+    prompts = TokenPrompts(backbone.model, backbone.tokenizer, SETTINGS.prompt_config()).load(artifact.prompts)
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def prompted_pass():
+        with torch.no_grad(), applied(backbone.model, prompts):
+            inside.set()
+            release.wait(30)
+            seen["prompted"] = backbone.model.encode_image(images)
+
+    worker = threading.Thread(target=prompted_pass)
+    worker.start()
+    try:
+        assert inside.wait(30)
+        with torch.no_grad():
+            assert torch.equal(backbone.model.encode_image(images), frozen)
+    finally:
+        release.set()
+        worker.join(30)
+    assert not torch.allclose(seen["prompted"], frozen)
 
 
 def test_it_learns_the_task(learned):
