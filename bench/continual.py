@@ -81,6 +81,9 @@ def build_parser(prog: str = "python -m bench.continual") -> argparse.ArgumentPa
     p.add_argument("--out", type=Path, help="results, store and logs go here (emptied first) [$TMPDIR/keepclip-bench/continual[-quick]]")
     p.add_argument("--retrieval", action="store_true", help="also text→image retrieval after each task: Recall@1/5 and mAP per task "
                    "(one query per class over the task's test images), with each learner's embeddings")
+    p.add_argument("--keepclip-from", metavar="STORE", help="evaluate keepclip's tasks as an earlier run published them to STORE "
+                   "(its store-keepclip folder; checksums verified, and each task's recipe and data must be this run's) instead of "
+                   "learning them again; its training minutes are the earlier run's")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -171,7 +174,8 @@ def make_learner(name: str, args, spec, out: Path):
     store = open_store(str(out / f"store-{name}"))  # only the prompt learners publish
     if name == "keepclip":
         settings = ResidualPromptSettings(**({"epochs": args.epochs} if args.epochs else {}))
-        return KeepclipLearner(spec, settings, store, vote_batch=args.vote_batch, progress=progress)
+        reuse = open_store(args.keepclip_from) if args.keepclip_from else None
+        return KeepclipLearner(spec, settings, store, vote_batch=args.vote_batch, progress=progress, reuse=reuse)
     if name == "zero-shot":
         return ZeroShot()
     if name == "image-text-prompts":
@@ -259,7 +263,7 @@ def run(args, argv) -> int:
     report = {
         "benchmark": "continual", "quick": args.quick, "command": " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "tasks": [t.name for t in tasks], "backbone": fingerprint,
-        "data": {t.name: t.source for t in tasks},
+        "data": {t.name: t.source for t in tasks}, "keepclip_from": args.keepclip_from,
         "settings": {"limit_train": args.limit_train, "limit_test": args.limit_test, "keepclip_epochs": args.epochs or settings.epochs,
                      "ft_epochs": args.ft_epochs, "ft_lr": args.ft_lr, "vote_batch": args.vote_batch,
                      "retrieval": args.retrieval},

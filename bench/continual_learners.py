@@ -27,6 +27,7 @@ mode ("class-set"); "task-agnostic" is the union of the classes.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -38,13 +39,14 @@ import torch
 import torch.nn.functional as F
 
 from backbone import PromptConfig, PromptedCLIP, TaskStats, text_classifier
-from prompts_store import TaskStore
+from prompts_store import StoreError, TaskArtifact, TaskStore
 from service.router import Router
 from backbone.task_identity import TaskIdentityHead
 from backbone.token_prompts import TokenPromptConfig, TokenPrompts
 from training.data import ImageSet, PixelPipeline
 from training.continual_pretraining import ContinualPretrainer, ContinualPretrainingSettings
 from training.image_text_prompts import ImageTextPromptLearner, ImageTextPromptSettings, prompted_images, prompted_text
+from training.errors import InputError
 from training.learner import ResidualPromptLearner, RunContext, TaskData
 from training.runtime import load_frozen_backbone
 from training.settings import ResidualPromptSettings
@@ -194,9 +196,11 @@ class KeepclipLearner(RoutedLearner):
     name, modes = "keepclip", (ORACLE, PER_SAMPLE, BATCH_VOTE, TASK_AGNOSTIC)
 
     def __init__(self, spec: BackboneSpec, settings: ResidualPromptSettings, store: TaskStore, vote_batch: int = 64,
-                 top_k: int = 3, threshold: float = 0.01, eval_batch: int = 256, progress: bool = True):
+                 top_k: int = 3, threshold: float = 0.01, eval_batch: int = 256, progress: bool = True,
+                 reuse: TaskStore | None = None):
         super().__init__(eval_batch)
         self.spec, self.settings, self.store, self.progress = spec, settings, store, progress
+        self.reuse = reuse  # a store an earlier run published to: its tasks are evaluated again instead of relearnt
         self.vote_batch, self.top_k, self.threshold = vote_batch, top_k, threshold
         self.backbone = spec.load()  # the evaluation model: every learned task's prompts loaded side by side
         self.model = PromptedCLIP(self.backbone)
@@ -205,10 +209,13 @@ class KeepclipLearner(RoutedLearner):
 
     def learn(self, task: TaskData) -> Learned:
         started = time.perf_counter()
-        # a fresh frozen backbone per task, as `add-task` does: the learner sees no earlier task
-        artifact = ResidualPromptLearner(self.settings).fit(task, self.spec.load(), RunContext(progress=self.progress))
+        if self.reuse is not None:
+            artifact = self.published_before(task)
+            seconds = artifact.metrics["fingerprint_seconds"] + artifact.metrics["train_seconds"]  # the original run's
+        else:  # a fresh frozen backbone per task, as `add-task` does: the learner sees no earlier task
+            artifact = ResidualPromptLearner(self.settings).fit(task, self.spec.load(), RunContext(progress=self.progress))
         version = self.store.publish(artifact)
-        seconds = time.perf_counter() - started
+        seconds = seconds if self.reuse is not None else time.perf_counter() - started
         loaded = self.store.get(task.name)  # read back, checksums verified: what a replica would serve
         self.model.load_task(task.name, loaded.prompts, PromptConfig.from_dict(loaded.recipe["prompts"]))
         self.stats[task.name] = TaskStats.from_tensors(loaded.stats)
@@ -217,6 +224,19 @@ class KeepclipLearner(RoutedLearner):
         m = loaded.metrics
         return Learned(seconds, params, {"version": version, "best_epoch": m["best_epoch"], "val_accuracy": m["val_accuracy"],
                                           "test_accuracy": m["test_accuracy"], "test_zero_shot_accuracy": m["test_zero_shot_accuracy"]})
+
+    def published_before(self, task: TaskData) -> TaskArtifact:
+        """The task as an earlier run published it (checksums verified), if learnt with this very recipe and data."""
+        where = f"--keepclip-from {self.reuse.url}"
+        try:
+            artifact = self.reuse.get(task.name, backbone=self.backbone.fingerprint.to_dict())
+        except StoreError as e:
+            raise InputError(f"{where}: {e}") from None
+        expected = json.loads(json.dumps(ResidualPromptLearner(self.settings).recipe(task)))
+        differ = sorted(k for k in expected.keys() | artifact.recipe.keys() if expected.get(k) != artifact.recipe.get(k))
+        if differ:
+            raise InputError(f"{where}: task '{task.name}' was learnt with another recipe or data ({', '.join(differ)} differ)")
+        return artifact
 
     @torch.no_grad()
     def encode(self, task: str, pixels: np.ndarray, weights: list[float]) -> torch.Tensor:

@@ -91,6 +91,9 @@ def matrix_table(names: list[str], matrix: list[list[float]], zero_shot: list[fl
 def to_markdown(report: dict) -> str:
     names = report["tasks"]
     out = [f"### Continual benchmark: {' → '.join(names)} on {report['backbone']['name']}", "", summary_table(report), ""]
+    if report.get("keepclip_from"):
+        out += [f"keepclip's tasks were not learnt again: they are the ones an earlier run published to {report['keepclip_from']} "
+                "(same recipe and data, checksums verified), and its training minutes are that run's.", ""]
     if any("retrieval" in learner for learner in report["learners"]):
         out += ["Text→image retrieval (one query per class over each task's test images; %):", "", retrieval_table(report), ""]
     for learner in report["learners"]:

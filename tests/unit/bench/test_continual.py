@@ -121,3 +121,17 @@ def test_bad_input_is_refused_with_a_message(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_keepclip_from_an_earlier_runs_store_gives_the_same_matrices(report, tmp_path, capsys):
+    data, out = report
+    root = out.parent
+    argv = ["--tasks", *TASKS, "--data-root", str(root / "data"), "--model", str(TINY), "--pretrained", "none",
+            "--device", "cpu", "--epochs", "1", "--no-progress", "--learners", "keepclip", "--keepclip-from", str(out / "store-keepclip")]
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "continual.json").read_text())
+    before = next(x for x in data["learners"] if x["name"] == "keepclip")
+    assert again["learners"][0]["modes"] == before["modes"]  # the same artifacts, evaluated the same way
+    assert "not learnt again" in (tmp_path / "again" / "continual.md").read_text()
+    assert main([*argv, "--epochs", "2", "--out", str(tmp_path / "other")]) == 2  # another recipe
+    assert "was learnt with another recipe or data (epochs differ)" in capsys.readouterr().err
