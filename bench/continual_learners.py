@@ -211,11 +211,12 @@ class KeepclipLearner(RoutedLearner):
         started = time.perf_counter()
         if self.reuse is not None:
             artifact = self.published_before(task)
-            seconds = artifact.metrics["fingerprint_seconds"] + artifact.metrics["train_seconds"]  # the original run's
+            version = self.store.publish(artifact)
+            seconds = artifact.metrics["fingerprint_seconds"] + artifact.metrics["train_seconds"]  # the earlier run's
         else:  # a fresh frozen backbone per task, as `add-task` does: the learner sees no earlier task
             artifact = ResidualPromptLearner(self.settings).fit(task, self.spec.load(), RunContext(progress=self.progress))
-        version = self.store.publish(artifact)
-        seconds = seconds if self.reuse is not None else time.perf_counter() - started
+            version = self.store.publish(artifact)
+            seconds = time.perf_counter() - started
         loaded = self.store.get(task.name)  # read back, checksums verified: what a replica would serve
         self.model.load_task(task.name, loaded.prompts, PromptConfig.from_dict(loaded.recipe["prompts"]))
         self.stats[task.name] = TaskStats.from_tensors(loaded.stats)
