@@ -20,7 +20,8 @@ Data: a folder per task under `--data-root` (default ../shared/data) holding `tr
 
 Writes OUT/continual.json (accuracy matrices, Transfer/Avg/Last, training seconds and trainable parameters per
 task), OUT/continual.md and OUT/continual-heatmap.png, and the stores the prompt learners published their tasks to
-(OUT/store-keepclip, OUT/store-image-text-prompts).
+(OUT/store-keepclip, OUT/store-image-text-prompts) and continual pretraining its model after each task
+(OUT/store-continual-pretraining).
 """
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ def make_learner(name: str, args, spec, out: Path):
     from prompts_store import open_store
 
     progress = not args.no_progress
-    store = open_store(str(out / f"store-{name}"))  # only the prompt learners publish
+    store = open_store(str(out / f"store-{name}"))  # the prompt learners and continual pretraining publish
     if name == "keepclip":
         settings = ResidualPromptSettings(**({"epochs": args.epochs} if args.epochs else {}))
         reuse = open_store(args.keepclip_from) if args.keepclip_from else None
@@ -182,7 +183,9 @@ def make_learner(name: str, args, spec, out: Path):
         settings = ImageTextPromptSettings(**({"epochs": args.epochs} if args.epochs else {}))
         return ImageTextPromptsLearner(spec, settings, store, progress=progress)
     recipe = FineTuneRecipe(epochs=args.ft_epochs, lr=args.ft_lr)
-    return {"full-ft": FullFineTune, "lwf": LwF, "continual-pretraining": ContinualPretraining}[name](spec, recipe, progress=progress)
+    if name == "continual-pretraining":
+        return ContinualPretraining(spec, recipe, store, progress=progress)
+    return {"full-ft": FullFineTune, "lwf": LwF}[name](spec, recipe, progress=progress)
 
 
 def retrieval_row(learner, tests) -> dict[str, list[float]]:

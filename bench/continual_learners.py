@@ -411,15 +411,18 @@ class ContinualPretraining(FullFineTune):
 
     name = "continual-pretraining"
 
-    def __init__(self, spec: BackboneSpec, recipe: FineTuneRecipe, eval_batch: int = 256, progress: bool = True):
+    def __init__(self, spec: BackboneSpec, recipe: FineTuneRecipe, store: TaskStore, eval_batch: int = 256, progress: bool = True):
         super().__init__(spec, recipe, eval_batch, progress)
         settings = ContinualPretrainingSettings(epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
         self.trainer = ContinualPretrainer(self.backbone, settings)  # trains self.clip in place (the momentum model)
+        self.store = store
 
     def learn(self, task: TaskData) -> Learned:
         seconds = self.trainer.learn(task, self.progress)
+        version = self.store.publish(self.trainer.artifact(task, seconds))
+        self.trainer.load(self.store.get(task.name))  # evaluated and continued from what the store gives back, checksummed
         self.trained = True
-        return Learned(seconds, self.trainer.trainable_parameters())
+        return Learned(seconds, self.trainer.trainable_parameters(), {"version": version})
 
     @torch.no_grad()
     def class_text(self, t: EvalTask) -> torch.Tensor:

@@ -9,20 +9,28 @@ next task starts from it. The idea follows CTP (Zhu et al., "CTP: Towards Vision
 Compatible Momentum Contrast and Topology Preservation", ICCV 2023).
 
 Unlike keepclip this changes the backbone itself: zero-shot ability on unseen tasks is only protected by the KL term.
+After each task the momentum model's weights can go through the task store as an artifact of kind
+"continual-pretraining" (`artifact`, then `load` to continue from it): checksummed and versioned like any task, but
+not servable, since it replaces the backbone rather than plugging into it.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prompts_store import TaskArtifact
+
 from .data import PixelPipeline
+from .errors import InputError
 from .learner import TaskData, _progress
+
+KIND = "continual-pretraining"
 
 
 @dataclass(frozen=True)
@@ -116,3 +124,23 @@ class ContinualPretrainer:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         bar.close()
         return time.perf_counter() - started
+
+    def artifact(self, task: TaskData, seconds: float) -> TaskArtifact:
+        """The momentum model after `task`: every floating-point tensor of its state dict (fp32), with the recipe."""
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in self.momentum_model.state_dict().items() if v.is_floating_point()}
+        return TaskArtifact(name=task.name, kind=KIND, class_names=list(task.class_names), templates=list(task.templates),
+                            backbone=self.backbone.fingerprint.to_dict(), recipe={"learner": KIND, **asdict(self.settings)},
+                            metrics={"train_seconds": round(seconds, 3), "n_train": len(task.train)}, prompts=weights, stats={})
+
+    @torch.no_grad()
+    def load(self, artifact: TaskArtifact) -> None:
+        """Make the momentum model the one `artifact` holds (e.g. read back from the store, to continue the sequence)."""
+        state = self.momentum_model.state_dict()
+        expected = {k for k, v in state.items() if v.is_floating_point()}
+        if artifact.kind != KIND or set(artifact.prompts) != expected:
+            raise InputError(f"task '{artifact.name}' is not a {KIND} checkpoint of this backbone "
+                             f"(kind '{artifact.kind}', {len(set(artifact.prompts) ^ expected)} tensor names differ)")
+        for key, value in artifact.prompts.items():
+            if value.shape != state[key].shape:
+                raise InputError(f"task '{artifact.name}': '{key}' is {tuple(value.shape)}, expected {tuple(state[key].shape)}")
+            state[key].copy_(value)

@@ -100,10 +100,11 @@ def test_invariants(report):
     params = {x["name"]: x["tasks"][0]["trainable_parameters"] for x in data["learners"]}
     assert params["zero-shot"] == 0 and 0 < params["keepclip"] < params["full-ft"] == params["lwf"] < params["continual-pretraining"]
     assert 0 < params["image-text-prompts"] < params["full-ft"]
-    for learner in ("keepclip", "image-text-prompts"):  # published, read back
+    for learner in ("keepclip", "image-text-prompts", "continual-pretraining"):  # published, read back
         assert sorted(p.name for p in (out / f"store-{learner}" / "tasks").iterdir()) == sorted(TASKS)
     assert [t["version"] for t in by["keepclip"]["tasks"]] == [1, 1]
     assert [t["version"] for t in by["image-text-prompts"]["tasks"]] == [1, 1]  # the same store, its own kind
+    assert [t["version"] for t in by["continual-pretraining"]["tasks"]] == [1, 1]
     itp = by["image-text-prompts"]["modes"]["oracle"]
     assert itp["before"] == frozen["before"] and itp["matrix"][0][1] == frozen["before"][1]
 

@@ -1,6 +1,13 @@
 """Continual pretraining: the compatible momentum update is exactly m <- 0.9 m + 0.05 current + 0.05 previous, the
-topology term vanishes when nothing moved, and one task's training moves both towers of the momentum model."""
+topology term vanishes when nothing moved, one task's training moves both towers of the momentum model, and the
+model after a task round-trips through the store."""
+import dataclasses
+
+import pytest
 import torch
+
+from prompts_store import open_store
+from training.errors import InputError
 
 from tests.conftest import tiny_backbone
 from training.continual_pretraining import ContinualPretrainer, ContinualPretrainingSettings, compatible_momentum_update, topology_kl
@@ -32,12 +39,21 @@ def test_topology_term_is_zero_without_change_and_positive_with_it():
     assert topology_kl(moved, txt, img, txt, scale) > 1e-3
 
 
-def test_learning_a_task_moves_both_towers_of_the_momentum_model():
+def test_learning_a_task_moves_both_towers_of_the_momentum_model(tmp_path):
     torch.set_num_threads(1)
     backbone = tiny_backbone()
     before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     trainer = ContinualPretrainer(backbone, ContinualPretrainingSettings(epochs=1, batch_size=16, warmup_steps=1, lr=1e-3))
-    trainer.learn(colour_task(backbone), progress=False)
+    task = colour_task(backbone)
+    seconds = trainer.learn(task, progress=False)
+    store = open_store(tmp_path / "store")
+    store.publish(trainer.artifact(task, seconds))
+    fresh = ContinualPretrainer(tiny_backbone())  # the pretrained model again
+    fresh.load(store.get(task.name))  # checksums verified on the way
+    assert all(torch.equal(v, fresh.momentum_model.state_dict()[k]) for k, v in trainer.momentum_model.state_dict().items())
+    assert store.get(task.name).kind == "continual-pretraining"
+    with pytest.raises(InputError, match="not a continual-pretraining checkpoint"):
+        fresh.load(dataclasses.replace(store.get(task.name), kind="residual-prompts"))
     after = trainer.momentum_model.state_dict()
     moved = {k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after[k])}
     assert any(k.startswith("visual.") for k in moved) and any(k.startswith("transformer.") for k in moved)
