@@ -89,6 +89,14 @@ def class_tokens(tokenizer, class_names: list[str], config: TokenPromptConfig) -
     return tokens
 
 
+@torch.no_grad()
+def class_text(backbone, prompts: TokenPrompts, class_names: list[str]) -> torch.Tensor:
+    """(C, D) normalised class text "<learned context> {name}." of one task, on `backbone` (a `Backbone`)."""
+    tokens = class_tokens(backbone.tokenizer, list(class_names), prompts.config).to(backbone.device)
+    with applied(backbone.model, prompts):
+        return torch.nn.functional.normalize(backbone.model.encode_text(tokens), dim=-1)
+
+
 @contextmanager
 def applied(clip, prompts: TokenPrompts | None):
     """Inside the block, `clip.encode_image` runs with the visual tokens and `clip.encode_text` (on `class_tokens`)

@@ -42,10 +42,10 @@ from backbone import PromptConfig, PromptedCLIP, TaskStats, text_classifier
 from prompts_store import StoreError, TaskArtifact, TaskStore
 from service.router import Router
 from backbone.task_identity import TaskIdentityHead
-from backbone.token_prompts import TokenPromptConfig, TokenPrompts
+from backbone.token_prompts import TokenPromptConfig, TokenPrompts, class_text
 from training.data import ImageSet, PixelPipeline
 from training.continual_pretraining import ContinualPretrainer, ContinualPretrainingSettings
-from training.image_text_prompts import ImageTextPromptLearner, ImageTextPromptSettings, prompted_images, prompted_text
+from training.image_text_prompts import ImageTextPromptLearner, ImageTextPromptSettings, prompted_images
 from training.errors import InputError
 from training.learner import ResidualPromptLearner, RunContext, TaskData
 from training.runtime import load_frozen_backbone
@@ -295,7 +295,7 @@ class ImageTextPromptsLearner(RoutedLearner):
         seconds = time.perf_counter() - started
         config = TokenPromptConfig.from_dict(loaded.recipe["prompts"])
         self.prompts[task.name] = TokenPrompts(self.backbone.model, self.backbone.tokenizer, config).load(loaded.prompts).eval()
-        self.text[task.name] = prompted_text(self.backbone, self.prompts[task.name], loaded.class_names, config).float().cpu()
+        self.text[task.name] = class_text(self.backbone, self.prompts[task.name], loaded.class_names).float().cpu()
         return Learned(seconds, sum(t.numel() for t in loaded.prompts.values()),
                        {"version": version, "best_epoch": loaded.metrics["best_epoch"], "test_accuracy": loaded.metrics["test_accuracy"]})
 

@@ -16,7 +16,8 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from backbone import Backbone, BackboneFingerprint, PromptConfig, PromptedCLIP, load_backbone
-from backbone.token_prompts import TokenPromptConfig, TokenPrompts, applied, class_tokens
+from backbone.token_prompts import TokenPromptConfig, TokenPrompts, applied
+from backbone.token_prompts import class_text as token_class_text
 from backbone.zeroshot import text_classifier
 
 
@@ -81,16 +82,30 @@ class TorchRuntime:
         images = images.to(self.device, non_blocking=True)
         names = [None] * len(images) if tasks is None else list(tasks)
         w = [1.0] * len(images) if weights is None else [float(x) for x in weights]
-        by_tokens = {slot: [i for i, t in enumerate(names) if t == slot and w[i] > 0] for slot in set(names) & set(self._token_tasks)}
-        residual = [None if t in self._token_tasks else t for t in names]
-        if all(t is None for t in residual):
+        by_tokens: dict[str, list[int]] = {}  # image-text prompt tasks (at w > 0): one pass each
+        for i, name in enumerate(names):
+            if name in self._token_tasks and w[i] > 0:
+                by_tokens.setdefault(name, []).append(i)
+        if not by_tokens:
+            return self._residual_pass(images, names, w)
+        tokened = {i for rows in by_tokens.values() for i in rows}
+        rest = [i for i in range(len(names)) if i not in tokened]  # residual prompts, or frozen (a token task at w = 0)
+        residual = [None if names[i] in self._token_tasks else names[i] for i in rest]
+        parts = [(rest, self._residual_pass(images[rest], residual, [w[i] for i in rest]))] if rest else []
+        for slot, rows in by_tokens.items():
+            with applied(self.backbone.model, self._token_tasks[slot]):
+                parts.append((rows, self.model.encode_image(images[rows], normalize=True).float().cpu()))
+        feats = torch.empty(len(images), parts[0][1].shape[1])
+        for rows, part in parts:
+            feats[rows] = part
+        return feats
+
+    def _residual_pass(self, images, names, weights) -> torch.Tensor:
+        """Frozen, or residual prompts per sample (`names[i]` None: frozen)."""
+        if all(t is None for t in names):
             feats = self.model.encode_image(images, normalize=True)
         else:
-            feats = self.model.encode_image(images, tasks=residual, weights=w, normalize=True)
-        for slot, rows in by_tokens.items():  # one pass per image-text prompt task
-            if rows:
-                with applied(self.backbone.model, self._token_tasks[slot]):
-                    feats[rows] = self.model.encode_image(images[rows], normalize=True).to(feats.dtype)
+            feats = self.model.encode_image(images, tasks=names, weights=weights, normalize=True)
         return feats.float().cpu()
 
     @torch.no_grad()
@@ -111,12 +126,8 @@ class TorchRuntime:
             return self._token_text(list(class_names), task)
         return text_classifier(self.model, list(class_names), list(templates), task=task, weight=weight).float().cpu()
 
-    @torch.no_grad()
     def _token_text(self, names: list[str], slot: str) -> torch.Tensor:
-        prompts = self._token_tasks[slot]
-        tokens = class_tokens(self.backbone.tokenizer, names, prompts.config).to(self.device)
-        with applied(self.backbone.model, prompts):
-            return self.model.encode_text(tokens, normalize=True).float().cpu()
+        return token_class_text(self.backbone, self._token_tasks[slot], names).float().cpu()
 
     def load_task(self, slot, prompts, config):
         if isinstance(config, TokenPromptConfig):

@@ -109,18 +109,22 @@ def color_sample(name_or_rgb: str | Sequence[int], n: int = 1, size: int = 32, s
     return np.stack([color_images(light if i % 2 == 0 else dark, 1, size, seed=seed + i)[0] for i in range(n)])
 
 
+def color_task_data(model: PromptedCLIP, name: str, rgb: Sequence[int] | None = None, n: int = 32, seed: int = 0):
+    """The images (n, size, size, 3), labels and class names ('light <name>', 'dark <name>') of a colour task."""
+    light_rgb, dark_rgb = shades(rgb if rgb is not None else COLORS[name])
+    size = model.backbone.model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = np.concatenate([color_images(light_rgb, n // 2, size, seed=seed), color_images(dark_rgb, n - n // 2, size, seed=seed + 1)])
+    labels = np.array([0] * (n // 2) + [1] * (n - n // 2))
+    return images, labels, [f"light {name}", f"dark {name}"]
+
+
 def make_color_task(
     model: PromptedCLIP, name: str, rgb: Sequence[int] | None = None, n: int = 32, seed: int = 0, **kwargs
 ) -> TaskArtifact:
     """A two-class task ('light <name>', 'dark <name>') fingerprinted on noisy images of one colour."""
-    light_rgb, dark_rgb = shades(rgb if rgb is not None else COLORS[name])
-    size = model.backbone.model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    light = color_images(light_rgb, n // 2, size, seed=seed)
-    dark = color_images(dark_rgb, n - n // 2, size, seed=seed + 1)
-    images = np.concatenate([light, dark])
-    labels = [0] * len(light) + [1] * len(dark)
-    return make_task(model, name, images, labels, [f"light {name}", f"dark {name}"], seed=seed, **kwargs)
+    images, labels, class_names = color_task_data(model, name, rgb, n, seed)
+    return make_task(model, name, images, labels.tolist(), class_names, seed=seed, **kwargs)
 
 
 def make_image_text_task(model: PromptedCLIP, name: str, n: int = 32, epochs: int = 3, seed: int = 0) -> TaskArtifact:
@@ -132,17 +136,12 @@ def make_image_text_task(model: PromptedCLIP, name: str, n: int = 32, epochs: in
     from training.image_text_prompts import ImageTextPromptLearner, ImageTextPromptSettings
     from training.learner import RunContext, TaskData
 
-    light_rgb, dark_rgb = shades(COLORS[name])
-    backbone = model.backbone
-    size = backbone.model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    images = np.concatenate([color_images(light_rgb, n // 2, size, seed=seed), color_images(dark_rgb, n - n // 2, size, seed=seed + 1)])
-    pipeline = PixelPipeline(backbone.preprocess)
+    images, labels, class_names = color_task_data(model, name, n=n, seed=seed)
+    pipeline = PixelPipeline(model.backbone.preprocess)
     pixels = np.stack([pipeline.pixels(Image.fromarray(im)) for im in images])
-    labels = np.array([0] * (n // 2) + [1] * (n - n // 2))
-    task = TaskData(name, [f"light {name}", f"dark {name}"], ["a photo of a {}."], ImageSet(pixels, labels))
+    task = TaskData(name, class_names, ["a photo of a {}."], ImageSet(pixels, labels))
     settings = ImageTextPromptSettings(visual_tokens=2, text_context=2, epochs=epochs, batch_size=16, seed=seed)
-    return ImageTextPromptLearner(settings).fit(task, backbone, RunContext(progress=False))
+    return ImageTextPromptLearner(settings).fit(task, model.backbone, RunContext(progress=False))
 
 
 def publish_domain_tasks(

@@ -26,14 +26,13 @@ import torch.nn.functional as F
 
 from backbone import Backbone
 from backbone.task_stats import ledoit_wolf
-from backbone.token_prompts import KIND, TokenPromptConfig, TokenPrompts, applied, class_tokens
+from backbone.token_prompts import KIND, TokenPromptConfig, TokenPrompts, applied, class_text, class_tokens
 from prompts_store import TaskArtifact
 
 from .data import PixelPipeline
 from .learner import RunContext, TaskData, _progress, _pct
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ class ImageTextPromptLearner:
 
     @torch.no_grad()
     def accuracy(self, backbone: Backbone, prompts: TokenPrompts, images, class_names: list[str]) -> float:
-        predicted = classify(backbone, prompts, images.pixels, class_names, self.settings.prompt_config(), self.settings.eval_batch_size)
+        predicted = classify(backbone, prompts, images.pixels, class_names, self.settings.eval_batch_size)
         return float((predicted == images.labels).mean())
 
     def _frozen(self, backbone: Backbone, task: TaskData) -> tuple[torch.Tensor, np.ndarray]:
@@ -112,13 +111,6 @@ class ImageTextPromptLearner:
 
         everything = ImageSet.concat(task.train, task.val)
         return prompted_images(backbone, None, everything.pixels, self.settings.eval_batch_size), everything.labels
-
-
-@torch.no_grad()
-def prompted_text(backbone: Backbone, prompts: TokenPrompts, class_names: list[str], config: TokenPromptConfig) -> torch.Tensor:
-    """(C, D) normalised class text with the task's learned context."""
-    with applied(backbone.model, prompts):
-        return F.normalize(backbone.model.encode_text(class_tokens(backbone.tokenizer, class_names, config).to(backbone.device)), dim=-1)
 
 
 @torch.no_grad()
@@ -131,8 +123,8 @@ def prompted_images(backbone: Backbone, prompts: TokenPrompts | None, pixels: np
                           for i in range(0, len(pixels), batch)]) if len(pixels) else torch.zeros(0, backbone.model.visual.output_dim)
 
 
-def classify(backbone, prompts, pixels, class_names, config, batch=256) -> np.ndarray:
-    text = prompted_text(backbone, prompts, class_names, config).float().cpu()
+def classify(backbone, prompts, pixels, class_names, batch=256) -> np.ndarray:
+    text = class_text(backbone, prompts, class_names).float().cpu()
     return (prompted_images(backbone, prompts, pixels, batch) @ text.T).argmax(-1).numpy()
 
 

@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from backbone import load_backbone
-from backbone.token_prompts import TokenPromptConfig, TokenPrompts
+from backbone.token_prompts import TokenPromptConfig, TokenPrompts, class_text
 from service.engine import Engine, WeightNotSupported
 from service.runtime import TorchRuntime
 from service.testing import color_sample, make_color_task, make_image_text_task
 from training.data import PixelPipeline
-from training.image_text_prompts import prompted_images, prompted_text
+from training.image_text_prompts import prompted_images
 
 from .conftest import TINY_JSON
 
@@ -41,7 +41,7 @@ def reference(task_maker, artifact, image: Image.Image):
     backbone = task_maker.backbone
     prompts = TokenPrompts(backbone.model, backbone.tokenizer, TokenPromptConfig.from_dict(artifact.recipe["prompts"])).load(artifact.prompts)
     pixels = PixelPipeline(backbone.preprocess).pixels(image)[None]
-    return prompted_images(backbone, prompts, pixels)[0], prompted_text(backbone, prompts, artifact.class_names, prompts.config)
+    return prompted_images(backbone, prompts, pixels)[0], class_text(backbone, prompts, artifact.class_names)
 
 
 def test_an_explicit_task_gets_the_learners_features_and_classes(engine, store, task_maker, learned):

@@ -98,7 +98,7 @@ def test_artifact_round_trips_through_the_store(learned):
     assert all(torch.equal(loaded.prompts[k], artifact.prompts[k]) for k in artifact.prompts)
     assert all(torch.equal(loaded.stats[k], artifact.stats[k]) for k in artifact.stats)
     prompts = TokenPrompts(backbone.model, backbone.tokenizer, SETTINGS.prompt_config()).load(loaded.prompts)
-    predicted = classify(backbone, prompts, task.test.pixels, task.class_names, SETTINGS.prompt_config())
+    predicted = classify(backbone, prompts, task.test.pixels, task.class_names)
     assert (predicted == task.test.labels).mean() == pytest.approx(artifact.metrics["test_accuracy"])
 
 
