@@ -9,6 +9,8 @@ from PIL import Image
 
 from .prompted_clip import PromptedCLIP
 
+DEFAULT_TEMPLATES = ("a photo of a {}.",)  # class text when a task gives no templates
+
 
 def images_to_batch(images: Iterable[np.ndarray | Image.Image], preprocess: Callable) -> torch.Tensor:
     """uint8 HWC arrays or PIL images -> (N, 3, H, W) through open_clip's eval transform."""
@@ -20,7 +22,7 @@ def images_to_batch(images: Iterable[np.ndarray | Image.Image], preprocess: Call
 def text_classifier(
     model: PromptedCLIP,
     class_names: Sequence[str],
-    templates: Sequence[str] = ("a photo of a {}.",),
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
     task: str | None = None,
     weight: float = 1.0,
 ) -> torch.Tensor:

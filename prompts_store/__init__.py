@@ -3,12 +3,14 @@
     store = open_store("./keepclip-store")          # or memory://, s3://bucket/prefix, gs://...
     version = store.publish(TaskArtifact(name="cifar10", class_names=[...], backbone={...}, ...))
     artifact = store.get("cifar10", backbone=fingerprint)   # checksums verified
+    artifact = store.get("cifar10", with_update_state=True) # + update.safetensors, for a refit
     generation, changes = store.changes(since=last_seen)   # one small read per poll
 
 See docs/store.md for the layout and the guarantees of each backend.
 """
 
-from .artifact import DEFAULT_KIND, FORMAT_VERSION, PROMPTS_FILE, STATS_FILE, TASK_FILE, TaskArtifact
+from .artifact import (DEFAULT_KIND, FORMAT_VERSION, PROMPTS_FILE, STATS_FILE, TASK_FILE, UPDATE_FILE,
+                       TaskArtifact)
 from .errors import (ArtifactIntegrityError, BackboneMismatch, InvalidArtifact, InvalidTaskName,
                      InvalidVersion, StoreCorrupted, StoreError, StoreLockTimeout, TaskNotFound,
                      UnsupportedFormat, VersionNotFound)
@@ -22,6 +24,6 @@ __all__ = [
     "FEED_LENGTH", "FORMAT_VERSION", "InvalidArtifact", "InvalidTaskName", "InvalidVersion",
     "PROMPTS_FILE", "STATS_FILE", "StoreCorrupted", "StoreError", "StoreLockTimeout",
     "StoreSettings", "StoreSnapshot", "TASK_FILE", "TaskArtifact", "TaskInfo", "TaskNotFound",
-    "TaskStore", "UnsupportedFormat", "VersionInfo", "VersionNotFound", "open_store",
+    "TaskStore", "UPDATE_FILE", "UnsupportedFormat", "VersionInfo", "VersionNotFound", "open_store",
     "validate_task_name",
 ]

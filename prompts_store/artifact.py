@@ -1,8 +1,10 @@
-"""The task artifact: what one task version holds, and its three files.
+"""The task artifact: what one task version holds, and its three (or four) files.
 
     prompts.safetensors  the learner's tensors (residual prompts: prefix K/V per layer and tower)
     stats.safetensors    the task fingerprint (mean, covariance factor, router keys, gate calibration)
-    task.json            everything else, plus the SHA-256 and size of both tensor files
+    update.safetensors   optional: the learner's update state (what a refit starts from); only
+                         written when non-empty, and only read when asked for
+    task.json            everything else, plus the SHA-256 and size of every tensor file
 
 task.json is written with ``indent=2, sort_keys=True`` and is self-checking (see ``jsondoc``), so
 every byte of every file is covered by a checksum. Tensors are read only with
@@ -31,8 +33,12 @@ from .names import validate_task_name
 FORMAT_VERSION = 1  # bump when a reader of the previous format could misread a new file
 PROMPTS_FILE = "prompts.safetensors"
 STATS_FILE = "stats.safetensors"
+UPDATE_FILE = "update.safetensors"
 TASK_FILE = "task.json"
-TENSOR_FILES = (PROMPTS_FILE, STATS_FILE)
+TENSOR_FILES = (PROMPTS_FILE, STATS_FILE)  # always present
+# The tensor files a task.json may list. A version without update state lists exactly the two it
+# always did, so stores written before update.safetensors existed read unchanged.
+_FILE_SETS = (frozenset(TENSOR_FILES), frozenset({*TENSOR_FILES, UPDATE_FILE}))
 DEFAULT_KIND = "residual-prompts"
 _KIND_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -50,6 +56,9 @@ class TaskArtifact:
     metrics: dict[str, Any] = field(default_factory=dict)  # JSON-able evaluation results
     prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # -> prompts.safetensors
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # -> stats.safetensors
+    # -> update.safetensors when non-empty; replicas never need it, so ``get`` leaves it empty
+    # unless called with ``with_update_state=True``
+    update_state: dict[str, torch.Tensor] = field(default_factory=dict)
     # Filled in by the store on publish and get:
     version: int | None = None
     created_at: str | None = None  # ISO-8601, UTC
@@ -58,7 +67,7 @@ class TaskArtifact:
     def __repr__(self) -> str:
         return (f"TaskArtifact(name={self.name!r}, version={self.version}, kind={self.kind!r}, "
                 f"classes={len(self.class_names)}, prompts={sorted(self.prompts)}, "
-                f"stats={sorted(self.stats)})")
+                f"stats={sorted(self.stats)}, update_state={sorted(self.update_state)})")
 
 
 # --- task.json schema (what a reader accepts) -------------------------------------------------
@@ -111,7 +120,7 @@ def check_artifact(artifact: TaskArtifact) -> None:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise bad(f"{field_name} is not strict JSON ({exc})") from None
-    for field_name in ("prompts", "stats"):
+    for field_name in ("prompts", "stats", "update_state"):
         tensors = getattr(artifact, field_name)
         if not isinstance(tensors, dict) or not all(
                 isinstance(k, str) and k and isinstance(v, torch.Tensor) for k, v in tensors.items()):
@@ -188,10 +197,14 @@ def decode_task_json(raw: bytes, *, task: str, version: int) -> dict[str, Any]:
         parsed = _TaskDocument.model_validate(doc)
     except ValidationError as exc:
         raise ArtifactIntegrityError(f"{prefix} is malformed: {_short(exc)}", **where) from None
-    if parsed.name != task or parsed.version != version or set(parsed.files) != set(TENSOR_FILES):
+    if parsed.name != task or parsed.version != version:
         raise ArtifactIntegrityError(
-            f"{prefix} describes task {parsed.name!r} version {parsed.version} with files "
-            f"{sorted(parsed.files)}, not what its location says", **where)
+            f"{prefix} describes task {parsed.name!r} version {parsed.version}, not what its "
+            f"location says", **where)
+    if set(parsed.files) not in _FILE_SETS:
+        raise ArtifactIntegrityError(
+            f"{prefix} lists files {sorted(parsed.files)}; expected {PROMPTS_FILE} and "
+            f"{STATS_FILE}, optionally with {UPDATE_FILE}", **where)
     return doc
 
 
@@ -218,11 +231,13 @@ def decode_tensors(raw: bytes, doc: dict[str, Any], *, file: str) -> dict[str, t
 
 
 def artifact_from_parts(doc: dict[str, Any], prompts: dict[str, torch.Tensor],
-                        stats: dict[str, torch.Tensor], task_json: bytes) -> TaskArtifact:
+                        stats: dict[str, torch.Tensor], task_json: bytes, *,
+                        update_state: dict[str, torch.Tensor] | None = None) -> TaskArtifact:
+    # Every file task.json lists is in ``checksums``, update.safetensors even when it was not read.
     checksums = {f: rec["sha256"] for f, rec in doc["files"].items()}
     checksums[TASK_FILE] = sha256_hex(task_json)
     return TaskArtifact(
         name=doc["name"], kind=doc["kind"], class_names=doc["class_names"],
         templates=doc["templates"], backbone=doc["backbone"], recipe=doc["recipe"],
-        metrics=doc["metrics"], prompts=prompts, stats=stats, version=doc["version"],
-        created_at=doc["created_at"], checksums=checksums)
+        metrics=doc["metrics"], prompts=prompts, stats=stats, update_state=update_state or {},
+        version=doc["version"], created_at=doc["created_at"], checksums=checksums)

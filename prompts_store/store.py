@@ -6,6 +6,7 @@ Layout under the store root (docs/store.md has the full picture)::
     tasks/<name>/v000001/          one immutable directory per version:
         prompts.safetensors          prompts, fingerprint stats and task.json with their SHA-256
         stats.safetensors
+        update.safetensors           optional learner update state, read only on request
         task.json
     .lock  tmp/                    writer lock and staging area (local backend)
 
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from .artifact import (PROMPTS_FILE, STATS_FILE, TASK_FILE, TaskArtifact, artifact_from_parts,
-                       check_artifact, check_backbone, decode_task_json, decode_tensors,
-                       encode_task_json, encode_tensors)
+from .artifact import (PROMPTS_FILE, STATS_FILE, TASK_FILE, UPDATE_FILE, TaskArtifact,
+                       artifact_from_parts, check_artifact, check_backbone, decode_task_json,
+                       decode_tensors, encode_task_json, encode_tensors)
 from .backends import Backend, make_backend
 from .errors import ArtifactIntegrityError, BackboneMismatch, StoreError, TaskNotFound, VersionNotFound
 from .feed import HEAD_FILE, ChangeBatch, Head
@@ -121,28 +122,31 @@ class TaskStore:
         return self.snapshot().tasks
 
     def get(self, name: str, version: int | None = None, *,
-            backbone: dict[str, str] | None = None, fallback: bool = False) -> TaskArtifact:
-        """Load the live (or the given) version, verifying every file's SHA-256.
+            backbone: dict[str, str] | None = None, fallback: bool = False,
+            with_update_state: bool = False) -> TaskArtifact:
+        """Load the live (or the given) version, verifying the SHA-256 of every file it reads.
 
         With ``backbone``, also refuse an artifact made for another backbone. Raises
         ``TaskNotFound``/``VersionNotFound``, ``ArtifactIntegrityError`` or ``BackboneMismatch``;
         a refused version changes nothing in the store. With ``fallback=True`` (live version only),
         a live version that fails verification is logged and the newest earlier version that
-        verifies is returned instead (check ``.version``).
+        verifies is returned instead (check ``.version``). update.safetensors is read (and
+        verified) only with ``with_update_state=True``; otherwise ``.update_state`` stays empty.
         """
         name = validate_task_name(name)
         expected = None if backbone is None else check_backbone(backbone, what="backbone", error=ValueError)
         if fallback and version is not None:
             raise ValueError("fallback applies to the live version only; do not pass a version")
         live = self._resolve(self._head(), name, version)
+        load = dict(backbone=expected, with_update_state=with_update_state)
         try:
-            return self._load(name, live, backbone=expected)
+            return self._load(name, live, **load)
         except ArtifactIntegrityError as refused:
             if not fallback:
                 raise
             for older in range(live - 1, 0, -1):
                 with contextlib.suppress(ArtifactIntegrityError):
-                    artifact = self._load(name, older, backbone=expected)
+                    artifact = self._load(name, older, **load)
                     log.warning("%s; serving version %d instead", refused, older)
                     return artifact
             raise
@@ -167,6 +171,8 @@ class TaskStore:
         name = validate_task_name(artifact.name)
         tensors = {PROMPTS_FILE: encode_tensors(artifact.prompts, task=name, file=PROMPTS_FILE),
                    STATS_FILE: encode_tensors(artifact.stats, task=name, file=STATS_FILE)}
+        if artifact.update_state:  # no update state, no file: the version looks as it always did
+            tensors[UPDATE_FILE] = encode_tensors(artifact.update_state, task=name, file=UPDATE_FILE)
         with self._backend.lock():
             self._backend.cleanup()
             head = self._head()
@@ -174,7 +180,8 @@ class TaskStore:
             task_json = encode_task_json(artifact, version=version, created_at=created_at,
                                          tensor_files=tensors)
             self._backend.write_dir(_version_dir(name, version), {**tensors, TASK_FILE: task_json})
-            self._load(name, version)  # read back: what does not verify never goes live
+            # Read back, update state included: what does not verify never goes live.
+            self._load(name, version, with_update_state=True)
             self._write_head(head.published(name, version, created_at))
         artifact.version, artifact.created_at = version, created_at
         artifact.checksums = {f: sha256_hex(b) for f, b in {**tensors, TASK_FILE: task_json}.items()}
@@ -202,7 +209,7 @@ class TaskStore:
             version = self._resolve(head, name, version)
             if head.tasks[name].live == version:
                 return
-            self._load(name, version)
+            self._load(name, version, with_update_state=True)
             self._write_head(head.rolled_back(name, version, _now()))
 
     # --- internals ----------------------------------------------------------------------------
@@ -243,7 +250,8 @@ class TaskStore:
         raw = self._read(name, version, TASK_FILE)
         return decode_task_json(raw, task=name, version=version), raw
 
-    def _load(self, name: str, version: int, *, backbone: dict[str, str] | None = None) -> TaskArtifact:
+    def _load(self, name: str, version: int, *, backbone: dict[str, str] | None = None,
+              with_update_state: bool = False) -> TaskArtifact:
         doc, raw = self._task_doc(name, version)
         if backbone is not None and doc["backbone"] != backbone:
             raise BackboneMismatch(
@@ -252,7 +260,10 @@ class TaskStore:
                 task=name, version=version, file=TASK_FILE)
         prompts = decode_tensors(self._read(name, version, PROMPTS_FILE), doc, file=PROMPTS_FILE)
         stats = decode_tensors(self._read(name, version, STATS_FILE), doc, file=STATS_FILE)
-        return artifact_from_parts(doc, prompts, stats, raw)
+        update_state = None
+        if with_update_state and UPDATE_FILE in doc["files"]:
+            update_state = decode_tensors(self._read(name, version, UPDATE_FILE), doc, file=UPDATE_FILE)
+        return artifact_from_parts(doc, prompts, stats, raw, update_state=update_state)
 
     def _task_info(self, name: str, version: int) -> TaskInfo:
         try:

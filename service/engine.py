@@ -12,9 +12,10 @@ generation — sits in one immutable `EngineState`. The poller thread follows th
 changed versions beside the live state, builds a new state and swaps one reference. A request takes a *lease* on
 the state it started with and uses only that state until it ends.
 
-**Kinds.** Residual-prompt tasks (keepclip's) are routed by the FAISS router and gate; image-text prompt tasks (the
-comparison learner's, `backbone/token_prompts.py`) by a task-identity head over them, for images no residual-prompt
-task claims; their prompts apply in full or not at all (docs/service.md).
+**Kinds.** Each artifact kind is a plug-in (`service/kinds/`): its loader checks the artifact, installs its prompts
+(if any) and returns a `ServedKind` that says how images reach it (the FAISS router and gate, or the task-identity
+head for images no routed task claims), whether they need a prompted pass, and its logits. The engine never looks
+at a kind's name (docs/service.md).
 
 **Prompt slots.** `PromptedCLIP.load_task(name)` for a name already loaded drops the old prompts at once, which
 would pull them from under a forward still routed to them. So every task *version* is loaded under its own internal
@@ -37,13 +38,13 @@ from typing import Any
 
 import torch
 
-from backbone import PromptConfig, TaskStats
+from backbone import TaskStats
 from backbone.task_identity import TaskIdentityHead
-from backbone.token_prompts import KIND as IMAGE_TEXT_KIND
-from backbone.token_prompts import TokenPromptConfig
-from prompts_store import DEFAULT_KIND, StoreError, TaskArtifact, TaskNotFound, TaskStore, open_store
+from backbone.zeroshot import DEFAULT_TEMPLATES
+from prompts_store import StoreError, TaskArtifact, TaskNotFound, TaskStore, open_store
 
 from .gallery import Gallery
+from .kinds import ServedKind, UnservableTask, load_kind
 from .router import Route, Router
 from .runtime import Runtime
 from .runtime_onnx import select_runtime
@@ -51,7 +52,6 @@ from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
 LABEL_CACHE_SIZE = 4096
 
 
@@ -66,10 +66,6 @@ class TaskNotLoaded(LookupError):
         return str(self.args[0])
 
 
-class UnservableTask(ValueError):
-    """An artifact this engine cannot serve (an unknown kind, wrong shapes)."""
-
-
 class WeightNotSupported(ValueError):
     """A prompt weight strictly between 0 and 1 for a task whose prompts apply only in full (image-text prompts)."""
 
@@ -81,18 +77,35 @@ class WeightNotSupported(ValueError):
 class LoadedTask:
     name: str
     version: int
-    slot: str  # internal PromptedCLIP task name, unique per load
+    served: ServedKind  # what its kind's plug-in loaded: routing, prompt slot, class text, logits
     class_names: tuple[str, ...]
     templates: tuple[str, ...]
-    stats: TaskStats | None  # residual prompts: the router's fingerprint; None for image-text prompts
-    identity_stats: Mapping[str, torch.Tensor] | None  # image-text prompts: class means + covariance for the identity head
-    text_prompted: torch.Tensor  # (C, D) class embeddings with the task's prompts (w = 1)
-    text_frozen: torch.Tensor  # (C, D) class embeddings of the frozen text tower
     kind: str
     created_at: str | None
     checksum: str | None  # SHA-256 of task.json: identifies the exact artifact
     metrics: Mapping[str, Any]
     loaded_at: float  # time.time()
+
+    @property
+    def slot(self) -> str | None:
+        """Internal runtime task name of its prompts, unique per load; None: answered from the frozen pass."""
+        return self.served.slot
+
+    @property
+    def stats(self) -> TaskStats | None:
+        return self.served.stats
+
+    @property
+    def identity_stats(self) -> Mapping[str, torch.Tensor] | None:
+        return self.served.identity_stats
+
+    @property
+    def text_prompted(self) -> torch.Tensor:
+        return self.served.text_prompted
+
+    @property
+    def text_frozen(self) -> torch.Tensor:
+        return self.served.text_frozen
 
 
 @dataclass(eq=False)
@@ -322,42 +335,21 @@ class Engine:
             log.warning("task %s v%s not loaded: %s", name, artifact.version, e)
             errors[name] = f"{type(e).__name__}: {e}"
             return
-        fresh.append(loaded.slot)
+        if loaded.slot is not None:
+            fresh.append(loaded.slot)
         tasks[name] = loaded
         errors.pop(name, None)
         log.info("task %s v%d loaded (%d classes)", name, artifact.version, len(loaded.class_names))
 
     def _load(self, artifact: TaskArtifact) -> LoadedTask:
-        """Install the artifact's prompts under a fresh slot, with what routing and classifying need (by kind)."""
-        if artifact.kind == DEFAULT_KIND:
-            config, stats, identity = prompt_config(artifact), TaskStats.from_tensors(artifact.stats), None
-            dim = stats.keys.shape[-1]
-        elif artifact.kind == IMAGE_TEXT_KIND:
-            config, stats, identity = token_prompt_config(artifact), None, identity_stats(artifact)
-            dim = identity["class_means"].shape[-1]
-        else:
-            raise UnservableTask(f"artifact kind '{artifact.kind}' is not servable (this engine serves '{DEFAULT_KIND}' and '{IMAGE_TEXT_KIND}')")
-        if dim != self.runtime.embed_dim:
-            raise UnservableTask(f"the task's statistics have dimension {dim}, the backbone's features {self.runtime.embed_dim}")
-        slot = f"{artifact.name}@v{artifact.version}#{next(self._slot_ids)}"
-        self.runtime.load_task(slot, artifact.prompts, config)
-        try:
-            templates = tuple(artifact.templates) or DEFAULT_TEMPLATES
-            text_prompted = self.runtime.class_text(artifact.class_names, templates, task=slot, weight=1.0)
-            text_frozen = self.runtime.class_text(artifact.class_names, templates)
-        except Exception:
-            self.runtime.delete_task(slot)
-            raise
+        """Load the artifact with its kind's plug-in (prompts, if any, go under a fresh slot)."""
+        served = load_kind(artifact, self.runtime, f"{artifact.name}@v{artifact.version}#{next(self._slot_ids)}")
         return LoadedTask(
             name=artifact.name,
             version=int(artifact.version),
-            slot=slot,
+            served=served,
             class_names=tuple(artifact.class_names),
-            templates=templates,
-            stats=stats,
-            identity_stats=identity,
-            text_prompted=text_prompted,
-            text_frozen=text_frozen,
+            templates=tuple(artifact.templates) or DEFAULT_TEMPLATES,
             kind=artifact.kind,
             created_at=artifact.created_at,
             checksum=artifact.checksums.get("task.json"),
@@ -375,7 +367,7 @@ class Engine:
     def _reap_locked(self) -> None:
         """Delete prompt slots no published state that a request may still hold refers to (caller holds _lock)."""
         self._retired = [s for s in self._retired if s.leases > 0]
-        in_use = {t.slot for s in (self._state, *self._retired) for t in s.tasks.values()}
+        in_use = {t.slot for s in (self._state, *self._retired) for t in s.tasks.values() if t.slot is not None}
         for slot in self._slots - in_use:
             self.runtime.delete_task(slot)
             self._slots.discard(slot)
@@ -416,7 +408,8 @@ class Engine:
                     refused = _weight_error(state.tasks[job.task], job.weight) if job.task else None
                     plan.append(refused or (job.task, float(job.weight)))
             features = frozen.clone()
-            prompted = [i for i, p in enumerate(plan) if not isinstance(p, Exception) and p[0] is not None and p[1] > 0]
+            prompted = [i for i, p in enumerate(plan) if not isinstance(p, Exception) and p[0] is not None and p[1] > 0
+                        and state.tasks[p[0]].slot is not None]  # kinds answered from the frozen pass need no other
             if prompted:  # one pass; the wrappers group the samples by task
                 slots = [state.tasks[plan[i][0]].slot for i in prompted]
                 weights = [plan[i][1] for i in prompted]
@@ -430,7 +423,7 @@ class Engine:
                     loaded = state.tasks.get(task) if task else None
                     results.append(EmbedResult(features[i], task, loaded.version if loaded else None, w if task else 0.0))
                 else:
-                    results.append(self._classify_one(state, job, routes[i], plan[i], features[i]))
+                    results.append(self._classify_one(state, job, routes[i], plan[i], features[i], frozen[i]))
             return results
 
     def _unknown(self, task: str, state: EngineState) -> TaskNotLoaded:
@@ -438,24 +431,28 @@ class Engine:
         detail = f": {why}" if why else f" (serving: {', '.join(sorted(state.tasks)) or 'none'})"
         return TaskNotLoaded(f"task '{task}' is not served{detail}", task)
 
-    def _classify_one(self, state: EngineState, job: ClassifyJob, route: Route, plan, feature: torch.Tensor) -> ClassifyResult:
+    def _classify_one(self, state: EngineState, job: ClassifyJob, route: Route, plan, feature: torch.Tensor,
+                      frozen: torch.Tensor) -> ClassifyResult:
         task, w = plan
         loaded = state.tasks.get(task) if task else None
         if job.labels is not None:
             mode, names = "labels", list(job.labels)
             text = self._label_text(job.labels, loaded.slot if loaded else None, w)
         elif job.task is not None:
-            mode, names, text = "task", list(loaded.class_names), loaded.text_prompted
+            mode, names = "task", list(loaded.class_names)
         else:
             mode = "auto"
             if loaded is None:
                 self.metrics.observe_route(None, route.best_weight)
                 message = "no learned task matches this image (frozen CLIP answer); pass labels to classify it"
                 return ClassifyResult(mode, None, None, 0.0, route, [], message, state.generation)
-            names, text = list(loaded.class_names), loaded.text_prompted
+            names = list(loaded.class_names)
         if job.task is None:
             self.metrics.observe_route(task, w if task else route.best_weight)
-        logits = self.runtime.logit_scale() * feature @ text.T  # (C,)
+        if mode == "labels":
+            logits = self.runtime.logit_scale() * feature @ text.T  # (C,)
+        else:  # the task's kind answers: cosine with its class text, a head on the frozen feature, ...
+            logits = loaded.served.logits(feature[None], frozen[None], torch.tensor([float(w)]))[0]
         probs = logits.softmax(-1)
         top = probs.topk(min(job.top_k, len(names)))
         scores = [Score(names[c], float(p), float(logits[c])) for p, c in zip(top.values.tolist(), top.indices.tolist())]
@@ -522,9 +519,9 @@ class Engine:
 
 def _weight_error(loaded: LoadedTask, weight: float) -> WeightNotSupported | None:
     """Image-text prompt tokens cannot be scaled: for such a task only the weights 0 and 1 are allowed."""
-    if loaded.kind == IMAGE_TEXT_KIND and float(weight) not in (0.0, 1.0):
+    if loaded.served.all_or_nothing and float(weight) not in (0.0, 1.0):
         return WeightNotSupported(
-            f"task '{loaded.name}' is of kind '{IMAGE_TEXT_KIND}': its prompts apply in full or not at all; weight must be 0 or 1, got {weight:g}"
+            f"task '{loaded.name}' is of kind '{loaded.kind}': its prompts apply in full or not at all; weight must be 0 or 1, got {weight:g}"
         )
     return None
 
@@ -555,46 +552,8 @@ class TaskIdentity:
         return [self.names[int(i)] for i in self.head.predict(frozen)]
 
 
-def token_prompt_config(artifact: TaskArtifact) -> TokenPromptConfig:
-    """recipe["prompts"] of an image-text prompt artifact."""
-    recipe = artifact.recipe.get("prompts") if isinstance(artifact.recipe, dict) else None
-    if not isinstance(recipe, dict):
-        raise UnservableTask(f"a '{IMAGE_TEXT_KIND}' artifact needs recipe.prompts (visual_tokens, visual_depth, text_context)")
-    try:
-        return TokenPromptConfig.from_dict(recipe)
-    except (TypeError, ValueError) as e:
-        raise UnservableTask(f"recipe.prompts is not an image-text prompt config: {e}") from None
-
-
-def identity_stats(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
-    """The class means (C, D) and covariance (D, D) an image-text prompt task is identified by, checked."""
-    means, cov = artifact.stats.get("class_means"), artifact.stats.get("covariance")
-    n = len(artifact.class_names)
-    if means is None or cov is None or means.ndim != 2 or means.shape[0] != n or tuple(cov.shape) != (means.shape[1],) * 2:
-        got = {k: tuple(v.shape) for k, v in artifact.stats.items()}
-        raise UnservableTask(f"a '{IMAGE_TEXT_KIND}' artifact needs stats class_means ({n}, D) and covariance (D, D), got {got}")
-    if not (torch.isfinite(means).all() and torch.linalg.cholesky_ex(cov.double()).info == 0):
-        raise UnservableTask("the class means must be finite and the covariance positive definite (the identity head samples from it)")
-    return {"class_means": means.float(), "covariance": cov.float()}
-
-
 def _raise_first(results: list) -> list:
     for r in results:
         if isinstance(r, Exception):
             raise r
     return results
-
-
-def prompt_config(artifact: TaskArtifact) -> PromptConfig:
-    """The artifact's PromptConfig (recipe["prompts"]), else inferred from its tensors' names and shapes."""
-    recipe = artifact.recipe.get("prompts") if isinstance(artifact.recipe, dict) else None
-    if isinstance(recipe, dict):
-        try:
-            return PromptConfig.from_dict(recipe)
-        except (TypeError, ValueError) as e:
-            raise UnservableTask(f"recipe.prompts is not a prompt config: {e}") from None
-    layers = [int(k.split(".")[1]) for k in artifact.prompts if k.count(".") == 2 and k.split(".")[1].isdigit()]
-    if not layers:
-        raise UnservableTask("the artifact has no prompt tensors named '{tower}.{layer}.{key|value}'")
-    n_prefix = next(iter(artifact.prompts.values())).shape[0]
-    return PromptConfig(depth=max(layers) + 1, n_prefix=int(n_prefix))

@@ -30,6 +30,7 @@ from .checkpoint import Checkpoints, TrainState, check_resumable
 from .comm import Comm
 from .data import ImageSet, PixelPipeline
 from .errors import InputError, TrainingDiverged, TrainingStopped
+from .features import sharded_features
 from .settings import ResidualPromptSettings
 
 log = logging.getLogger(__name__)
@@ -404,17 +405,8 @@ class ResidualPromptLearner:
                 p.grad = (flat[offset : offset + g.numel()] / total).view_as(p).to(p.dtype)
                 offset += g.numel()
 
-    @torch.no_grad()
     def _features(self, model, pipeline, images: ImageSet, task: str | None, comm: Comm) -> torch.Tensor:
-        """(N, D) normalised image features, each rank computing a contiguous shard, gathered in order."""
-        shard = np.array_split(np.arange(len(images)), comm.world_size)[comm.rank]
-        out = []
-        for chunk in np.array_split(shard, max(1, math.ceil(len(shard) / self.settings.eval_batch_size))):
-            if len(chunk):
-                batch = pipeline.to_batch(images.pixels[chunk], model.backbone.device)
-                out.append(model.encode_image(batch, tasks=task, normalize=True).float().cpu())
-        local = torch.cat(out) if out else torch.zeros(0, model.clip.visual.output_dim)
-        return comm.all_gather_rows(local)
+        return sharded_features(model, pipeline, images, self.settings.eval_batch_size, comm, task)
 
     @torch.no_grad()
     def _accuracy(self, model, pipeline, images: ImageSet, classifier: torch.Tensor, task: str | None, comm: Comm) -> float:

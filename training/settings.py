@@ -68,3 +68,35 @@ class ResidualPromptSettings:
     def from_dict(cls, data: dict[str, Any]) -> "ResidualPromptSettings":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """The closed-form head's recipe (backbone/analytic_head.py): one frozen pass, then ridge regression."""
+
+    width: int = 4096  # random features per image (the projection is seeded and shared, never stored)
+    projection_seed: int = 0
+    lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # ridge λ, in units of the mean ‖φ(f)‖²
+    fusions: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)  # head weight beside zero-shot
+    val_fraction: float = 0.1  # stratified split whose held-out accuracy is reported (λ and fusion: leave-one-out on all)
+    seed: int = 0  # the split
+    eval_batch_size: int = 256
+
+    def __post_init__(self):
+        if self.width < 1 or self.eval_batch_size < 1:
+            raise InputError(f"--head-width and --eval-batch-size must be >= 1, got {self.width}, {self.eval_batch_size}")
+        if not 0 < self.val_fraction < 1:
+            raise InputError(f"--val-fraction must be in (0, 1) for a head (it picks λ and the fusion weight), got {self.val_fraction}")
+        if not self.lambdas or not all(x > 0 and math.isfinite(x) for x in self.lambdas):
+            raise InputError(f"head lambdas must be positive numbers, got {self.lambdas}")
+        if not self.fusions or not all(x >= 0 and math.isfinite(x) for x in self.fusions):
+            raise InputError(f"head fusion weights must be finite and >= 0, got {self.fusions}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "lambdas": list(self.lambdas), "fusions": list(self.fusions)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeadSettings":
+        known = {f.name for f in fields(cls)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values)

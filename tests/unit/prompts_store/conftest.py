@@ -57,6 +57,7 @@ class StoreEnv:
     read_raw: Callable[[str], bytes]
     write_raw: Callable[[str, bytes], None]
     exists: Callable[[str], bool]
+    remove_raw: Callable[[str], None]
 
     def reopen(self, **kwargs) -> TaskStore:
         return open_store(self.url, **kwargs)
@@ -75,14 +76,14 @@ def local_env(root: Path) -> StoreEnv:
         path.write_bytes(data)
 
     return StoreEnv("local", str(root), open_store(root), lambda rel: (root / rel).read_bytes(),
-                    write, lambda rel: (root / rel).exists())
+                    write, lambda rel: (root / rel).exists(), lambda rel: (root / rel).unlink())
 
 
 def memory_env(url: str) -> StoreEnv:
     fs, root = fsspec.core.url_to_fs(url)
     return StoreEnv("memory", url, open_store(url), lambda rel: fs.cat_file(f"{root}/{rel}"),
                     lambda rel, data: fs.pipe_file(f"{root}/{rel}", data),
-                    lambda rel: fs.exists(f"{root}/{rel}"))
+                    lambda rel: fs.exists(f"{root}/{rel}"), lambda rel: fs.rm(f"{root}/{rel}"))
 
 
 @pytest.fixture

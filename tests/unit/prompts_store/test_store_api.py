@@ -146,6 +146,9 @@ def test_backbone_fingerprint_is_checked_on_get(env, make_artifact):
     (lambda a: a.recipe.update(fn=print), "recipe is not strict JSON"),
     (lambda a: a.prompts.update(w=[1.0]), "prompts must be a dict"),
     (lambda a: a.stats.update({"": torch.zeros(1)}), "stats must be a dict"),
+    (lambda a: a.update_state.update(x=[1.0]), "update_state must be a dict"),
+    (lambda a: setattr(a, "update_state", [torch.zeros(1)]), "update_state must be a dict"),
+    (lambda a: a.update_state.update({1: torch.zeros(1)}), "update_state must be a dict"),
     (lambda a: setattr(a, "kind", "../x"), "kind '../x' must be"),
 ])
 def test_invalid_artifacts_are_refused_and_nothing_is_written(env, make_artifact, change, message):

@@ -1,0 +1,114 @@
+"""The closed-form head: a classifier on the frozen image feature, fused with the zero-shot logits (the RAIL family).
+
+    head = AnalyticHead.from_parts(tensors, config)          # what a task artifact of kind "head" holds
+    logits = head.logits(frozen, zero_shot_logits, weights)   # (B, C): zero-shot + w · fusion · ridge scores
+
+The expansion `ReLU((f − μ) R)` lifts the L2-normalised frozen feature `f`, centred on the task's mean `μ`, to
+`width` random features; `R` (d × width, N(0, 1/d)) is drawn from a seeded NumPy PCG64 stream, so it is never stored:
+every task made with the same seed shares one cached matrix. A ridge regression to one-hot targets (fitted in
+`training/head_learner.py`) maps the random features to class scores. The fused logits add those scores to the
+frozen zero-shot logits with the weight `w · fusion`: `w` is the router's gate, so `w = 0` is exactly the frozen answer.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_WIDTH = 4096
+DEFAULT_SEED = 0
+
+
+class HeadConfigError(ValueError):
+    """An analytic head's tensors or config do not fit together (shapes, a projection drawn differently)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _projection(dim: int, width: int, seed: int) -> torch.Tensor:
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return torch.from_numpy(rng.standard_normal((dim, width), dtype=np.float32) / np.float32(np.sqrt(dim)))
+
+
+@dataclass(frozen=True)
+class RandomFeatures:
+    """x (B, dim) -> ReLU(x R) (B, width), R seeded and regenerated, never stored."""
+
+    dim: int
+    width: int = DEFAULT_WIDTH
+    seed: int = DEFAULT_SEED
+
+    def matrix(self) -> torch.Tensor:
+        return _projection(self.dim, self.width, self.seed)  # (dim, width) float32, shared by every task with this seed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.matrix().to(x))
+
+    def digest(self) -> str:
+        """SHA-256 of R's bytes: a task records it, a reader refuses a projection drawn differently (another NumPy)."""
+        return hashlib.sha256(self.matrix().numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class AnalyticHead:
+    features: RandomFeatures
+    center: torch.Tensor  # (dim,) the task's mean frozen feature: the expansion's hyperplanes pass near the data
+    weights: torch.Tensor  # (width, C) ridge solution
+    fusion: float  # head scores are added to the zero-shot logits with weight w · fusion (chosen on validation)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.weights.shape[1])
+
+    def expand(self, frozen: torch.Tensor) -> torch.Tensor:
+        """(B, width) random features of L2-normalised frozen features."""
+        return self.features(frozen - self.center.to(frozen))
+
+    def scores(self, frozen: torch.Tensor) -> torch.Tensor:
+        """(B, C) ridge outputs (one-hot regression targets: about 1 for the class, 0 for the others)."""
+        return self.expand(frozen) @ self.weights.to(frozen)
+
+    def logits(self, frozen: torch.Tensor, zero_shot: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(B, C) fused logits; rows with weight 0 are the zero-shot logits, bit for bit."""
+        out = zero_shot.clone()
+        weights = torch.as_tensor(weights, dtype=zero_shot.dtype)
+        on = (weights > 0).nonzero().flatten()
+        if len(on):
+            out[on] = zero_shot[on] + (weights[on] * self.fusion)[:, None] * self.scores(frozen[on].to(zero_shot.dtype))
+        return out
+
+    # ------------------------------------------------------------------ artifact form
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"head.weights": self.weights.float().contiguous(), "head.center": self.center.float().contiguous()}
+
+    def config(self) -> dict[str, Any]:
+        f = self.features
+        return {"dim": f.dim, "width": f.width, "seed": f.seed, "projection_sha256": f.digest(), "fusion": self.fusion}
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any], num_classes: int) -> "AnalyticHead":
+        """Rebuild and check a head from an artifact's tensors and recipe["head"]."""
+        try:
+            features = RandomFeatures(int(config["dim"]), int(config["width"]), int(config["seed"]))
+            fusion, digest = float(config["fusion"]), str(config["projection_sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise HeadConfigError(f"recipe.head needs dim, width, seed, fusion and projection_sha256: {e!r}") from None
+        weights, center = tensors.get("head.weights"), tensors.get("head.center")
+        if weights is None or center is None:
+            raise HeadConfigError(f"a head needs tensors head.weights and head.center, got {sorted(tensors)}")
+        if tuple(weights.shape) != (features.width, num_classes) or tuple(center.shape) != (features.dim,):
+            raise HeadConfigError(
+                f"head.weights {tuple(weights.shape)} and head.center {tuple(center.shape)} do not match width "
+                f"{features.width}, dim {features.dim} and {num_classes} classes"
+            )
+        if not (torch.isfinite(weights).all() and torch.isfinite(center).all() and np.isfinite(fusion) and fusion >= 0):
+            raise HeadConfigError("the head's weights, center and fusion must be finite (fusion >= 0)")
+        if features.digest() != digest:
+            raise HeadConfigError(
+                f"the random projection (seed {features.seed}) drawn here differs from the one the head was fitted with "
+                "(another NumPy random stream?): refit the task"
+            )
+        return cls(features, center.float(), weights.float(), fusion)

@@ -1,0 +1,236 @@
+"""The closed-form head learner (kind "head"): one frozen pass, a ridge solve, a task learned in seconds.
+
+Reads top to bottom: frozen features of every image (one pass, split across ranks with Ray Train) → fingerprint
+(the router's Gaussian, as for every kind) → ridge regression of the random features (backbone/analytic_head.py) to
+one-hot targets on every image, for every λ of the grid → λ and the fusion weight with the zero-shot logits
+picked by exact leave-one-out accuracy over all images (one eigendecomposition for the whole grid) → evaluation →
+artifact.
+
+**Update.** The artifact keeps the frozen features and labels of its images in `update.safetensors` (the store never
+hands it to replicas): n × d float32, 2 MB for 2,000 images at 256-d, against 128 MB for a 4096² Gram matrix. They are
+the head's sufficient statistics: `update` appends the new images' features (new classes get new columns), re-picks λ
+and the fusion weight and solves again: exactly a fit on all the images at once, without the old images.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backbone import Backbone, PromptedCLIP, fit_task_stats, text_classifier
+from backbone.analytic_head import AnalyticHead, RandomFeatures
+from prompts_store import TaskArtifact
+
+from .data import ImageSet, PixelPipeline
+from .errors import InputError
+from .features import sharded_features
+from .learner import RunContext, TaskData, _pct
+from .settings import HeadSettings
+
+log = logging.getLogger(__name__)
+
+KIND = "head"
+UPDATE_KEYS = ("train.features", "train.labels", "val.features", "val.labels")
+
+
+@dataclass(frozen=True)
+class Features:
+    """Frozen (or prompted) features of one split, with labels."""
+
+    features: torch.Tensor  # (n, D) float32, L2-normalised
+    labels: torch.Tensor  # (n,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @staticmethod
+    def concat(*parts: "Features") -> "Features":
+        return Features(torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts]))
+
+
+@dataclass(frozen=True)
+class HeadFit:
+    head: AnalyticHead
+    lam: float
+    val_accuracy: float
+    val_zero_shot_accuracy: float
+    loo_accuracy_by_lambda: dict[str, float]  # leave-one-out accuracy over all images, best fusion weight, per λ
+
+
+# ---------------------------------------------------------------- the solve
+def ridge_path(phi: torch.Tensor, targets: torch.Tensor, lambdas: tuple[float, ...]):
+    """Per λ: (leave-one-out scores (n, C), weights (width, C)) of min ‖ΦW − Y‖² + λ·s‖W‖², s = mean ‖φ‖².
+
+    One eigendecomposition serves every λ: of ΦΦᵀ (n × n) when there are fewer images than random features, else of
+    ΦᵀΦ (width × width). The leave-one-out scores are exact: (ŷᵢ − hᵢ yᵢ) / (1 − hᵢ), h the diagonal of the hat
+    matrix, so every image is scored by a head that never saw it. float64 throughout.
+    """
+    phi, targets = phi.double(), targets.double()
+    n, width = phi.shape
+    s = phi.square().sum().item() / max(n, 1)
+    if n <= width:  # dual: W = Φᵀ (ΦΦᵀ + λI)⁻¹ Y
+        e, u = torch.linalg.eigh(phi @ phi.T)
+        uy, u2 = u.T @ targets, u.square()
+        for lam in lambdas:
+            shrink = e / (e + lam * s)
+            fitted, h = u @ (uy * shrink[:, None]), u2 @ shrink
+            yield (fitted - h[:, None] * targets) / (1 - h[:, None]), phi.T @ (u @ (uy / (e + lam * s)[:, None]))
+        return
+    e, v = torch.linalg.eigh(phi.T @ phi)  # primal: W = (ΦᵀΦ + λI)⁻¹ Φᵀ Y
+    pv, vb = phi @ v, v.T @ (phi.T @ targets)
+    pv2 = pv.square()
+    for lam in lambdas:
+        inverse = 1 / (e + lam * s)
+        weights = v @ (vb * inverse[:, None])
+        h = pv2 @ inverse
+        yield (phi @ weights - h[:, None] * targets) / (1 - h[:, None]), weights
+
+
+def fit_head(train: Features, val: Features, text: torch.Tensor, logit_scale: float, settings: HeadSettings,
+             num_classes: int) -> HeadFit:
+    """Fit on every image; pick λ and the fusion weight by exact leave-one-out accuracy over all of them.
+
+    Leave-one-out uses every image for both fitting and choosing, where a 10 % split leaves a tenth out and chooses on
+    a tenth (measured on the proxy's six domains: mean test 70.3 against 69.9 %). The validation split is still
+    reported: `val_accuracy` is the leave-one-out accuracy on its rows, held out from the head each is scored by, and
+    so comparable with the other kinds' validation figures.
+    """
+    if len(val) == 0:
+        raise InputError("the head reports its accuracy on a validation split, and the split is empty: give each "
+                         "class at least 2 images, or a larger --val-fraction")
+    everything = Features.concat(train, val)
+    center = everything.features.double().mean(0)
+    expansion = RandomFeatures(int(train.features.shape[1]), settings.width, settings.projection_seed)
+    phi = expansion(everything.features.double() - center)
+    zero_shot = logit_scale * everything.features.double() @ text.double().T  # (n, C)
+    truth = everything.labels.numpy()
+    on_val = np.arange(len(everything)) >= len(train)
+    best, by_lambda = (-1.0, None, None, None, None), {}
+    # ties keep the more regularised λ and the smaller fusion weight (closer to the frozen answer)
+    lambdas = tuple(sorted(settings.lambdas, reverse=True))
+    for lam, (held_out, weights) in zip(lambdas, ridge_path(phi, F.one_hot(everything.labels, num_classes), lambdas)):
+        for fusion in sorted(settings.fusions):
+            right = (zero_shot + fusion * held_out).argmax(-1).numpy() == truth
+            by_lambda[f"{lam:g}"] = max(by_lambda.get(f"{lam:g}", 0.0), float(right.mean()))
+            if right.mean() > best[0]:
+                best = (float(right.mean()), lam, fusion, float(right[on_val].mean()), weights)
+    _, lam, fusion, val_accuracy, weights = best
+    val_zero_shot = float((zero_shot.argmax(-1).numpy() == truth)[on_val].mean())
+    head = AnalyticHead(expansion, center.float(), weights.float(), float(fusion))
+    return HeadFit(head, lam, val_accuracy, val_zero_shot, by_lambda)
+
+
+def accuracy_of(head: AnalyticHead, split: Features, text: torch.Tensor, logit_scale: float) -> tuple[float, float]:
+    """(head accuracy at w = 1, frozen zero-shot accuracy) within the task's classes."""
+    zero_shot = logit_scale * split.features @ text.float().T
+    fused = head.logits(split.features, zero_shot, torch.ones(len(split)))
+    truth = split.labels.numpy()
+    return float((fused.argmax(-1).numpy() == truth).mean()), float((zero_shot.argmax(-1).numpy() == truth).mean())
+
+
+def check_features(split: Features, where: str) -> None:
+    bad = (~torch.isfinite(split.features).all(-1)).nonzero().flatten()
+    if len(bad):
+        raise InputError(f"{where}: the frozen features of {len(bad)} images are not finite (e.g. image {int(bad[0])}); "
+                         "check those images and the backbone's weights")
+
+
+# ---------------------------------------------------------------- the learner
+class HeadLearner:
+    kind = KIND
+
+    def __init__(self, settings: HeadSettings | None = None):
+        self.settings = settings or HeadSettings()
+
+    def recipe(self, task: TaskData) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "learner": self.kind,
+            "head_settings": s.to_dict(),
+            "loss": "ridge regression of ReLU random features of the centred frozen feature to one-hot targets",
+            "selection": "λ and fusion weight with the zero-shot logits: best exact leave-one-out accuracy over all images",
+            "split": {"val_fraction": s.val_fraction, "seed": s.seed, "stratified": True,
+                      "n_train": len(task.train), "n_val": len(task.val) if task.val is not None else 0},
+            "data": task.source,
+        }
+
+    def identity(self, task: TaskData, backbone: Backbone, runner: str = "local") -> dict[str, Any]:
+        return {"runner": runner, "task": task.name, "backbone": backbone.fingerprint.to_dict()}
+
+    def fit(self, task: TaskData, backbone: Backbone, run: RunContext | None = None,
+            previous: TaskArtifact | None = None) -> TaskArtifact:
+        """Learn the task; with `previous` (a head artifact read with its update state), add to what it learned."""
+        run = run or RunContext()
+        model, pipeline = PromptedCLIP(backbone), PixelPipeline(backbone.preprocess)
+        started = time.perf_counter()
+        train, val = self.features(model, pipeline, task.train, run), self.features(model, pipeline, task.val, run)
+        test = self.features(model, pipeline, task.test, run) if task.test is not None else None
+        for split, where in ((train, "--data (train split)"), (val, "--data (validation split)"), (test, "--test")):
+            if split is not None:
+                check_features(split, where)
+        class_names, templates = list(task.class_names), list(task.templates)
+        if previous is not None:
+            train, val = Features.concat(stored(previous, "train"), train), Features.concat(stored(previous, "val"), val)
+        fingerprint_seconds = time.perf_counter() - started
+        return self.artifact(task, backbone, model, class_names, templates, train, val, test, fingerprint_seconds,
+                             run, previous)
+
+    def features(self, model: PromptedCLIP, pipeline: PixelPipeline, images: ImageSet | None, run: RunContext,
+                 task: str | None = None) -> Features:
+        if images is None or len(images) == 0:
+            return Features(torch.zeros(0, model.clip.visual.output_dim), torch.zeros(0, dtype=torch.int64))
+        feats = sharded_features(model, pipeline, images, self.settings.eval_batch_size, run.comm, task)
+        return Features(feats, torch.as_tensor(np.array(images.labels, dtype=np.int64)))
+
+    def artifact(self, task, backbone, model, class_names, templates, train, val, test, fingerprint_seconds, run,
+                 previous=None, prompts: dict[str, torch.Tensor] | None = None, text: torch.Tensor | None = None,
+                 kind: str | None = None, extra_recipe: dict | None = None) -> TaskArtifact:
+        """Fit the head on the given features and package the artifact (shared with the prompts+head learner)."""
+        say = log.info if run.comm.is_main else log.debug
+        started = time.perf_counter()
+        scale = float(model.logit_scale())
+        if text is None:
+            text = text_classifier(model, class_names, templates).float().cpu()  # (C, D) frozen class text
+        everything = Features.concat(train, val)
+        stats = fit_task_stats(everything.features, everything.labels, seed=self.settings.seed).to_tensors()
+        fit = fit_head(train, val, text, scale, self.settings, len(class_names))
+        train_seconds = time.perf_counter() - started
+        test_accuracy, test_zero_shot = accuracy_of(fit.head, test, text, scale) if test is not None and len(test) else (None, None)
+        metrics = {
+            "val_accuracy": fit.val_accuracy,
+            "val_zero_shot_accuracy": fit.val_zero_shot_accuracy,
+            "test_accuracy": test_accuracy,
+            "test_zero_shot_accuracy": test_zero_shot,
+            "lambda": fit.lam,
+            "fusion": fit.head.fusion,
+            "loo_accuracy_by_lambda": fit.loo_accuracy_by_lambda,
+            "train_seconds": round(train_seconds, 3),
+            "fingerprint_seconds": round(fingerprint_seconds, 3),
+            "n_train": len(train),
+            "n_val": len(val),
+            "n_test": len(test) if test is not None else 0,
+            "updated_from_version": previous.version if previous is not None else None,
+            **run.extra_metrics,
+        }
+        say("%s: head λ %g, fusion %g; val acc %s (frozen zero-shot %s); test acc %s (frozen zero-shot %s); solve %.1f s",
+            task.name, fit.lam, fit.head.fusion, _pct(fit.val_accuracy), _pct(fit.val_zero_shot_accuracy),
+            _pct(test_accuracy), _pct(test_zero_shot), train_seconds)
+        recipe = {**self.recipe(task), "head": fit.head.config(), **(extra_recipe or {})}
+        update_state = {"train.features": train.features, "train.labels": train.labels,
+                        "val.features": val.features, "val.labels": val.labels}
+        return TaskArtifact(
+            name=task.name, kind=kind or self.kind, class_names=class_names, templates=templates,
+            backbone=backbone.fingerprint.to_dict(), recipe=recipe, metrics=metrics,
+            prompts={**(prompts or {}), **fit.head.to_tensors()}, stats=stats, update_state=update_state,
+        )
+
+
+def stored(previous: TaskArtifact, split: str) -> Features:
+    """The features and labels an earlier version kept for `split` ("train" or "val")."""
+    state = previous.update_state
+    return Features(state[f"{split}.features"].float(), state[f"{split}.labels"].long())
