@@ -34,7 +34,9 @@ class PromptedCLIP(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.clip = backbone.model
-        self.routing = RoutingState()
+        # a second PromptedCLIP on the same backbone finds the wrappers of the first: it shares their routing state
+        wrapped = next((m for m in backbone.model.modules() if isinstance(m, PromptedAttention)), None)
+        self.routing = wrapped.routing if wrapped is not None else RoutingState()
         self._blocks = {"visual": backbone.image_blocks, "text": backbone.text_blocks}
         self._slots: dict[str, str] = {}  # task name -> slot key (unique per load, so a reload never aliases)
         self._configs: dict[str, PromptConfig] = {}

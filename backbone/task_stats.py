@@ -79,7 +79,7 @@ class TaskStats:
         g = self.gaussian
         return {
             "mean": g.mean.float().contiguous(),
-            "whitener": g.whitener.float().contiguous(),
+            "whitener_tril": pack_tril(g.whitener.float()),  # lower triangular: half the bytes of the square
             "logdet": torch.tensor([g.logdet], dtype=torch.float64),
             "shrinkage": torch.tensor([g.shrinkage], dtype=torch.float64),
             "keys": self.keys.float().contiguous(),
@@ -89,13 +89,29 @@ class TaskStats:
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "TaskStats":
+        whitener = unpack_tril(t["whitener_tril"], t["mean"].shape[0]) if "whitener_tril" in t else t["whitener"]
         gaussian = Gaussian(
             mean=t["mean"].double(),
-            whitener=t["whitener"].double(),
+            whitener=whitener.double(),
             logdet=t["logdet"].item(),
             shrinkage=t["shrinkage"].item(),
         )
         return cls(gaussian=gaussian, keys=t["keys"].float(), gate=Gate.from_tensor(t["gate"]), n_images=int(t["n_images"]))
+
+
+def pack_tril(square: torch.Tensor) -> torch.Tensor:
+    """The lower triangle of a (d, d) matrix, row by row: (d(d+1)/2,)."""
+    rows, cols = torch.tril_indices(*square.shape)
+    return square[rows, cols].contiguous()
+
+
+def unpack_tril(packed: torch.Tensor, d: int) -> torch.Tensor:
+    if packed.shape != (d * (d + 1) // 2,):
+        raise ValueError(f"a packed lower triangle of a {d}x{d} matrix has {d * (d + 1) // 2} values, got {tuple(packed.shape)}")
+    out = torch.zeros(d, d, dtype=packed.dtype)
+    rows, cols = torch.tril_indices(d, d)
+    out[rows, cols] = packed
+    return out
 
 
 def class_means(features: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Learn a new task on the frozen CLIP and publish it to the store.
 
-    keepclip add-task NAME --data PATH [--classnames FILE] [--templates FILE] [--epochs N] [--lr X] [--batch-size N] [--workers N]
+    keepclip add-task NAME --data PATH [--kind head|prompts|prompts+head|auto] [--update] [--classnames FILE] [--workers N] ...
     python -m training.add_task NAME --data PATH ...        (the same arguments; what `ray job submit` runs)
 
-The flow reads top to bottom: settings → data (checked, decoded, split) → store and backbone checks → model →
-optimizer → loop (in `learner.py`) → publish. With `--workers 0` (the default) everything runs in this process; with
+The flow reads top to bottom: settings → data (checked, decoded, split) → store and backbone checks → the learner of
+`--kind` (`learners.py`: a closed-form head in seconds by default, residual prompts by SGD, both, or the best of them
+on validation) → publish. `--update` adds images and classes to a live head task in closed form. With `--workers 0` (the default) everything runs in this process; with
 `--workers N` it runs as a Ray Train `TorchTrainer` with N data-parallel workers on the Ray cluster found through
 `--address` / `RAY_ADDRESS` (or a new local one). Bad input is reported as `error: ...` with exit code 2 before
 any training starts.
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, TrainingDiverged, TrainingStopped
-from .settings import ResidualPromptSettings
+from .settings import HeadSettings, ResidualPromptSettings
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_CHECKPOINT_DIR = "./keepclip-checkpoints"
@@ -64,12 +65,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The arguments of `keepclip add-task` and `python -m training.add_task` (DESIGN §7)."""
     backbone_defaults = _load_settings("backbone", "BackboneSettings")
     store_defaults = _load_settings("prompts_store", "StoreSettings")
-    recipe = ResidualPromptSettings()
+    recipe, head = ResidualPromptSettings(), HeadSettings()
     parser = argparse.ArgumentParser(
         prog=prog or _default_prog(),
         description=(
-            "Learn a new image-classification task on the frozen CLIP (residual attention prompts + a fingerprint "
-            "of its images) and publish it to the store. Earlier tasks and the backbone are never touched. Runs here, "
+            "Learn a new image-classification task on the frozen CLIP and publish it to the store: a closed-form head on "
+            "the frozen features (--kind head, the default: seconds), residual attention prompts (--kind prompts: the "
+            "deep tier, minutes), both, or the best of them on validation (--kind auto); every task also gets a "
+            "fingerprint of its images for routing. Earlier tasks and the backbone are never touched. Runs here, "
             "or with --workers N as a Ray Train job (`ray job submit -- python -m training.add_task ...` takes the same "
             "arguments as `keepclip add-task`)."
         ),
@@ -82,6 +85,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("name", metavar="NAME", help="task name: 1-64 characters of [a-z0-9._-], starting with a letter or digit")
 
+    kind = parser.add_argument_group("what to learn")
+    kind.add_argument("--kind", choices=("head", "prompts", "prompts+head", "auto"), default="head",
+                      help="head: ridge regression on random features of the frozen image feature, fused with zero-shot (one frozen "
+                           "pass, seconds); prompts: residual attention prompts by SGD (the deep tier, a second pass when served); "
+                           "prompts+head: the head on prompted features; auto: all three, keeps the best on validation [head]")
+    kind.add_argument("--update", action="store_true", help="add --data (more images, new classes) to the live head task NAME in "
+                      "closed form, from the features its artifact keeps (no old images needed); publishes a new version")
+    kind.add_argument("--head-width", type=int, default=head.width, metavar="N", help=f"head: random features per image [{head.width}]")
+
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, metavar="PATH", help="training data: a folder per class, a .jsonl/.csv manifest, or an .npz")
     names = data.add_mutually_exclusive_group()
@@ -92,7 +104,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--val-fraction", type=float, default=recipe.val_fraction, metavar="F", help=f"stratified validation hold-out that picks the best epoch; 0 keeps the last epoch [{recipe.val_fraction}]")
     data.add_argument("--skip-unreadable", action="store_true", help="leave out images that cannot be read (default: fail and list them)")
 
-    train = parser.add_argument_group("recipe (defaults: the reference recipe)")
+    train = parser.add_argument_group("prompts recipe (--kind prompts, prompts+head, auto; defaults: the reference recipe)")
     train.add_argument("--epochs", type=int, default=recipe.epochs, metavar="N", help=f"[{recipe.epochs}]")
     train.add_argument("--lr", type=float, default=recipe.lr, metavar="X", help=f"SGD learning rate, cosine-decayed per step [{recipe.lr}]")
     train.add_argument("--lr-reference-logit-scale", type=_optional_float, default=recipe.lr_reference_logit_scale, metavar="S",
@@ -137,7 +149,16 @@ def _optional_float(text: str) -> float | None:
     return None if text.strip().lower() in ("none", "") else float(text)
 
 
-def recipe_settings(args: argparse.Namespace) -> ResidualPromptSettings:
+def recipe_settings(args: argparse.Namespace):
+    """Both recipes from the arguments (the head's only when --kind uses it: it needs a validation split)."""
+    from .learners import RecipeSettings
+
+    head = HeadSettings() if args.kind == "prompts" else HeadSettings(
+        width=args.head_width, val_fraction=args.val_fraction, seed=args.seed, eval_batch_size=args.eval_batch_size)
+    return RecipeSettings(prompt_settings(args), head)
+
+
+def prompt_settings(args: argparse.Namespace) -> ResidualPromptSettings:
     return ResidualPromptSettings(
         depth=args.depth, n_prefix=args.n_prefix, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         lr_reference_logit_scale=args.lr_reference_logit_scale, key_init=args.key_init,
@@ -181,18 +202,25 @@ def add_task(args: argparse.Namespace) -> int:
 
     from .checkpoint import check_resumable, latest_local, load_state
     from .data import DEFAULT_TEMPLATES, PixelPipeline, check_no_empty_class, decode, parse_class_names, read_class_names, read_templates, scan, split_train_val
-    from .learner import ResidualPromptLearner, TaskData
+    from .learner import TaskData
+    from .learners import make_learner
 
     log = logging.getLogger("training.add_task")
     started = time.perf_counter()
 
     # -- settings: everything that can be checked without reading data
-    settings = recipe_settings(args)
+    recipes = recipe_settings(args)
+    settings = recipes.prompts
     name = validate_task_name(args.name)
     if args.workers < 0:
         raise InputError(f"--workers must be >= 0, got {args.workers}")
-    if args.stop_after_epoch is not None and not 1 <= args.stop_after_epoch <= settings.epochs:
-        raise InputError(f"--stop-after-epoch must be in 1..--epochs ({settings.epochs}), got {args.stop_after_epoch}")
+    epochs_apply = args.kind != "head"
+    if args.stop_after_epoch is not None and not (epochs_apply and 1 <= args.stop_after_epoch <= settings.epochs):
+        raise InputError(f"--stop-after-epoch must be in 1..--epochs ({settings.epochs}) with a kind that trains prompts, got {args.stop_after_epoch} with --kind {args.kind}")
+    if args.resume and not epochs_apply:
+        raise InputError("--resume: a head is solved in one step, there is no run to resume; run add-task again")
+    if args.update and args.kind != "head":
+        raise InputError(f"--update adds to a head task in closed form; it does not apply to --kind {args.kind}")
     class_names, names_from = None, None
     if args.classnames:
         class_names, names_from = read_class_names(args.classnames), f"--classnames {args.classnames}"
@@ -215,6 +243,7 @@ def add_task(args: argparse.Namespace) -> int:
 
     backbone = load_frozen_backbone(model_arg, pretrained_arg, "cpu" if args.workers else args.device)
     fingerprint = backbone.fingerprint.to_dict()
+    previous = _live_head(store, name, fingerprint, backbone) if args.update else None
     for info in live:
         if info.backbone is not None and info.backbone != fingerprint:
             raise InputError(
@@ -230,6 +259,11 @@ def add_task(args: argparse.Namespace) -> int:
     if skipped:
         check_no_empty_class(train_source, "--data", labels=images.labels, after=" left after skipping unreadable files")
     test_images, test_skipped = (decode(test_source, pipeline, args.skip_unreadable, "--test", progress) if test_source else (None, []))
+    if args.kind != "prompts":
+        _check_val_split(images.labels, train_source)
+    class_names, templates = train_source.class_names, templates
+    if previous is not None:  # known classes keep their labels, new ones are appended
+        class_names, templates, images, test_images = _onto_previous(previous, train_source, templates, images, test_images, args)
     train_index, val_index = split_train_val(images.labels, settings.val_fraction, settings.seed)
     from backbone.task_stats import MIN_IMAGES
 
@@ -241,14 +275,14 @@ def add_task(args: argparse.Namespace) -> int:
     }
     task = TaskData(
         name=name,
-        class_names=train_source.class_names,
+        class_names=class_names,
         templates=templates,
         train=images.subset(train_index),
         val=images.subset(val_index) if len(val_index) else None,
         test=test_images,
         source=source,
     )
-    learner = ResidualPromptLearner(settings)
+    learner = make_learner(args.kind, recipes)
     runner = "ray-train" if args.workers else "local"
     if args.resume and "://" not in str(run_dir):  # fail fast, before Ray or the fingerprint pass start
         found = latest_local(run_dir)
@@ -271,11 +305,12 @@ def add_task(args: argparse.Namespace) -> int:
                 checkpoints=LocalCheckpoints(run_dir), resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch,
                 progress=progress, runner=runner, extra_metrics={"workers": 0, "device": str(backbone.device)},
             )
-            artifact = learner.fit(task, backbone, run)
+            artifact = learner.fit(task, backbone, run, previous=previous) if previous is not None else learner.fit(task, backbone, run)
             version = store.publish(artifact)
             summary = {k: v for k, v in artifact.metrics.items() if k != "history"}
         else:
-            result = _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_arg, pretrained_arg, run_name, run_dir, progress)
+            result = _fit_on_ray(args, task, recipes, backbone, fingerprint, store_url, model_arg, pretrained_arg, run_name, run_dir, progress,
+                                 previous.version if previous is not None else None)
             if result.get("stopped_after_epoch"):
                 raise TrainingStopped(int(result["stopped_after_epoch"]))
             version, summary = result.get("published_version"), result.get("summary", {})
@@ -289,7 +324,8 @@ def add_task(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_arg, pretrained_arg, run_name, run_dir, progress) -> dict[str, Any]:
+def _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_arg, pretrained_arg, run_name, run_dir, progress,
+                update_from: int | None = None) -> dict[str, Any]:
     import ray
 
     from .ray_train import fit_on_ray, unwrap_worker_error
@@ -307,6 +343,7 @@ def _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_ar
         "settings": settings.to_dict(), "model": model_arg, "pretrained": pretrained_arg, "backbone": fingerprint,
         "store": store_url, "resume": bool(args.resume), "stop_after_epoch": args.stop_after_epoch,
         "progress": progress, "verbose": args.verbose, "quiet": args.quiet, "extra_metrics": {},
+        "kind": args.kind, "update_from": update_from,
     }
     try:
         return fit_on_ray(
@@ -323,6 +360,49 @@ def _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_ar
         if isinstance(cause, (InputError, TrainingDiverged)):
             raise cause from None
         raise
+
+
+def _live_head(store, name: str, fingerprint: dict, backbone):
+    """The live version of the head task `--update` adds to, with its update state; refused by name otherwise."""
+    from prompts_store import TaskNotFound
+
+    from .head_learner import check_updatable
+
+    try:
+        previous = store.get(name, backbone=fingerprint, with_update_state=True)
+    except TaskNotFound:
+        raise InputError(f"--update: no live task {name!r} in store {store.url} (add it first without --update)") from None
+    check_updatable(previous, int(backbone.model.visual.output_dim), "--update")
+    return previous
+
+
+def _onto_previous(previous, source, templates, images, test_images, args):
+    """Class names, templates and labels of the new data mapped onto the live version's."""
+    import numpy as np
+
+    from .head_learner import merge_class_names
+
+    if args.templates and list(templates) != list(previous.templates):
+        raise InputError(f"--templates {args.templates}: task {previous.name!r} was learnt with templates {previous.templates}; "
+                         "an update keeps them (leave out --templates)")
+    names, mapping = merge_class_names(list(previous.class_names), list(source.class_names), f"--data {source.path}")
+    mapping = np.asarray(mapping, dtype=np.int64)
+    images.labels = mapping[images.labels]
+    if test_images is not None:
+        test_images.labels = mapping[test_images.labels]
+    return names, list(previous.templates), images, test_images
+
+
+def _check_val_split(labels, source) -> None:
+    """A head reports held-out accuracy on a stratified split: every class needs one image for it and one to fit."""
+    import numpy as np
+
+    counts = np.bincount(labels, minlength=len(source.class_names))
+    few = [source.class_names[c] for c in np.flatnonzero(counts < 2)]
+    if few:
+        raise InputError(f"--data {source.path}: class {few[0]!r} has {int(counts[source.class_names.index(few[0])])} image(s)"
+                         f"{f' (and {len(few) - 1} more classes)' if len(few) > 1 else ''}; a head needs at least 2 per class "
+                         "(one for the validation split)")
 
 
 def _run_location(args, task: str) -> tuple[str, str | Path]:
@@ -364,12 +444,16 @@ def _print_summary(name: str, version: int, store_url: str, task, summary: dict[
     def pct(key):
         return _pct(summary.get(key))
 
+    kept = f"; kept epoch {summary.get('best_epoch')} of {summary.get('epochs')}" if summary.get("epochs") else ""
+    if summary.get("fusion") is not None:
+        kept += f"; head λ {summary.get('lambda'):g}, fusion {summary.get('fusion'):g}"
     lines = [
         f"published task {name!r} version {version} to store {store_url}",
-        f"  {len(task.class_names)} classes; {summary.get('n_train')} train / {summary.get('n_val')} val images; "
-        f"kept epoch {summary.get('best_epoch')} of {summary.get('epochs')}",
+        f"  {len(task.class_names)} classes; {summary.get('n_train')} train / {summary.get('n_val')} val images{kept}",
         f"  val accuracy {pct('val_accuracy')} (frozen zero-shot {pct('val_zero_shot_accuracy')})",
     ]
+    if summary.get("candidates"):
+        lines.append("  auto: " + ", ".join(f"{k} {_pct(v)}" for k, v in summary["candidates"].items()))
     if summary.get("test_accuracy") is not None:
         lines.append(f"  test accuracy {pct('test_accuracy')} (frozen zero-shot {pct('test_zero_shot_accuracy')}) on {summary.get('n_test')} images")
     lines.append(f"  training {summary.get('train_seconds', 0):.1f} s, fingerprint {summary.get('fingerprint_seconds', 0):.1f} s, total {seconds:.1f} s")

@@ -189,7 +189,8 @@ class HeadLearner:
 
     def artifact(self, task, backbone, model, class_names, templates, train, val, test, fingerprint_seconds, run,
                  previous=None, prompts: dict[str, torch.Tensor] | None = None, text: torch.Tensor | None = None,
-                 kind: str | None = None, extra_recipe: dict | None = None) -> TaskArtifact:
+                 stats: dict[str, torch.Tensor] | None = None, kind: str | None = None,
+                 extra_recipe: dict | None = None) -> TaskArtifact:
         """Fit the head on the given features and package the artifact (shared with the prompts+head learner)."""
         say = log.info if run.comm.is_main else log.debug
         started = time.perf_counter()
@@ -197,7 +198,8 @@ class HeadLearner:
         if text is None:
             text = text_classifier(model, class_names, templates).float().cpu()  # (C, D) frozen class text
         everything = Features.concat(train, val)
-        stats = fit_task_stats(everything.features, everything.labels, seed=self.settings.seed).to_tensors()
+        if stats is None:  # the router's fingerprint, from the frozen features
+            stats = fit_task_stats(everything.features, everything.labels, seed=self.settings.seed).to_tensors()
         fit = fit_head(train, val, text, scale, self.settings, len(class_names))
         train_seconds = time.perf_counter() - started
         test_accuracy, test_zero_shot = accuracy_of(fit.head, test, text, scale) if test is not None and len(test) else (None, None)
@@ -234,3 +236,35 @@ def stored(previous: TaskArtifact, split: str) -> Features:
     """The features and labels an earlier version kept for `split` ("train" or "val")."""
     state = previous.update_state
     return Features(state[f"{split}.features"].float(), state[f"{split}.labels"].long())
+
+
+# ---------------------------------------------------------------- updates
+def check_updatable(previous: TaskArtifact, embed_dim: int, where: str) -> None:
+    """A live version `--update` can add to: a head, with its update state, for features of this width."""
+    if previous.kind != KIND:
+        raise InputError(f"{where}: task '{previous.name}' is of kind '{previous.kind}'; only '{KIND}' tasks are updated "
+                         "in closed form (learn it again, or add a new task)")
+    missing = [k for k in UPDATE_KEYS if k not in previous.update_state]
+    if missing:
+        raise InputError(f"{where}: task '{previous.name}' version {previous.version} keeps no update state ({', '.join(missing)} missing)")
+    width = previous.update_state["train.features"].shape[-1]
+    if width != embed_dim:
+        raise InputError(f"{where}: task '{previous.name}' version {previous.version} kept {width}-d features; this backbone "
+                         f"gives {embed_dim}-d (a feature-width mismatch: use the task's backbone)")
+
+
+def merge_class_names(previous: list[str], new: list[str], where: str) -> tuple[list[str], list[int]]:
+    """(all class names, new label -> merged label): known names keep their label, new names are appended.
+
+    A new name that equals a known one but for case or spaces is a conflict (it would split one class in two)."""
+    known = {n.strip().casefold(): n for n in previous}
+    merged = list(previous)
+    for name in new:
+        if name in merged:
+            continue
+        twin = known.get(name.strip().casefold())
+        if twin is not None:
+            raise InputError(f"{where}: class name {name!r} conflicts with the task's class {twin!r} (same but for case "
+                             "or spaces): use the task's spelling")
+        merged.append(name)
+    return merged, [merged.index(n) for n in new]

@@ -2,8 +2,9 @@
 
 The driver (the process `ray job submit` starts, or `add-task --workers N`) has already checked and decoded the data;
 it puts the decoded images into the Ray object store once. Each worker loads the frozen backbone itself (and checks
-it is the driver's), takes the images from the object store, and runs `ResidualPromptLearner.fit` with a
-`TorchComm` over the process group Ray Train set up. Per-epoch state goes through `ray.train.report(checkpoint=...)`
+it is the driver's), takes the images from the object store, and runs the `--kind`'s learner (`learners.py`) with a
+`TorchComm` over the process group Ray Train set up: the prompts average their gradients; the head's workers each
+compute the frozen features of their shard, gather them, and solve once. Per-epoch state goes through `ray.train.report(checkpoint=...)`
 into `RunConfig(storage_path=<checkpoint-dir>, name=<run-name>)`, so a run that is started again under the same
 name continues from its last epoch (`ray.train.get_checkpoint()`). Rank 0 publishes the artifact.
 """
@@ -57,9 +58,9 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     from .comm import TorchComm
     from .data import ImageSet
     from .errors import TrainingStopped
-    from .learner import ResidualPromptLearner, RunContext, TaskData
+    from .learner import RunContext, TaskData
+    from .learners import RecipeSettings, make_learner
     from .runtime import configure_logging, load_frozen_backbone
-    from .settings import ResidualPromptSettings
 
     comm = TorchComm()
     configure_logging(verbose=config["verbose"], quiet=config["quiet"] or not comm.is_main)
@@ -90,13 +91,18 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         runner="ray-train",
         extra_metrics={"workers": comm.world_size, "device": str(device), **config["extra_metrics"]},
     )
-    learner = ResidualPromptLearner(ResidualPromptSettings.from_dict(config["settings"]))
+    learner = make_learner(config.get("kind", "prompts"), RecipeSettings.from_dict(config["settings"]))
+    store = open_store(config["store"])
     try:
-        artifact = learner.fit(task, backbone, run)
+        if config.get("update_from") is not None:  # --update: the same live version the driver checked
+            previous = store.get(task.name, config["update_from"], backbone=config["backbone"], with_update_state=True)
+            artifact = learner.fit(task, backbone, run, previous=previous)
+        else:
+            artifact = learner.fit(task, backbone, run)
     except TrainingStopped as stopped:
         log.info("%s", stopped)
         return {"stopped_after_epoch": stopped.epoch}
-    version = open_store(config["store"]).publish(artifact) if comm.is_main else None
+    version = store.publish(artifact) if comm.is_main else None
     return {"published_version": version, "summary": {k: v for k, v in artifact.metrics.items() if k != "history"}}
 
 

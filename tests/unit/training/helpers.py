@@ -62,10 +62,10 @@ def write_manifest(path: Path, per_class: int = 6, seed: int = 0, label_as: str 
     return path
 
 
-def tiny_args(name: str, data: Path, store: Path, checkpoints: Path, *extra: str, epochs: int = 2) -> list[str]:
-    """A fast add-task command line on the tiny random-init config."""
+def tiny_args(name: str, data: Path, store: Path, checkpoints: Path, *extra: str, epochs: int = 2, kind: str = "prompts") -> list[str]:
+    """A fast add-task command line on the tiny random-init config (the prompts kind unless `kind` says otherwise)."""
     return [
-        name, "--data", str(data), "--model", TINY_MODEL, "--pretrained", "none", "--device", "cpu",
+        name, "--data", str(data), "--kind", kind, "--model", TINY_MODEL, "--pretrained", "none", "--device", "cpu",
         "--store", str(store), "--checkpoint-dir", str(checkpoints), "--epochs", str(epochs), "--batch-size", "16",
         "--val-fraction", "0.25", "--no-progress", *extra,
     ]

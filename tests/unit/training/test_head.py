@@ -1,0 +1,140 @@
+"""The closed-form head: `add-task` with the default kind learns in one frozen pass, `--update` adds images and
+classes in closed form (equal to fitting on all the data at once), and bad input is refused by name, exit 2, with
+nothing published."""
+import numpy as np
+import pytest
+import torch
+
+from prompts_store import TaskArtifact, open_store
+from tests.conftest import tiny_backbone
+from tests.unit.training.helpers import CLASS_NAMES, colour_images, tiny_args
+from training.data import ImageSet, PixelPipeline, split_train_val
+from training.head_learner import Features, HeadLearner, check_features, merge_class_names, ridge_path
+from training.errors import InputError
+from training.learner import RunContext, TaskData
+from training.settings import HeadSettings
+
+SETTINGS = HeadSettings(width=512, val_fraction=0.25)
+
+
+def write(path, images, labels, names):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=images, labels=labels)
+    (path.parent / "classnames.json").write_text(__import__("json").dumps(names))
+    return path
+
+
+def head_args(name, data, paths, *extra):
+    return tiny_args(name, data, paths.store, paths.checkpoints, "--head-width", "512", *extra, kind="head")
+
+
+def test_the_default_kind_is_a_head_learned_in_one_frozen_pass(paths, add_task):
+    images, labels = colour_images(per_class=12)
+    data = write(paths.root / "a" / "train.npz", images, labels, CLASS_NAMES)
+    test = write(paths.root / "t" / "test.npz", *colour_images(per_class=6, seed=3), CLASS_NAMES)
+    argv = [a for a in head_args("colours", data, paths, "--test", str(test)) if a not in ("--kind", "head")]
+    run = add_task(argv)  # no --kind: the default
+    assert run.code == 0, run.err
+    assert "head λ" in run.out and "test accuracy" in run.out
+    artifact = open_store(paths.store).get("colours", with_update_state=True)
+    assert artifact.kind == "head"
+    m = artifact.metrics
+    assert {"test_accuracy", "test_zero_shot_accuracy", "val_accuracy", "lambda", "fusion"} <= set(m)
+    assert m["val_accuracy"] >= 0.9 and m["test_accuracy"] >= 0.9  # noisy solid colours: easy for a head
+    assert set(artifact.prompts) == {"head.weights", "head.center"} and artifact.prompts["head.weights"].shape == (512, 4)
+    assert artifact.update_state["train.features"].shape[0] + artifact.update_state["val.features"].shape[0] == 48
+
+
+def test_update_adds_images_and_a_class_and_equals_a_fit_on_all_the_data(paths, add_task):
+    first, first_labels = colour_images(per_class=8, seed=1)
+    keep = first_labels < 3  # the first version knows red, green, blue
+    data_a = write(paths.root / "a" / "train.npz", first[keep], first_labels[keep], CLASS_NAMES[:3])
+    assert add_task(head_args("colours", data_a, paths)).code == 0
+    more, more_labels = colour_images(per_class=8, seed=2)
+    # the update's own label order differs: yellow first, then blue (known) and red (known)
+    order = ["yellow", "blue", "red"]
+    picked = np.isin(more_labels, [CLASS_NAMES.index(n) for n in order])
+    relabelled = np.array([order.index(CLASS_NAMES[x]) for x in more_labels[picked]])
+    data_b = write(paths.root / "b" / "train.npz", more[picked], relabelled, order)
+    run = add_task(head_args("colours", data_b, paths, "--update"))
+    assert run.code == 0, run.err
+    store = open_store(paths.store)
+    v2 = store.get("colours", with_update_state=True)
+    assert v2.version == 2 and v2.class_names == ["red", "green", "blue", "yellow"] and v2.metrics["updated_from_version"] == 1
+
+    # all the images at once, split the same way, fitted by the same learner
+    backbone = tiny_backbone()
+    pipeline = PixelPipeline(backbone.preprocess)
+    sets = []
+    for images, labels in ((first[keep], first_labels[keep]), (more[picked], np.array([["red", "green", "blue", "yellow"].index(order[x]) for x in relabelled]))):
+        pixels = np.stack([pipeline.pixels(__import__("PIL.Image").Image.fromarray(im)) for im in images])
+        train, val = split_train_val(labels, 0.25, 0)
+        sets.append((ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val])))
+    task = TaskData("colours", ["red", "green", "blue", "yellow"], ["a photo of a {}."],
+                    ImageSet.concat(sets[0][0], sets[1][0]), ImageSet.concat(sets[0][1], sets[1][1]))
+    once = HeadLearner(SETTINGS).fit(task, backbone, RunContext(progress=False))
+    for key in ("head.weights", "head.center"):
+        assert torch.allclose(v2.prompts[key], once.prompts[key], atol=1e-5), key
+    for key in ("mean", "whitener_tril", "keys", "gate"):
+        assert torch.allclose(v2.stats[key].double(), once.stats[key].double(), atol=1e-5), key
+    assert v2.recipe["head"]["fusion"] == once.recipe["head"]["fusion"]
+
+
+@pytest.mark.parametrize("case", ["unknown task", "other kind", "one image per class", "conflicting name"])
+def test_bad_updates_and_small_classes_are_refused_by_name_and_nothing_is_published(paths, add_task, case):
+    images, labels = colour_images(per_class=6)
+    data = write(paths.root / "a" / "train.npz", images, labels, CLASS_NAMES)
+    if case == "other kind":
+        assert add_task(tiny_args("colours", data, paths.store, paths.checkpoints, epochs=1)).code == 0
+    elif case != "unknown task":
+        assert add_task(head_args("colours", data, paths)).code == 0
+    before = open_store(paths.store).generation()
+    if case == "one image per class":
+        one = np.concatenate([np.flatnonzero(labels == c)[:1 if c == 2 else 3] for c in range(4)])
+        bad = write(paths.root / "b" / "train.npz", images[one], labels[one], CLASS_NAMES)
+        run, expected = add_task(head_args("other", bad, paths)), "class 'blue' has 1 image(s)"
+    elif case == "conflicting name":
+        bad = write(paths.root / "b" / "train.npz", images, labels, ["Red", "green", "blue", "yellow"])
+        run, expected = add_task(head_args("colours", bad, paths, "--update")), "'Red' conflicts with the task's class 'red'"
+    else:
+        run = add_task(head_args("colours", data, paths, "--update"))
+        expected = "no live task 'colours'" if case == "unknown task" else "of kind 'residual-prompts'; only 'head' tasks"
+    assert run.code == 2 and expected in run.err, run.err
+    assert "Traceback" not in run.err
+    assert open_store(paths.store).generation() == before
+
+
+def test_a_feature_width_mismatch_and_non_finite_features_are_refused(paths, add_task):
+    images, labels = colour_images(per_class=6)
+    data = write(paths.root / "a" / "train.npz", images, labels, CLASS_NAMES)
+    assert add_task(head_args("colours", data, paths)).code == 0
+    store = open_store(paths.store)
+    live = store.get("colours", with_update_state=True)
+    narrow = {k: (v[:, :16] if k.endswith("features") else v) for k, v in live.update_state.items()}
+    store.publish(TaskArtifact(name="colours", kind="head", class_names=live.class_names, backbone=live.backbone,
+                               templates=live.templates, recipe=live.recipe, prompts=live.prompts, stats=live.stats,
+                               update_state=narrow))
+    before = store.generation()
+    run = add_task(head_args("colours", data, paths, "--update"))
+    assert run.code == 2 and "kept 16-d features" in run.err and "feature-width mismatch" in run.err
+    assert store.generation() == before
+    with pytest.raises(InputError, match="--data: the frozen features of 1 images are not finite"):
+        check_features(Features(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), torch.tensor([0, 1])), "--data")
+
+
+def test_merge_keeps_known_labels_and_appends_new_classes():
+    assert merge_class_names(["a", "b"], ["c", "a"], "--data x") == (["a", "b", "c"], [2, 0])
+
+
+def test_leave_one_out_scores_equal_refitting_without_each_image():
+    torch.manual_seed(0)
+    for n, width in ((12, 30), (40, 10)):  # the dual and the primal solve
+        phi, targets = torch.randn(n, width).double(), torch.nn.functional.one_hot(torch.arange(n) % 3, 3).double()
+        [(held_out, weights)] = list(ridge_path(phi, targets, (0.5,)))
+        s = phi.square().sum().item() / n
+        for i in (0, n - 1):
+            rest = torch.arange(n) != i
+            w = torch.linalg.solve(phi[rest].T @ phi[rest] + 0.5 * s * torch.eye(width, dtype=torch.float64), phi[rest].T @ targets[rest])
+            assert torch.allclose(held_out[i], phi[i] @ w, atol=1e-8)
+        full = torch.linalg.solve(phi.T @ phi + 0.5 * s * torch.eye(width, dtype=torch.float64), phi.T @ targets)
+        assert torch.allclose(weights, full, atol=1e-8)
