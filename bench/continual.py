@@ -4,11 +4,12 @@
     keepclip bench continual                  # the full run: all images, keepclip's default recipe
     python -m bench.continual --help          # the same
 
-Learners (`--learners`): keepclip (residual prompts + routing), zero-shot (frozen), full-ft (sequential fine-tuning
+Learners (`--learners`): keepclip-head (add-task's default kind: the closed-form head + routing), keepclip (residual
+prompts + routing), keepclip-prompts+head and keepclip-auto (the other add-task kinds), zero-shot (frozen), full-ft (sequential fine-tuning
 of the image tower), lwf (full-ft + distillation over a replayed vocabulary of random texts), image-text-prompts
 (deep visual + text context prompts per task, a task-identity head on class statistics picks the task),
 continual-pretraining (both towers, contrastive, compatible momentum + topology KL); see
-bench/continual_learners.py. keepclip is evaluated with the task id given, with per-sample routing, with a batch
+bench/continual_learners.py. The keepclip learners are evaluated with the task id given, with per-sample routing, with a batch
 vote and task-agnostic; image-text-prompts with the task id given, per sample (its head) and task-agnostic; the
 single-model learners with their task's classes given and task-agnostic.
 
@@ -45,8 +46,9 @@ log = logging.getLogger("bench.continual")
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = Path(os.environ.get("KEEPCLIP_SHARED", REPO.parent / "shared"))
-LEARNERS = ("keepclip", "zero-shot", "full-ft", "lwf", "image-text-prompts", "continual-pretraining")
-DEFAULT_LEARNERS = LEARNERS[:4]  # the full run of these takes 70 min here; add the other two with --learners
+LEARNERS = ("keepclip-head", "keepclip", "zero-shot", "full-ft", "lwf", "image-text-prompts", "continual-pretraining",
+            "keepclip-prompts+head", "keepclip-auto")
+DEFAULT_LEARNERS = LEARNERS[:5]  # the full run of these takes 75 min here; add the others with --learners
 QUICK = {"train": 200, "test": 200, "epochs": 2, "ft_epochs": 1}
 FULL_TRAIN = 2000  # images per task in the full run: all of four domains, seeded subsets of gtsrb and caltech101 (< 2 h)
 LAYOUTS = ("{}.npz", "{}", "{}.jsonl", "{}.csv")
@@ -177,6 +179,14 @@ def make_learner(name: str, args, spec, out: Path):
         settings = ResidualPromptSettings(**({"epochs": args.epochs} if args.epochs else {}))
         reuse = open_store(args.keepclip_from) if args.keepclip_from else None
         return KeepclipLearner(spec, settings, store, vote_batch=args.vote_batch, progress=progress, reuse=reuse)
+    if name.startswith("keepclip-"):  # keepclip-head, keepclip-prompts+head, keepclip-auto: add-task --kind
+        from training.learners import RecipeSettings
+        from training.settings import HeadSettings
+
+        from .continual_learners import KindLearner
+
+        recipes = RecipeSettings(ResidualPromptSettings(**({"epochs": args.epochs} if args.epochs else {})), HeadSettings())
+        return KindLearner(spec, name.removeprefix("keepclip-"), recipes, store, vote_batch=args.vote_batch, progress=progress)
     if name == "zero-shot":
         return ZeroShot()
     if name == "image-text-prompts":

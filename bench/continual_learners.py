@@ -145,18 +145,30 @@ class RoutedLearner:
         """(n, D) normalised image features of `pixels` under `task`'s prompts."""
         raise NotImplementedError
 
+    def needs_pass(self, task: str) -> bool:
+        """Whether images routed to `task` get their own features (a prompted pass); False: the frozen ones do."""
+        return True
+
+    def task_logits(self, task: str, feats: torch.Tensor, frozen: torch.Tensor, weights: list[float]) -> torch.Tensor:
+        """(n, C) logits of images routed to `task` (the prompt learners: cosine with its learned class text)."""
+        return feats @ self.text[task].T
+
     def oracle(self, i: int, t: EvalTask, learned_names: list[str]) -> float:
         if t.name not in learned_names:  # the task id of a task not learned yet: frozen CLIP
             return accuracy(t.frozen, t.text_frozen, t.test.labels)
-        return accuracy(self.features(i, t, [(t.name, 1.0)] * len(t.test), oracle=True), self.text[t.name], t.test.labels)
+        ones = [1.0] * len(t.test)
+        logits = self.task_logits(t.name, self.features(i, t, [(t.name, 1.0)] * len(t.test), oracle=True), t.frozen, ones)
+        return float((logits.argmax(-1).numpy() == t.test.labels).mean())
 
     def within_classes(self, i: int, t: EvalTask, routed: list[tuple[str | None, float]]) -> float:
-        """Task i's classes: its own learned class text when routed to it, its frozen class text otherwise."""
+        """Task i's classes: its own learned answer when routed to it, its frozen class text otherwise."""
         feats = self.features(i, t, routed)
-        own = self.text.get(t.name, t.text_frozen)
-        mine = torch.tensor([task == t.name for task, _ in routed])
-        logits = torch.where(mine[:, None], feats @ own.T, feats @ t.text_frozen.T)
-        return float((logits.argmax(-1).numpy() == t.test.labels).mean())
+        predicted = (feats @ t.text_frozen.T).argmax(-1)
+        mine = [r for r, (task, _) in enumerate(routed) if task == t.name]
+        if mine and t.name in self.text:
+            logits = self.task_logits(t.name, feats[mine], t.frozen[mine], [routed[r][1] for r in mine])
+            predicted[mine] = logits.argmax(-1)
+        return float((predicted.numpy() == t.test.labels).mean())
 
     def task_agnostic(self, i: int, t: EvalTask, routed, tests: list[EvalTask], learned: int) -> float:
         """The engine's answer: the routed task's class (with its prompts); frozen CLIP over the union if unrouted."""
@@ -166,11 +178,11 @@ class RoutedLearner:
         frozen_union = torch.cat([tests[k].text_frozen for k in union])
         index = {task.name: k for k, task in enumerate(tests)}
         right = 0
-        for row, (task, _) in enumerate(routed):
+        for row, (task, w) in enumerate(routed):
             if task is None:
                 guess = int((feats[row] @ frozen_union.T).argmax())
             else:
-                guess = int(offsets[index[task]] + (feats[row] @ self.text[task].T).argmax())
+                guess = int(offsets[index[task]] + self.task_logits(task, feats[row : row + 1], t.frozen[row : row + 1], [w]).argmax())
             right += guess == offsets[i] + int(t.test.labels[row])
         return right / len(routed)
 
@@ -178,7 +190,7 @@ class RoutedLearner:
         """(N, D) image features as routed: frozen rows for no task, prompted rows (cached) for the rest."""
         out = t.frozen.clone()
         weights = [w for _, w in routed]
-        for task in {task for task, w in routed if task is not None and w > 0}:
+        for task in {task for task, w in routed if task is not None and w > 0 and self.needs_pass(task)}:
             cache = self._features.setdefault((i, task, oracle), {})
             rows = [r for r, (name, w) in enumerate(routed) if name == task and w > 0]
             missing = [r for r in rows if r not in cache]
@@ -269,6 +281,49 @@ class KeepclipLearner(RoutedLearner):
             w = self.stats[voted].weight(t.frozen[start : start + len(chunk)]).tolist()
             out += [(voted, x) if x >= self.threshold else (None, 0.0) for x in w]
         return out
+
+
+class KindLearner(KeepclipLearner):
+    """keepclip with `add-task --kind` (head, prompts+head, auto): each task is learned by that kind's learner,
+    published, read back, and answered through the service's own kind plug-ins (`service/kinds/`) with the same
+    router as the prompts; a head task answers from the frozen features, with no second pass."""
+
+    def __init__(self, spec: BackboneSpec, kind: str, settings, store: TaskStore, **kwargs):
+        super().__init__(spec, settings.prompts, store, **kwargs)
+        from service.runtime import TorchRuntime
+
+        self.kind, self.recipes, self.name = kind, settings, f"keepclip-{kind}"
+        self.runtime = TorchRuntime(self.backbone)
+        self.served: dict[str, object] = {}
+
+    def learn(self, task: TaskData) -> Learned:
+        from service.kinds import load_kind
+        from training.learners import make_learner
+
+        started = time.perf_counter()
+        artifact = make_learner(self.kind, self.recipes).fit(task, self.spec.load(), RunContext(progress=self.progress))
+        version = self.store.publish(artifact)
+        seconds = time.perf_counter() - started
+        loaded = self.store.get(task.name)  # read back, checksums verified: what a replica would serve
+        served = self.served[task.name] = load_kind(loaded, self.runtime, task.name)
+        self.stats[task.name] = served.stats
+        self.text[task.name] = served.text_prompted
+        m = loaded.metrics
+        details = {"version": version, "kind": loaded.kind, "val_accuracy": m.get("val_accuracy"),
+                   "test_accuracy": m.get("test_accuracy"), "test_zero_shot_accuracy": m.get("test_zero_shot_accuracy"),
+                   "candidates": m.get("candidates")}
+        return Learned(seconds, sum(t.numel() for t in loaded.prompts.values()), details)
+
+    def needs_pass(self, task: str) -> bool:
+        return self.served[task].slot is not None
+
+    @torch.no_grad()
+    def encode(self, task: str, pixels: np.ndarray, weights: list[float]) -> torch.Tensor:
+        batch = self.pipeline.to_batch(pixels, self.backbone.device)
+        return self.runtime.encode_image(batch, tasks=[self.served[task].slot] * len(batch), weights=weights)
+
+    def task_logits(self, task, feats, frozen, weights) -> torch.Tensor:
+        return self.served[task].logits(feats, frozen, torch.tensor(weights, dtype=torch.float32))
 
 
 class ImageTextPromptsLearner(RoutedLearner):

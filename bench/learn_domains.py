@@ -1,13 +1,14 @@
 """Learn the six shared domains one after another into one store with the default recipe, on the proxy CLIP.
 
-    python -m bench.learn_domains            # the full benchmark: all train images, the default recipe (10 epochs)
-    python -m bench.learn_domains --quick    # a few minutes: 200 train / 200 test images per domain, 2 epochs
+    python -m bench.learn_domains                   # the full benchmark: all train images, add-task's default kind (head)
+    python -m bench.learn_domains --kind prompts    # the residual prompts, default recipe (10 epochs); also prompts+head, auto
+    python -m bench.learn_domains --quick           # a few minutes: 200 train / 200 test images per domain, 2 epochs
 
 Per task it reports the test accuracy with the task given (the task's prompts and its class names), the frozen
 proxy's zero-shot accuracy on the same test images, and the minutes `add-task` took (wall clock: loading, decoding,
 fingerprint, training, evaluation, publish). After the last task, every task is evaluated again from the store, all
-six loaded into one model, to show that the published artifacts reproduce their numbers and that learning later
-tasks changed nothing for earlier ones. Results go to OUT/learn_domains.{json,md} and are printed as Markdown.
+six loaded side by side through the service's own kind plug-ins, to show that the published artifacts reproduce
+their numbers and that learning later tasks changed nothing for earlier ones. Results go to OUT/learn_domains.{json,md} and are printed as Markdown.
 
 This is a benchmark, not a test: it needs ../shared (the proxy model and the data) and a quiet CPU.
 """
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit-test", type=int, help="test images per domain (seeded subsample)")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--workers", type=int, default=0, help="add-task --workers (0: in this process)")
+    parser.add_argument("--kind", default="head", choices=("head", "prompts", "prompts+head", "auto"), help="add-task --kind [head]")
     args, args.recipe = parser.parse_known_args(argv)  # the rest goes to add-task as it is: recipe options (--lr 1 ...)
     if args.quick:
         args.limit_train = args.limit_train or QUICK["train"]
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     store, checkpoints = out / "store", out / "checkpoints"
     common = [
         "--model", str(proxy / "proxy-clip.json"), "--pretrained", str(proxy / "proxy-clip.safetensors"), "--device", "cpu",
-        "--store", str(store), "--checkpoint-dir", str(checkpoints), "--workers", str(args.workers),
+        "--store", str(store), "--checkpoint-dir", str(checkpoints), "--workers", str(args.workers), "--kind", args.kind,
     ] + (["--epochs", str(args.epochs)] if args.epochs else []) + args.recipe
 
     rows = []
@@ -134,11 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             "test_accuracy": metrics["test_accuracy"],
             "test_zero_shot_accuracy": metrics["test_zero_shot_accuracy"],
             "test_accuracy_from_store_after_all": again[row["domain"]],
-            "val_accuracy": metrics["val_accuracy"], "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"],
+            "val_accuracy": metrics["val_accuracy"], "best_epoch": metrics.get("best_epoch"), "epochs": metrics.get("epochs"),
+            "kind": artifacts[row["domain"]].kind, "candidates": metrics.get("candidates"),
             "train_minutes": round(metrics["train_seconds"] / 60, 2),
         })
     report = {
-        "benchmark": "learn_domains", "quick": args.quick, "domains": list(args.domains),
+        "benchmark": "learn_domains", "quick": args.quick, "domains": list(args.domains), "kind": args.kind,
         "recipe": {k: v for k, v in artifacts[args.domains[0]].recipe.items() if k not in ("data", "split")},
         "limits": {"train": args.limit_train, "test": args.limit_test},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -154,32 +157,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_from_store(proxy: Path, artifacts: dict, out: Path, subsampled: bool) -> dict[str, float]:
-    """Every task again, from its published artifact, with all tasks loaded into one prompted proxy (task given)."""
+    """Every task again, from its published artifact, all loaded side by side as a replica loads them (the service's
+    kind plug-ins on one torch runtime), each answered with its task given (w = 1)."""
     import torch
 
     from PIL import Image
 
-    from backbone import PromptConfig, PromptedCLIP, text_classifier
+    from service.kinds import load_kind
+    from service.runtime import TorchRuntime
     from training.data import ImageSet, PixelPipeline
     from training.runtime import load_frozen_backbone
 
     backbone = load_frozen_backbone(str(proxy / "proxy-clip.json"), str(proxy / "proxy-clip.safetensors"), "cpu")
-    model = PromptedCLIP(backbone)
-    for name, artifact in artifacts.items():
-        model.load_task(name, artifact.prompts, PromptConfig.from_dict(artifact.recipe["prompts"]))
+    runtime = TorchRuntime(backbone)
+    served = {name: load_kind(artifact, runtime, name) for name, artifact in artifacts.items()}
     pipeline = PixelPipeline(backbone.preprocess)
     accuracy = {}
     for name, artifact in artifacts.items():
         with np.load(artifact.recipe["data"]["test"]["path"]) as data:  # the test .npz add-task was given
             pixels = np.stack([pipeline.pixels(Image.fromarray(image)) for image in data["images"]])
             images = ImageSet(pixels, data["labels"].astype(np.int64))
-        with torch.no_grad():
-            classifier = text_classifier(model, artifact.class_names, artifact.templates, task=name)
-            correct = 0
-            for start in range(0, len(images), 256):
-                batch = pipeline.to_batch(images.pixels[start : start + 256])
-                predicted = (model.encode_image(batch, tasks=name, normalize=True) @ classifier.T).argmax(-1)
-                correct += int((predicted.numpy() == images.labels[start : start + 256]).sum())
+        task, correct = served[name], 0
+        for start in range(0, len(images), 256):
+            batch = pipeline.to_batch(images.pixels[start : start + 256])
+            ones = torch.ones(len(batch))
+            frozen = runtime.encode_image(batch)
+            features = frozen if task.slot is None else runtime.encode_image(batch, [task.slot] * len(batch), ones.tolist())
+            predicted = task.logits(features, frozen, ones).argmax(-1)
+            correct += int((predicted.numpy() == images.labels[start : start + 256]).sum())
         accuracy[name] = correct / len(images)
     return accuracy
 
@@ -188,18 +193,22 @@ def to_markdown(report: dict) -> str:
     def pct(value):
         return "-" if value is None else f"{100 * value:.1f}"
 
+    def kept(r):
+        return r.get("kind", "residual-prompts") + (f", {r['best_epoch']}/{r['epochs']}" if r.get("epochs") else "")
+
     title = "quick run (subsampled, few epochs; a smoke test, not the benchmark)" if report["quick"] else "default recipe"
+    title += f", add-task --kind {report.get('kind', 'prompts')}"
     lines = [
         f"### Learning the six shared domains in order on the proxy CLIP — {title}",
         "",
         "| # | domain | classes | train / val / test images | test acc, task given (%) | frozen zero-shot (%) | "
-        "from store after all tasks (%) | kept epoch | minutes (add-task) | of which training |",
+        "from store after all tasks (%) | kept (kind, epoch) | minutes (add-task) | of which training |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, r in enumerate(report["rows"], 1):
         lines.append(
             f"| {i} | {r['domain']} | {r['classes']} | {r['n_train']} / {r['n_val']} / {r['n_test']} | **{pct(r['test_accuracy'])}** | "
-            f"{pct(r['test_zero_shot_accuracy'])} | {pct(r['test_accuracy_from_store_after_all'])} | {r['best_epoch']}/{r['epochs']} | "
+            f"{pct(r['test_zero_shot_accuracy'])} | {pct(r['test_accuracy_from_store_after_all'])} | {kept(r)} | "
             f"{r['minutes']:.1f} | {r['train_minutes']:.1f} |"
         )
     rows = report["rows"]

@@ -16,6 +16,10 @@ and one number of torch threads; the engine runs on torch eager like the baselin
    --store, or, without one, hand-made tasks (real fingerprints, random prompts of the default recipe) in a temporary
    store: one per shared domain found under --data, else noisy colour tasks. Test images are the domains' test
    splits, else noisy colour images (so that this runs without ../shared);
+   With head tasks (`--engine-kinds` includes `head`, the default), the same comparison again with real head tasks
+   (add-task's default kind, learned here with `HeadLearner` from --head-images training images of each domain, or of
+   each colour task): images routed to them are answered from the frozen pass, so the engine should run close to
+   zero-shot;
 2. **router vs number of tasks**: for each count in --tasks, synthetic fingerprints (random `TaskStats` of the
    backbone's embedding dimension, float64 as the engine holds them, --classes-per-task router keys) fed to
    `service.router.Router`: build seconds, µs per image of `route()` at batch 1 and at --batch-size, FAISS index
@@ -96,6 +100,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--runtime", default="torch", choices=("torch", "onnx", "auto"),
                    help="engine runtime (torch: the same eager torch as the zero-shot baseline) [torch]")
     p.add_argument("--store", help="a store of learned tasks, copied first (default: hand-made tasks in a temp store)")
+    p.add_argument("--engine-kinds", default="prompts,head", help="engine runs: 'prompts' (the tasks of --store, or hand-made "
+                   "prompt tasks), 'head' (head tasks learned here) [prompts,head]")
+    p.add_argument("--head-images", type=_positive(int), default=300, help="training images per head task learned here")
     p.add_argument("--data", type=Path, default=SHARED / "data", help="the shared domains (<domain>/test.npz)")
     p.add_argument("--domains", default=",".join(DOMAINS))
     p.add_argument("--per-domain", type=_positive(int), default=100, help="test images per domain (or colour)")
@@ -224,8 +231,39 @@ def summarize(runs: list[tuple[float, list[float]]], batch_size: int) -> dict:
             "per_run_images_per_s": [rate for rate, _ in runs]}
 
 
-def bench_engine(args, settings, maker, work: Path) -> dict:
-    store = engine_store(args, maker, work)
+def head_store(args, maker, work: Path):
+    """A temporary store of real head tasks: one per shared domain (else per colour task), each learned by add-task's
+    default learner from --head-images training images."""
+    import json
+
+    from PIL import Image
+
+    from prompts_store import open_store
+    from service.testing import color_task_data
+    from training.data import ImageSet, PixelPipeline, split_train_val
+    from training.head_learner import HeadLearner
+    from training.learner import RunContext, TaskData
+
+    store, pipeline = open_store(work / "head-store"), PixelPipeline(maker.backbone.preprocess)
+    domains = [d for d in present_domains(args, "train") if (args.data / d / "classnames.json").is_file()]
+    for i, name in enumerate(domains or COLOR_TASKS):
+        if domains:
+            with np.load(args.data / name / "train.npz") as data:
+                keep = np.sort(np.random.default_rng(i).permutation(len(data["labels"]))[: args.head_images])
+                images, labels = data["images"][keep], data["labels"][keep]
+            class_names = json.loads((args.data / name / "classnames.json").read_text())
+        else:
+            images, labels, class_names = color_task_data(maker, name, n=args.head_images)
+        pixels = np.stack([pipeline.pixels(Image.fromarray(im)) for im in images])
+        train, val = split_train_val(labels, 0.1, 0)
+        task = TaskData(name, class_names, ["a photo of a {}."], ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val]))
+        store.publish(HeadLearner().fit(task, maker.backbone, RunContext(progress=False)))
+    log.info("learned %d head tasks", len(domains or COLOR_TASKS))
+    return store
+
+
+def bench_engine(args, settings, maker, work: Path, store=None) -> dict:
+    store = store or engine_store(args, maker, work)
     tasks = store.list()
     class_names = [c for t in tasks for c in store.get(t.name).class_names]
     pngs = sample_pngs(args)
@@ -417,22 +455,28 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.2f} GiB"
 
 
+def engine_lines(e: dict, b: int, what: str) -> list[str]:
+    lines = [f"| batch of {b} | images/s | batch latency p50 | p99 |", "|---|---|---|---|"]
+    for key, label in (("zero_shot", "plain open_clip zero-shot"), ("engine", f"keepclip engine ({len(e['tasks'])} {what})")):
+        r = e[key]
+        lines.append(f"| {label} | {r['images_per_s']:.1f} | {r['batch_latency_ms']['p50']:.1f} ms "
+                     f"| {r['batch_latency_ms']['p99']:.1f} ms |")
+    return lines + ["", f"engine ({what}) / zero-shot: **{e['ratio_engine_to_zero_shot']:.2f}x** (per round: "
+                    f"{', '.join(f'{x:.2f}' for x in e['per_round_ratio'])}); routed to a task: "
+                    f"{1 - e['engine'].get('routed_share', {}).get('None', 0):.0%} of the test images", ""]
+
+
 def markdown(results: dict) -> str:
-    e, m, mach = results["engine_vs_zero_shot"], results["memory_per_task"], results["machine"]
+    m, mach = results["memory_per_task"], results["machine"]
     b = results["batch_size"]
     lines = [f"`{results['command']}`", "",
              f"{mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads, torch {mach['torch']}, "
              f"open_clip {mach['open_clip']}, faiss {mach['faiss']}; load average {mach['load_average_at_start']:.1f} at the "
-             f"start, {mach['load_average_at_end']:.1f} at the end; backbone {results['model']}", "",
-             f"| batch of {b} | images/s | batch latency p50 | p99 |", "|---|---|---|---|"]
-    for key, label in (("zero_shot", "plain open_clip zero-shot"), ("engine", f"keepclip engine ({len(e['tasks'])} tasks)")):
-        r = e[key]
-        lines.append(f"| {label} | {r['images_per_s']:.1f} | {r['batch_latency_ms']['p50']:.1f} ms "
-                     f"| {r['batch_latency_ms']['p99']:.1f} ms |")
-    lines += ["", f"engine / zero-shot: **{e['ratio_engine_to_zero_shot']:.2f}x** (per round: "
-              f"{', '.join(f'{x:.2f}' for x in e['per_round_ratio'])}); routed to a task: "
-              f"{1 - e['engine'].get('routed_share', {}).get('None', 0):.0%} of the test images", "",
-              f"| tasks | router keys | build | route µs/image, batch 1 | batch {b} | FAISS index | stats in memory |",
+             f"start, {mach['load_average_at_end']:.1f} at the end; backbone {results['model']}", ""]
+    for key, what in (("engine_vs_zero_shot", "prompt tasks"), ("engine_vs_zero_shot_head", "head tasks")):
+        if key in results:
+            lines += engine_lines(results[key], b, what)
+    lines += [f"| tasks | router keys | build | route µs/image, batch 1 | batch {b} | FAISS index | stats in memory |",
               "|---|---|---|---|---|---|---|"]
     for r in results["router"]:
         us = r["route_us_per_image"]
@@ -477,7 +521,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.speed") -> 
         settings = ServiceSettings(model=args.model, pretrained=pretrained, device=args.device, runtime=args.runtime,
                                    torch_threads=args.threads, max_batch_size=args.batch_size, ui=False)
         probe = default_task(maker, args.classes_per_task)
-        results["engine_vs_zero_shot"] = bench_engine(args, settings, maker, work)
+        kinds = args.engine_kinds.split(",")
+        if "prompts" in kinds:
+            results["engine_vs_zero_shot"] = bench_engine(args, settings, maker, work)
+        if "head" in kinds:
+            results["engine_vs_zero_shot_head"] = bench_engine(args, settings, maker, work, head_store(args, maker, work))
         # memory before the router: its synthetic stats (GBs for big backbones) would blur the RSS deltas
         results["memory_per_task"] = bench_memory(args, settings, probe, work)
         results["router"] = bench_router(args, probe.stats["mean"].shape[0], settings.router_top_k,

@@ -40,7 +40,7 @@ TENSOR_FILES = (PROMPTS_FILE, STATS_FILE)  # always present
 # always did, so stores written before update.safetensors existed read unchanged.
 _FILE_SETS = (frozenset(TENSOR_FILES), frozenset({*TENSOR_FILES, UPDATE_FILE}))
 DEFAULT_KIND = "residual-prompts"
-_KIND_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_KIND_RE = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
 
 
 @dataclass(kw_only=True, eq=False)  # eq=False: tensor == is elementwise
@@ -105,7 +105,7 @@ def check_artifact(artifact: TaskArtifact) -> None:
         return InvalidArtifact(f"cannot publish task {name!r}: {msg}", task=name)
 
     if not isinstance(artifact.kind, str) or not _KIND_RE.fullmatch(artifact.kind):
-        raise bad(f"kind {artifact.kind!r} must be 1-64 characters of [a-z0-9._-]")
+        raise bad(f"kind {artifact.kind!r} must be 1-64 characters of [a-z0-9._+-]")
     if not _is_str_list(artifact.class_names) or not artifact.class_names:
         raise bad("class_names must be a non-empty list of strings")
     if not _is_str_list(artifact.templates):

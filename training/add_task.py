@@ -290,9 +290,11 @@ def add_task(args: argparse.Namespace) -> int:
         check_resumable(state.info, learner.recipe(task), learner.identity(task, backbone, runner), f"{found}")
         log.info("resuming run %s after epoch %d of %d", run_name, state.epoch, settings.epochs)
     log.info(
-        "task %s: %d classes (names from %s), %d train / %d val images%s; run %s, checkpoints in %s",
-        name, len(task.class_names), train_source.class_names_from, len(task.train), len(val_index),
-        f", {len(test_images)} test images" if test_images is not None else "", run_name, run_dir,
+        "task %s (kind %s%s): %d classes (names from %s), %d train / %d val images%s%s",
+        name, args.kind, f", update of version {previous.version}" if previous is not None else "", len(task.class_names),
+        train_source.class_names_from, len(task.train), len(val_index),
+        f", {len(test_images)} test images" if test_images is not None else "",
+        f"; run {run_name}, checkpoints in {run_dir}" if epochs_apply else "",
     )
 
     # -- learn and publish
@@ -421,7 +423,7 @@ def _run_location(args, task: str) -> tuple[str, str | Path]:
     run_dir = Path(base).expanduser().absolute() / run_name
     if args.resume and latest_local(run_dir) is None:
         raise InputError(f"--resume {run_name}: no checkpoint in {run_dir} (is --checkpoint-dir the one of that run?)")
-    if not args.resume and run_dir.exists() and latest_local(run_dir) is not None:
+    if not args.resume and args.kind != "head" and run_dir.exists() and latest_local(run_dir) is not None:  # a head keeps none
         raise InputError(f"--run-name {run_name}: {run_dir} already holds checkpoints; pass --resume {run_name} to continue that run, or choose another --run-name")
     return run_name, run_dir
 
@@ -453,7 +455,7 @@ def _print_summary(name: str, version: int, store_url: str, task, summary: dict[
         f"  val accuracy {pct('val_accuracy')} (frozen zero-shot {pct('val_zero_shot_accuracy')})",
     ]
     if summary.get("candidates"):
-        lines.append("  auto: " + ", ".join(f"{k} {_pct(v)}" for k, v in summary["candidates"].items()))
+        lines.append("  auto, validation accuracy: " + ", ".join(f"{k} {_pct(v['val_accuracy'])}" for k, v in summary["candidates"].items()))
     if summary.get("test_accuracy") is not None:
         lines.append(f"  test accuracy {pct('test_accuracy')} (frozen zero-shot {pct('test_zero_shot_accuracy')}) on {summary.get('n_test')} images")
     lines.append(f"  training {summary.get('train_seconds', 0):.1f} s, fingerprint {summary.get('fingerprint_seconds', 0):.1f} s, total {seconds:.1f} s")

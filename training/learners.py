@@ -105,7 +105,8 @@ class AutoLearner:
         prompts = self.both.prompts.fit(task, backbone, run)
         both = self.both.on_prompts(task, backbone, prompts, run)
         candidates = [head, prompts, both]  # in order of serving cost: a tie keeps the cheaper
-        figures = {a.kind: a.metrics.get("val_accuracy") for a in candidates}
+        figures = {a.kind: {"val_accuracy": a.metrics.get("val_accuracy"), "test_accuracy": a.metrics.get("test_accuracy")}
+                   for a in candidates}
         best = max(candidates, key=lambda a: -1.0 if a.metrics.get("val_accuracy") is None else a.metrics["val_accuracy"])
         best.metrics["candidates"] = figures
         best.metrics["chosen_by"] = "auto: best validation accuracy"

@@ -59,3 +59,20 @@ def test_two_ray_train_workers_stop_resume_and_publish_what_one_process_learns(r
     for key, value in local.prompts.items():  # float sums differ (1 vs 2 threads, split batches): compare by norm
         assert value.norm() > 0 and (artifact.prompts[key] - value).norm() <= 1e-4 * value.norm(), key
     assert [e["train_loss"] for e in artifact.metrics["history"]] == pytest.approx([e["train_loss"] for e in local.metrics["history"]], abs=1e-3)
+
+
+def test_a_head_on_two_ray_train_workers_equals_the_local_fit(ray_cluster, tmp_path: Path, run_add_task):
+    """Each worker computes the frozen features of its shard; they are gathered and solved once."""
+    data = write_npz(tmp_path / "colours.npz", per_class=12, classnames_beside=True)
+    checkpoints = tmp_path / "checkpoints"
+    stores = {"ray": tmp_path / "ray-store", "local": tmp_path / "local-store"}
+    for where, extra in (("ray", ["--workers", "2"]), ("local", [])):
+        code, out, err = run_add_task(tiny_args("colours", data, stores[where], checkpoints, "--head-width", "512", *extra, kind="head"))
+        assert code == 0, err
+        assert "published task 'colours' version 1" in out
+    ray, local = (open_store(stores[w]).get("colours", with_update_state=True) for w in ("ray", "local"))
+    assert ray.kind == local.kind == "head" and ray.metrics["workers"] == 2
+    for key in ("head.weights", "head.center"):
+        assert (ray.prompts[key] - local.prompts[key]).abs().max() <= 1e-5, key
+    assert (ray.update_state["train.features"] - local.update_state["train.features"]).abs().max() <= 1e-5
+    assert ray.recipe["head"]["fusion"] == local.recipe["head"]["fusion"]

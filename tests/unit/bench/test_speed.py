@@ -18,7 +18,7 @@ def run(tmp_path_factory):
     argv = ["--model", str(TINY), "--pretrained", "none", "--device", "cpu", "--data", str(tmp / "no-data"),
             "--threads", "1", "--per-domain", "4", "--batch-size", str(BATCH), "--seconds", "0.2", "--rounds", "1",
             "--tasks", *map(str, TASKS), "--classes-per-task", str(CLASSES), "--router-seconds", "0.05",
-            "--load-tasks", str(LOADED), "--out", str(out)]
+            "--load-tasks", str(LOADED), "--head-images", "16", "--out", str(out)]
     assert main(argv) == 0
     return json.loads(out.read_text()), out
 
@@ -33,6 +33,14 @@ def test_engine_and_zero_shot_are_measured_on_the_same_images(run):
         assert 0 < r["batch_latency_ms"]["p50"] <= r["batch_latency_ms"]["p99"]
     assert e["ratio_engine_to_zero_shot"] == pytest.approx(e["engine"]["images_per_s"] / e["zero_shot"]["images_per_s"])
     assert sum(e["engine"]["routed_share"].values()) == pytest.approx(1.0)
+
+
+def test_the_engine_is_measured_again_with_head_tasks_learned_in_the_run(run):
+    results, out = run
+    e = results["engine_vs_zero_shot_head"]
+    assert e["tasks"] == ["blue", "green", "red", "yellow"] and e["engine"]["tasks"] == 4
+    assert e["ratio_engine_to_zero_shot"] == pytest.approx(e["engine"]["images_per_s"] / e["zero_shot"]["images_per_s"])
+    assert "keepclip engine (4 head tasks)" in out.with_suffix(".md").read_text()
 
 
 def test_router_rows_per_task_count(run):
@@ -71,7 +79,7 @@ def test_report_records_the_machine_and_command_and_writes_markdown(run, capsys)
     assert results["command"].startswith("python -m bench.speed --model") and "--tasks 10 20" in results["command"]
     assert results["machine"]["cores"] >= 1 and results["machine"]["torch_threads"] == 1 and results["machine"]["torch"]
     table = out.with_suffix(".md").read_text()
-    assert "engine / zero-shot" in table and "| 20 | 100 |" in table and "prompt parameters" in table
+    assert "engine (prompt tasks) / zero-shot" in table and "engine (head tasks) / zero-shot" in table and "| 20 | 100 |" in table and "prompt parameters" in table
 
 
 @pytest.mark.parametrize("argv, message", [

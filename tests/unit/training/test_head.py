@@ -41,7 +41,7 @@ def test_the_default_kind_is_a_head_learned_in_one_frozen_pass(paths, add_task):
     m = artifact.metrics
     assert {"test_accuracy", "test_zero_shot_accuracy", "val_accuracy", "lambda", "fusion"} <= set(m)
     assert m["val_accuracy"] >= 0.9 and m["test_accuracy"] >= 0.9  # noisy solid colours: easy for a head
-    assert set(artifact.prompts) == {"head.weights", "head.center"} and artifact.prompts["head.weights"].shape == (512, 4)
+    assert set(artifact.prompts) == {"head.weights", "head.center"} and artifact.prompts["head.weights"].shape == (512 + 32, 4)  # random features + the feature itself
     assert artifact.update_state["train.features"].shape[0] + artifact.update_state["val.features"].shape[0] == 48
 
 
@@ -138,3 +138,40 @@ def test_leave_one_out_scores_equal_refitting_without_each_image():
             assert torch.allclose(held_out[i], phi[i] @ w, atol=1e-8)
         full = torch.linalg.solve(phi.T @ phi + 0.5 * s * torch.eye(width, dtype=torch.float64), phi.T @ targets)
         assert torch.allclose(weights, full, atol=1e-8)
+
+
+def test_auto_keeps_the_best_candidate_on_validation_and_records_every_figure(paths, add_task):
+    images, labels = colour_images(per_class=12)
+    data = write(paths.root / "a" / "train.npz", images, labels, CLASS_NAMES)
+    run = add_task(head_args("colours", data, paths, "--kind", "auto"))
+    assert run.code == 0, run.err
+    assert "auto, validation accuracy: head" in run.out
+    artifact = open_store(paths.store).get("colours")
+    candidates = artifact.metrics["candidates"]
+    order = artifact.recipe["auto"]["candidates"]  # cheapest to serve first
+    assert order == ["head", "residual-prompts", "prompts+head"] and set(candidates) == set(order)
+    best = max(order, key=lambda k: candidates[k]["val_accuracy"])  # the first of equals: the cheapest to serve
+    assert artifact.kind == best and artifact.metrics["val_accuracy"] == candidates[best]["val_accuracy"]
+    assert artifact.recipe["auto"]["chosen"] == best
+
+
+def test_prompts_plus_head_is_served_with_its_prompted_pass(paths, add_task):
+    from service.kinds import load_kind
+    from service.runtime import TorchRuntime
+
+    images, labels = colour_images(per_class=12)
+    data = write(paths.root / "a" / "train.npz", images, labels, CLASS_NAMES)
+    assert add_task(head_args("colours", data, paths, "--kind", "prompts+head")).code == 0
+    artifact = open_store(paths.store).get("colours")
+    assert artifact.kind == "prompts+head" and "head.weights" in artifact.prompts and "visual.0.key" in artifact.prompts
+    assert {"val_accuracy", "prompts", "fusion"} <= set(artifact.metrics)
+    runtime = TorchRuntime(tiny_backbone())
+    served = load_kind(artifact, runtime, "slot")
+    assert served.slot == "slot" and served.stats is not None
+    pipeline = PixelPipeline(runtime.backbone.preprocess)
+    batch = pipeline.to_batch(np.stack([pipeline.pixels(__import__("PIL.Image").Image.fromarray(im)) for im in images[::6]]))
+    frozen = runtime.encode_image(batch)
+    prompted = runtime.encode_image(batch, ["slot"] * len(batch), [1.0] * len(batch))
+    logits = served.logits(prompted, frozen, torch.ones(len(batch)))
+    assert logits.shape == (len(batch), 4)
+    assert (logits.argmax(-1).numpy() == labels[::6]).mean() >= 0.75
