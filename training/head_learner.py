@@ -96,7 +96,7 @@ def fit_head(train: Features, val: Features, text: torch.Tensor, logit_scale: fl
     """Fit on every image; pick λ and the fusion weight by exact leave-one-out accuracy over all of them.
 
     Leave-one-out uses every image for both fitting and choosing, where a 10 % split leaves a tenth out and chooses on
-    a tenth (measured on the proxy's six domains: mean test 70.3 against 69.9 %). The validation split is still
+    a tenth (measured on the proxy's six domains, random features alone: mean test 70.3 against 69.9 %). The validation split is still
     reported: `val_accuracy` is the leave-one-out accuracy on its rows, held out from the head each is scored by, and
     so comparable with the other kinds' validation figures.
     """

@@ -4,7 +4,7 @@ The driver (the process `ray job submit` starts, or `add-task --workers N`) has 
 it puts the decoded images into the Ray object store once. Each worker loads the frozen backbone itself (and checks
 it is the driver's), takes the images from the object store, and runs the `--kind`'s learner (`learners.py`) with a
 `TorchComm` over the process group Ray Train set up: the prompts average their gradients; the head's workers each
-compute the frozen features of their shard, gather them, and solve once. Per-epoch state goes through `ray.train.report(checkpoint=...)`
+compute the frozen features of their shard, gather them, and solve the same small system; rank 0 publishes. Per-epoch state goes through `ray.train.report(checkpoint=...)`
 into `RunConfig(storage_path=<checkpoint-dir>, name=<run-name>)`, so a run that is started again under the same
 name continues from its last epoch (`ray.train.get_checkpoint()`). Rank 0 publishes the artifact.
 """
