@@ -146,3 +146,25 @@ def test_runtime_settings(monkeypatch):
     assert ServiceSettings().runtime == "onnx" and ServiceSettings().onnx_cache_dir == "/tmp/graphs"
     with pytest.raises(ValidationError):
         ServiceSettings(runtime="tensorrt")
+
+
+def test_the_onnx_engine_serves_head_tasks_like_the_torch_engine(runtimes, task_maker, store, settings):
+    """Kinds are runtime-agnostic: a head task answers from the ONNX frozen pass as it does from torch's."""
+    from tests.unit.service.test_kinds import make_head_task
+
+    store.publish(make_head_task(task_maker, "red"))
+    onnx, ref = runtimes
+    engines = [Engine(rt, store, settings) for rt in (onnx, ref)]
+    try:
+        for engine in engines:
+            engine.sync()
+        images = [onnx.preprocess(Image.fromarray(color_sample(n, 1, seed=3 + i)[0])) for i, n in enumerate(("red", "blue", "red"))]
+        by_onnx, by_torch = (e.classify(images) for e in engines)
+        assert [r.task for r in by_onnx] == [r.task for r in by_torch] == ["red", None, "red"]
+        for a, b in zip(by_onnx, by_torch):
+            assert a.gate == pytest.approx(b.gate, abs=1e-3)
+            assert [s.label for s in a.scores] == [s.label for s in b.scores]
+            assert [s.logit for s in a.scores] == pytest.approx([s.logit for s in b.scores], abs=1e-2)
+    finally:
+        for engine in engines:
+            engine.close()

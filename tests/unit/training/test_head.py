@@ -175,3 +175,20 @@ def test_prompts_plus_head_is_served_with_its_prompted_pass(paths, add_task):
     logits = served.logits(prompted, frozen, torch.ones(len(batch)))
     assert logits.shape == (len(batch), 4)
     assert (logits.argmax(-1).numpy() == labels[::6]).mean() >= 0.75
+
+
+def test_the_part_a_replica_loads_of_a_10_class_head_at_512_d_stays_under_1_mib():
+    from backbone import fit_task_stats
+    from prompts_store.artifact import encode_tensors
+    from training.head_learner import fit_head
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 10
+    features = torch.nn.functional.normalize(torch.randn(10, 512, generator=gen)[labels] + torch.randn(200, 512, generator=gen), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(10, 512, generator=gen), dim=-1)
+    val = torch.arange(200) % 5 == 0
+    fit = fit_head(Features(features[~val], labels[~val]), Features(features[val], labels[val]), text, 100.0, HeadSettings(), 10)
+    prompts = encode_tensors(fit.head.to_tensors(), task="t", file="prompts.safetensors")
+    stats = encode_tensors(fit_task_stats(features, labels).to_tensors(), task="t", file="stats.safetensors")
+    assert fit.head.weights.shape == (4096 + 512, 10)
+    assert len(prompts) + len(stats) <= 1024 * 1024, (len(prompts), len(stats))
