@@ -139,6 +139,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     resume.add_argument("--resume", metavar="RUN", help="continue the killed or stopped run RUN from its last checkpoint (same arguments otherwise)")
     run.add_argument("--stop-after-epoch", type=int, metavar="K", help="stop after epoch K's checkpoint without publishing (resume later with --resume)")
     run.add_argument("--max-failures", type=int, default=0, metavar="N", help="Ray Train: restart failed workers from the last checkpoint up to N times [0]")
+    run.add_argument("--force", action="store_true", help="publish even if the new version's validation accuracy is below the "
+                     "live version's or below frozen zero-shot (otherwise refused, the live version untouched)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (per-epoch lines still print)")
     run.add_argument("-q", "--quiet", action="store_true", help="only errors and the final result")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -204,6 +206,7 @@ def add_task(args: argparse.Namespace) -> int:
     from .data import DEFAULT_TEMPLATES, PixelPipeline, check_no_empty_class, decode, parse_class_names, read_class_names, read_templates, scan, split_train_val
     from .learner import TaskData
     from .learners import make_learner
+    from .publish_check import check_publishable, live_metrics
 
     log = logging.getLogger("training.add_task")
     started = time.perf_counter()
@@ -308,6 +311,7 @@ def add_task(args: argparse.Namespace) -> int:
                 progress=progress, runner=runner, extra_metrics={"workers": 0, "device": str(backbone.device)},
             )
             artifact = learner.fit(task, backbone, run, previous=previous) if previous is not None else learner.fit(task, backbone, run)
+            check_publishable(artifact.metrics, live_metrics(store, name), args.force)
             version = store.publish(artifact)
             summary = {k: v for k, v in artifact.metrics.items() if k != "history"}
         else:
@@ -345,7 +349,7 @@ def _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_ar
         "settings": settings.to_dict(), "model": model_arg, "pretrained": pretrained_arg, "backbone": fingerprint,
         "store": store_url, "resume": bool(args.resume), "stop_after_epoch": args.stop_after_epoch,
         "progress": progress, "verbose": args.verbose, "quiet": args.quiet, "extra_metrics": {},
-        "kind": args.kind, "update_from": update_from,
+        "kind": args.kind, "update_from": update_from, "force": args.force,
     }
     try:
         return fit_on_ray(

@@ -102,7 +102,12 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     except TrainingStopped as stopped:
         log.info("%s", stopped)
         return {"stopped_after_epoch": stopped.epoch}
-    version = store.publish(artifact) if comm.is_main else None
+    version = None
+    if comm.is_main:
+        from .publish_check import check_publishable, live_metrics
+
+        check_publishable(artifact.metrics, live_metrics(store, task.name), config.get("force", False))
+        version = store.publish(artifact)
     return {"published_version": version, "summary": {k: v for k, v in artifact.metrics.items() if k != "history"}}
 
 

@@ -192,3 +192,29 @@ def test_the_part_a_replica_loads_of_a_10_class_head_at_512_d_stays_under_1_mib(
     stats = encode_tensors(fit_task_stats(features, labels).to_tensors(), task="t", file="stats.safetensors")
     assert fit.head.weights.shape == (4096 + 512, 10)
     assert len(prompts) + len(stats) <= 1024 * 1024, (len(prompts), len(stats))
+
+
+def test_a_worse_version_is_refused_with_both_figures_unless_forced(paths, add_task):
+    images, labels = colour_images(per_class=12)
+    data = write(paths.root / "a" / "train.npz", images, labels, CLASS_NAMES)
+    assert add_task(head_args("colours", data, paths)).code == 0  # the head: 100 % on validation
+    store = open_store(paths.store)
+    live_val = store.get("colours").metrics["val_accuracy"]
+    worse = tiny_args("colours", data, paths.store, paths.checkpoints, "--lr", "1e-6", epochs=1)  # prompts, barely trained
+    run = add_task(worse)
+    assert run.code == 2 and "not published" in run.err and f"live version 1's {100 * live_val:.1f}%" in run.err, run.err
+    assert store.get("colours").version == 1 and store.generation() == 1
+    run = add_task([*worse, "--force", "--run-name", "forced"])
+    assert run.code == 0, run.err
+    assert store.get("colours").version == 2 and store.get("colours").kind == "residual-prompts"
+
+
+def test_check_publishable_refuses_below_zero_shot_and_below_the_live_version():
+    from training.publish_check import check_publishable
+
+    with pytest.raises(InputError, match=r"40.0% is below frozen zero-shot's 50.0%"):
+        check_publishable({"val_accuracy": 0.4, "val_zero_shot_accuracy": 0.5}, None, force=False)
+    with pytest.raises(InputError, match=r"60.0% is below the live version 3's 70.0%"):
+        check_publishable({"val_accuracy": 0.6, "val_zero_shot_accuracy": 0.5}, {"version": 3, "val_accuracy": 0.7}, force=False)
+    check_publishable({"val_accuracy": 0.4, "val_zero_shot_accuracy": 0.5}, {"version": 3, "val_accuracy": 0.7}, force=True)
+    check_publishable({"val_accuracy": 0.7, "val_zero_shot_accuracy": 0.5}, {"version": 3, "val_accuracy": 0.7}, force=False)
