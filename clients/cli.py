@@ -1,32 +1,30 @@
-"""The `keepclip` command line. Option defaults come from the same typed settings as the service (KEEPCLIP_*)."""
+"""The `keepclip` command line. Option defaults come from the same typed settings as the service (KEEPCLIP_*).
+
+Only what `--help`, `classify` and `tasks` need is imported here (typer, httpx, pydantic): they answer in a fraction
+of a second. torch, open_clip, Ray and the service are imported inside the commands that use them; `serve` and
+`info` live in clients/model_commands.py because even their option defaults need those packages.
+"""
 from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, NoReturn, Optional
 
 import typer
+from pydantic import ValidationError
 
-from backbone.settings import BackboneSettings
-from clients.client import ClientSettings, KeepclipClient, KeepclipError
-from service.settings import ServiceSettings
+from clients.client import Classification, ClientSettings, KeepclipClient, KeepclipError, TaskList
 
 app = typer.Typer(
     help="keepclip: keep one CLIP frozen and keep adding image-classification tasks to it.",
     no_args_is_help=True,
     add_completion=False,
 )
-_defaults = BackboneSettings()
-_service = ServiceSettings()  # `keepclip serve` defaults (KEEPCLIP_*; the same settings the Serve app reads)
 _client = ClientSettings()  # client commands: KEEPCLIP_URL, KEEPCLIP_ADMIN_TOKEN
-
-ModelOpt = typer.Option(_defaults.model, "--model", help="open_clip model name, or path to a model-config JSON [KEEPCLIP_MODEL]")
-PretrainedOpt = typer.Option(
-    _defaults.pretrained, "--pretrained", help="open_clip pretrained tag, checkpoint path, or 'none' [KEEPCLIP_PRETRAINED]"
-)
-DeviceOpt = typer.Option(_defaults.device, "--device", help="cuda, cpu or auto [KEEPCLIP_DEVICE]")
-_RAW = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}  # argparse parses the rest
+_RAW = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}  # another parser reads the rest
+FAILED, USAGE = 1, 2  # exit codes: the command failed; the command line is wrong (argparse/typer convention)
 
 
 @app.callback()
@@ -37,58 +35,21 @@ def main_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="de
         logging.getLogger(package).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-@app.command()
-def info(model: str = ModelOpt, pretrained: Optional[str] = PretrainedOpt, device: str = DeviceOpt) -> None:
-    """Load the backbone and print its fingerprint, tower sizes and the size of one task's prompts."""
-    from backbone import BackboneError, PromptConfig, PromptedCLIP, load_backbone
+# ----------------------------------------------------------------------------- commands that load the model
+@app.command(context_settings=_RAW, add_help_option=False)
+def info(ctx: typer.Context) -> None:
+    """Load the backbone and print its fingerprint, tower sizes and the size of one task's prompts (`--help`: options)."""
+    from clients.model_commands import info_app
 
-    try:
-        backbone = load_backbone(model, pretrained, device)
-    except BackboneError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    prompted = PromptedCLIP(backbone)
-    prompted.add_task("probe", PromptConfig())
-    typer.echo(f"backbone     {backbone.fingerprint.name}")
-    typer.echo(f"weights      sha256 {backbone.fingerprint.sha256}")
-    typer.echo(f"device       {backbone.device}")
-    for tower, blocks in (("visual", backbone.image_blocks), ("text", backbone.text_blocks)):
-        typer.echo(f"{tower:<12} {len(blocks)} blocks, width {prompted.width(tower)}")
-    typer.echo(f"task prompts {prompted.num_prompt_parameters('probe'):,} parameters (default depth 8, 8 prefix tokens)")
+    info_app(list(ctx.args), prog_name="keepclip info")
 
 
-# ----------------------------------------------------------------------------- serve
-@app.command()
-def serve(
-    host: str = typer.Option(_service.host, "--host", help="HTTP host [KEEPCLIP_HOST]"),
-    port: int = typer.Option(_service.port, "--port", help="HTTP port [KEEPCLIP_PORT]"),
-    address: Optional[str] = typer.Option(None, "--address", help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting one"),
-    model: str = typer.Option(_service.model, "--model", help="open_clip model name, or path to a model-config JSON [KEEPCLIP_MODEL]"),
-    pretrained: Optional[str] = typer.Option(_service.pretrained, "--pretrained", help="pretrained tag, checkpoint path, or 'none' [KEEPCLIP_PRETRAINED]"),
-    store: str = typer.Option(_service.store, "--store", help="store URL: a directory or an fsspec URL [KEEPCLIP_STORE]"),
-    device: str = typer.Option(_service.device, "--device", help="cuda, cpu or auto [KEEPCLIP_DEVICE]"),
-    replicas: int = typer.Option(_service.num_replicas, "--replicas", help="Serve replicas [KEEPCLIP_NUM_REPLICAS]"),
-    settings_file: Optional[Path] = typer.Option(None, "--settings-file", help="YAML/JSON settings file [KEEPCLIP_SETTINGS_FILE]"),
-) -> None:
-    """Run the service (API, /docs and /ui on one port) on Ray Serve until Ctrl-C."""
-    from pydantic import ValidationError
+@app.command(context_settings=_RAW, add_help_option=False)
+def serve(ctx: typer.Context) -> None:
+    """Run the service (API, /docs and /ui on one port) on Ray Serve until Ctrl-C (`--help`: options)."""
+    from clients.model_commands import serve_app
 
-    from service.app import run_service
-
-    try:
-        settings = ServiceSettings.load(
-            file=settings_file, host=host, port=port, model=model, pretrained=pretrained, store=store, device=device, num_replicas=replicas
-        )
-    except (ValidationError, ValueError) as e:
-        typer.echo(f"error: invalid settings: {e}", err=True)
-        raise typer.Exit(2) from None
-    if device == "cuda" and settings.replica_gpus == 0:
-        settings = settings.model_copy(update={"replica_gpus": 1.0})
-    try:
-        run_service(settings, address=address)
-    except (TimeoutError, ConnectionError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
+    serve_app(list(ctx.args), prog_name="keepclip serve")
 
 
 # ----------------------------------------------------------------------------- add-task
@@ -122,14 +83,33 @@ def bench_speed(ctx: typer.Context) -> None:
     raise typer.Exit(speed_main(list(ctx.args), prog="keepclip bench speed"))
 
 
-# ----------------------------------------------------------------------------- client commands
+# ----------------------------------------------------------------------------- errors of the client commands
+def _fail(message: str, code: int = FAILED) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _describe(e: KeepclipError) -> str:
+    """One line: the message, then the HTTP status and code when there was an HTTP answer."""
+    text = e.message if e.status == 0 else f"{e.message} ({e.status} {e.code})"
+    return " ".join(text.split())  # a server's message may span lines
+
+
+@contextmanager
+def _failures_reported() -> Iterator[None]:
+    """Any failure of a client command becomes one `error: ...` line on stderr and exit code 1, never a traceback."""
+    try:
+        yield
+    except KeepclipError as e:
+        _fail(_describe(e))
+    except ValidationError as e:  # valid JSON, but not the shape a keepclip service answers with
+        _fail(f"unexpected answer, is --url a keepclip service? ({e.error_count()} fields do not match)")
+
+
+# ----------------------------------------------------------------------------- classify
 UrlOpt = typer.Option(_client.url, "--url", help="service URL [KEEPCLIP_URL]")
-TokenOpt = typer.Option(None, "--token", help="admin token [KEEPCLIP_ADMIN_TOKEN]", show_default=False)
-
-
-def _fail(e: KeepclipError) -> None:
-    typer.echo(f"error: {e.message if e.status == 0 else e}", err=True)
-    raise typer.Exit(1 if e.status in (0, 500, 503) else 2)
+# refusals about one image: report it and go on with the next; any other refusal is the same for every image
+_IMAGE_ERRORS = frozenset({"invalid_image", "empty_image", "image_too_large", "payload_too_large"})
 
 
 @app.command()
@@ -141,85 +121,141 @@ def classify(
     url: str = UrlOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per image"),
 ) -> None:
-    """Classify images through a running service: task-agnostic by default, or --task NAME, or --labels L1,L2,..."""
+    """Classify images through a running service: task-agnostic by default, or --task NAME, or --labels L1,L2,...
+
+    Exit code 1 when the service refuses or cannot be reached, or any image could not be classified.
+    """
     if task and labels:
-        typer.echo("error: give --task or --labels, not both", err=True)
-        raise typer.Exit(2)
+        _fail("give --task or --labels, not both", USAGE)
     label_list = [part.strip() for part in labels.split(",") if part.strip()] if labels is not None else None
-    with KeepclipClient(url) as client:
-        for path in images:
-            try:
-                result = client.classify(path, task=task, labels=label_list, top_k=top_k)
-            except KeepclipError as e:
-                if e.status == 0:
-                    _fail(e)
-                typer.echo(f"{path}: error: {e}", err=True)
-                continue
-            if as_json:
-                typer.echo(json.dumps({"image": str(path), **result.model_dump()}))
-                continue
-            if result.task is None:
-                head = "no learned task (frozen CLIP)"
-            else:
-                head = f"task {result.task} v{result.version}, gate {result.gate:.3f}"
-            scores = ", ".join(f"{s.label} {s.score:.3f}" for s in result.scores) or (result.message or "")
-            typer.echo(f"{path}: {head}: {scores}")
+    with _failures_reported(), KeepclipClient(url) as client:
+        failures = sum(not _classify_one(client, path, task, label_list, top_k, as_json) for path in images)
+    if failures:
+        raise typer.Exit(FAILED)
 
 
-tasks_app = typer.Typer(help="List, show, delete or roll back the tasks of a running service.", no_args_is_help=True)
+def _classify_one(client: KeepclipClient, path: Path, task, labels, top_k: int, as_json: bool) -> bool:
+    """Print one image's answer; False (after an `error: PATH: ...` line) when that image alone was refused."""
+    try:
+        result = client.classify(path, task=task, labels=labels, top_k=top_k)
+    except KeepclipError as e:
+        if e.code not in _IMAGE_ERRORS:
+            raise
+        typer.echo(f"error: {path}: {_describe(e)}", err=True)
+        return False
+    except OSError as e:
+        typer.echo(f"error: {path}: cannot read it ({e.strerror or e})", err=True)
+        return False
+    typer.echo(json.dumps({"image": str(path), **result.model_dump()}) if as_json else _classification_line(path, result))
+    return True
+
+
+def _classification_line(path: Path, result: Classification) -> str:
+    if result.task is None:
+        head = "no learned task (frozen CLIP)"
+    else:
+        head = f"task {result.task} v{result.version}, gate {result.gate:.3f}"
+    scores = ", ".join(f"{s.label} {s.score:.3f}" for s in result.scores) or (result.message or "")
+    return f"{path}: {head}: {scores}"
+
+
+# ----------------------------------------------------------------------------- tasks
+tasks_app = typer.Typer(
+    help="List, show, delete or roll back tasks: of a running service (--url, the default), or of a store directly (--store).",
+    no_args_is_help=True,
+)
 app.add_typer(tasks_app, name="tasks")
+TasksUrlOpt = typer.Option(None, "--url", help=f"service URL [KEEPCLIP_URL, default {_client.url}]", show_default=False)
+StoreOpt = typer.Option(
+    None, "--store", metavar="URL", show_default=False,
+    help="work on this store directly, without a service: a directory or an fsspec URL, as for `serve --store` "
+    "(KEEPCLIP_STORE is not read here: without --store these commands ask the service). No admin token: the store's "
+    "file permissions decide who may change it; a running service follows within a poll interval.",
+)
+TokenOpt = typer.Option(None, "--token", help="admin token of the service [KEEPCLIP_ADMIN_TOKEN]", show_default=False)
+
+
+def _tasks_of(url: Optional[str], store: Optional[str], token: Optional[str] = None):
+    """A KeepclipClient for the service, or a StoreTasks for --store: the same methods and answers."""
+    if store is None:
+        return KeepclipClient(url, token=token)  # url None: KEEPCLIP_URL or its default
+    if url is not None:
+        _fail("give --url or --store, not both", USAGE)
+    if token is not None:
+        _fail("--token is for a service; with --store the store's file permissions decide who may change it", USAGE)
+    from clients.store_tasks import StoreTasks  # imports prompts_store, hence torch: only here
+
+    return StoreTasks(store)
 
 
 @tasks_app.command("list")
-def tasks_list(url: str = UrlOpt, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Live tasks in the store and the version this replica serves."""
-    try:
-        with KeepclipClient(url) as client:
-            listing = client.tasks()
-    except KeepclipError as e:
-        _fail(e)
+def tasks_list(url: Optional[str] = TasksUrlOpt, store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Live tasks: version, kind, classes, creation time, the version the service serves, and why a task is damaged."""
+    with _failures_reported(), _tasks_of(url, store) as source:
+        listing = source.tasks()
     if as_json:
         typer.echo(listing.model_dump_json(indent=2))
         return
-    typer.echo(f"store generation {listing.generation} (served: {listing.served_generation})")
-    typer.echo(f"{'task':<24} {'version':>7} {'served':>6} {'classes':>7}  created")
-    for t in listing.tasks:
-        served = "-" if t.loaded_version is None else str(t.loaded_version)
-        typer.echo(f"{t.name:<24} {t.version or '-':>7} {served:>6} {t.num_classes or '-':>7}  {t.created_at or ''}")
-        if t.error:
-            typer.echo(f"  ! {t.error}")
+    for line in _task_table(listing):
+        typer.echo(line)
+
+
+def _task_table(listing: TaskList) -> list[str]:
+    """A header line and a table; `served` only for a service, `error` only when some task.json is damaged."""
+    served = listing.served_generation is not None
+    title = f"store generation {listing.generation}" + (f" (served: {listing.served_generation})" if served else "")
+    header = ["task", "version", *(["served"] if served else []), "kind", "classes", "created"]
+    rows = [
+        [t.name, _cell(t.version), *([_cell(t.loaded_version)] if served else []), _cell(t.kind), _cell(t.num_classes), _cell(t.created_at)]
+        for t in listing.tasks
+    ]
+    if any(t.error for t in listing.tasks):
+        header.append("error")
+        for row, t in zip(rows, listing.tasks):
+            row.append(t.error or "")
+    return [title, *_aligned([header, *rows])]
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
 @tasks_app.command("show")
-def tasks_show(name: str, url: str = UrlOpt) -> None:
-    """One task: classes, templates, metrics and every version."""
-    try:
-        with KeepclipClient(url) as client:
-            detail = client.task(name)
-    except KeepclipError as e:
-        _fail(e)
+def tasks_show(name: str, url: Optional[str] = TasksUrlOpt, store: Optional[str] = StoreOpt) -> None:
+    """One task as JSON: classes, templates, metrics and every version (with its metrics)."""
+    with _failures_reported(), _tasks_of(url, store) as source:
+        detail = source.task(name)
     typer.echo(detail.model_dump_json(indent=2))
 
 
 @tasks_app.command("delete")
-def tasks_delete(name: str, url: str = UrlOpt, token: Optional[str] = TokenOpt) -> None:
-    """Take a task out of service (its versions stay; rollback revives one). Needs the admin token."""
-    try:
-        with KeepclipClient(url, token=token) as client:
-            change = client.delete_task(name)
-    except KeepclipError as e:
-        _fail(e)
+def tasks_delete(
+    name: str, url: Optional[str] = TasksUrlOpt, store: Optional[str] = StoreOpt, token: Optional[str] = TokenOpt
+) -> None:
+    """Take a task out of service (its versions stay; rollback revives one).
+
+    A service needs its admin token; with --store no token: the store's file permissions are the control.
+    """
+    with _failures_reported(), _tasks_of(url, store, token) as source:
+        change = source.delete_task(name)
     typer.echo(f"deleted {change.name} (was v{change.version}); store generation {change.generation}")
 
 
 @tasks_app.command("rollback")
-def tasks_rollback(name: str, version: int, url: str = UrlOpt, token: Optional[str] = TokenOpt) -> None:
-    """Make VERSION of a task live again. Needs the admin token."""
-    try:
-        with KeepclipClient(url, token=token) as client:
-            change = client.rollback_task(name, version)
-    except KeepclipError as e:
-        _fail(e)
+def tasks_rollback(
+    name: str, version: int, url: Optional[str] = TasksUrlOpt, store: Optional[str] = StoreOpt, token: Optional[str] = TokenOpt
+) -> None:
+    """Make VERSION of a task live again (also revives a deleted task).
+
+    A service needs its admin token; with --store no token: the store's file permissions are the control.
+    """
+    with _failures_reported(), _tasks_of(url, store, token) as source:
+        change = source.rollback_task(name, version)
     typer.echo(f"{change.name} v{change.version} is live; store generation {change.generation}")
 
 

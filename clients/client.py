@@ -9,7 +9,7 @@
         KeepclipClient(token="...").delete_task("cifar10")  # admin (KEEPCLIP_ADMIN_TOKEN)
 
 Errors: `ServiceUnreachable` when nothing answers at the URL; `KeepclipError` (with .status, .code, .message)
-for every refusal the service sends.
+for every refusal the service sends, and for an answer that is not the service's JSON.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ class ClientSettings(BaseSettings):
 
 
 class KeepclipError(RuntimeError):
+    """`.status`: the HTTP status, or 0 when there was no HTTP answer (nothing listening; a store worked on directly)."""
+
     def __init__(self, status: int, code: str, message: str):
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
@@ -119,7 +121,7 @@ class TaskSummary(_Model):
 
 class TaskList(_Model):
     generation: int
-    served_generation: int
+    served_generation: int | None = None  # None when read from the store itself (`StoreTasks`)
     tasks: list[TaskSummary]
 
 
@@ -279,4 +281,9 @@ class KeepclipClient:
                 raise KeepclipError(response.status_code, error["code"], error["message"])
             except (ValueError, KeyError, TypeError):
                 raise KeepclipError(response.status_code, "http_error", response.text[:500]) from None
-        return response.text if raw else response.json()
+        if raw:
+            return response.text
+        try:
+            return response.json()
+        except ValueError:  # something else answers at this URL (a proxy's HTML page, another service)
+            raise KeepclipError(response.status_code, "not_json", f"{self.url}{path} answered with something other than JSON; is it a keepclip service?") from None

@@ -21,14 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import safetensors
-import safetensors.torch
-import torch
+from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ArtifactIntegrityError, InvalidArtifact, UnsupportedFormat
 from .jsondoc import DocumentError, dump_document, load_document, sha256_hex
 from .names import validate_task_name
+
+if TYPE_CHECKING:  # torch and safetensors load on first use: reading task.json (list, history) needs neither
+    import torch
 
 FORMAT_VERSION = 1  # bump when a reader of the previous format could misread a new file
 PROMPTS_FILE = "prompts.safetensors"
@@ -120,6 +121,8 @@ def check_artifact(artifact: TaskArtifact) -> None:
             json.dumps(value, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise bad(f"{field_name} is not strict JSON ({exc})") from None
+    import torch
+
     for field_name in ("prompts", "stats", "update_state"):
         tensors = getattr(artifact, field_name)
         if not isinstance(tensors, dict) or not all(
@@ -142,6 +145,8 @@ def _is_str_list(value: object) -> bool:
 
 def encode_tensors(tensors: dict[str, torch.Tensor], *, task: str, file: str) -> bytes:
     """safetensors bytes of CPU, contiguous, un-aliased copies (safetensors refuses shared storage)."""
+    import safetensors.torch
+
     try:
         plain = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
         return safetensors.torch.save(plain, metadata={"format": "pt"})
@@ -170,6 +175,9 @@ def encode_task_json(artifact: TaskArtifact, *, version: int, created_at: str,
 
 
 def library_versions() -> dict[str, str]:
+    import safetensors
+    import torch
+
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "safetensors": safetensors.__version__}
     try:
@@ -223,6 +231,8 @@ def decode_tensors(raw: bytes, doc: dict[str, Any], *, file: str) -> dict[str, t
             f"task {task!r} version {version}: {file} is damaged: sha256 {actual[:16]}... "
             f"({len(raw)} bytes) does not match {expected['sha256'][:16]}... "
             f"({expected['size']} bytes) recorded in {TASK_FILE}", **where)
+    import safetensors.torch
+
     try:
         return safetensors.torch.load(raw)
     except Exception as exc:  # checksum matched, so the writer produced a bad file

@@ -359,14 +359,15 @@ def _read_csv(path: Path, option: str) -> list[tuple[int, str, int | str]]:
 
 
 def _scan_npz(path, class_names, names_from, option) -> LabeledSource:
+    _check_is_zip(path, option)
     try:
         with np.load(path, allow_pickle=False) as arrays:
             fields = list(arrays.files)
             missing = [f for f in ("images", "labels") if f not in fields]
             if missing:
                 raise InputError(f"{option} {path}: no {' or '.join(repr(m) for m in missing)} array (found: {fields})")
-            images, labels = arrays["images"], arrays["labels"]
-            inner_names = arrays["class_names"].tolist() if "class_names" in fields else None
+            images, labels = _npz_array(arrays, "images", path, option), _npz_array(arrays, "labels", path, option)
+            inner_names = _npz_array(arrays, "class_names", path, option).tolist() if "class_names" in fields else None
     except InputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
@@ -395,15 +396,40 @@ def _scan_npz(path, class_names, names_from, option) -> LabeledSource:
                 f"{option} {path}: no class names; pass --classnames FILE (a JSON list or one name per line) or "
                 f"--class-names A,B,..., or put {NPZ_CLASSNAMES} beside the .npz"
             )
-    bad = (labels < 0) | (labels >= len(class_names))
+    _check_labels_in_range(path, labels, len(class_names), names_from, option)
+    names = list(class_names)
+    return LabeledSource(path, "npz", names, labels.astype(np.int64), names, names_from, arrays=images)
+
+
+def _npz_array(arrays, field: str, path: Path, option: str) -> np.ndarray:
+    value = arrays[field]
+    if not isinstance(value, np.ndarray):  # numpy hands back the raw bytes of a member that is not .npy data
+        raise InputError(f"{option} {path}: cannot be read as an .npz file (field {field!r} is not .npy data)")
+    return value
+
+
+def _check_is_zip(path: Path, option: str) -> None:
+    # np.load takes any file that is neither .npy nor zip for a pickle, and refuses it by blaming allow_pickle
+    try:
+        with open(path, "rb") as f:
+            is_zip = zipfile.is_zipfile(f)
+    except OSError as e:
+        raise InputError(f"{option} {path}: cannot be read ({e.strerror or e})") from None
+    if not is_zip:
+        raise InputError(f"{option} {path}: not an .npz file (numpy .npz archives are zip files)")
+
+
+def _check_labels_in_range(path: Path, labels: np.ndarray, n_names: int, names_from: str, option: str) -> None:
+    if len(labels) and labels.min() >= 0 and labels.max() >= n_names:  # too few names rather than a bad label
+        top, names = int(labels.max()), names_from.removeprefix(f"{path}: ")  # "field 'class_names'" of this .npz
+        raise InputError(f"{option} {path}: {names} has {n_names} names, but labels go up to {top} ({top + 1} classes)")
+    bad = (labels < 0) | (labels >= n_names)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InputError(
             f"{option} {path}: field 'labels' has {int(bad.sum())} values out of range, e.g. labels[{i}] = {int(labels[i])}; "
-            f"there are {len(class_names)} classes (0-{len(class_names) - 1}, names from {names_from})"
+            f"there are {n_names} classes (0-{n_names - 1}, names from {names_from})"
         )
-    names = list(class_names)
-    return LabeledSource(path, "npz", names, labels.astype(np.int64), names, names_from, arrays=images)
 
 
 # ---------------------------------------------------------------- decoded images

@@ -63,10 +63,30 @@ def test_cli_classify(keepclip_service, images):
     assert out.exit_code == 0 and {s["label"] for s in json.loads(out.stdout)["scores"]} == {"leaf", "sky"}
     out = runner.invoke(app, ["classify", str(images["green"]), "--task", "red", "--top-k", "1", "--url", url])
     assert out.exit_code == 0 and "task red" in out.stdout
-    out = runner.invoke(app, ["classify", str(images["green"]), "--task", "nope", "--url", url])
-    assert "task_not_found" in out.output
     out = runner.invoke(app, ["classify", str(images["red"]), "--url", f"http://127.0.0.1:{free_port()}"])
     assert out.exit_code == 1 and "cannot reach keepclip" in out.output
+
+
+def one_error_line(out) -> str:
+    [line] = out.stderr.splitlines()
+    assert line.startswith("error: ") and "Traceback" not in out.output, out.output
+    return line
+
+
+def test_cli_classify_refusals_exit_1_with_the_services_message(keepclip_service, images, tmp_path):
+    url = keepclip_service.url
+    out = runner.invoke(app, ["classify", str(images["green"]), str(images["red"]), "--task", "nope", "--url", url])
+    assert out.exit_code == 1 and out.stdout == ""  # refused once for the whole request, not once per image
+    assert "(404 task_not_found)" in one_error_line(out)
+    out = runner.invoke(app, ["classify", str(images["green"]), "--top-k", "1000", "--url", url])  # over max_top_k
+    assert out.exit_code == 1 and "(422 validation_error)" in one_error_line(out)
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    out = runner.invoke(app, ["classify", str(not_an_image), str(images["red"]), "--url", url])
+    assert out.exit_code == 1 and "task red" in out.stdout  # the other images are still classified
+    assert one_error_line(out).startswith(f"error: {not_an_image}: ") and "invalid_image" in out.stderr
+    out = runner.invoke(app, ["classify", str(images["red"]), "--task", "red", "--labels", "a,b", "--url", url])
+    assert out.exit_code == 2 and "--task or --labels" in one_error_line(out)
 
 
 def test_cli_tasks(keepclip_service, monkeypatch):
@@ -78,11 +98,11 @@ def test_cli_tasks(keepclip_service, monkeypatch):
     out = runner.invoke(app, ["tasks", "show", "red", "--url", url])
     assert out.exit_code == 0 and json.loads(out.stdout)["class_names"] == ["light red", "dark red"]
     out = runner.invoke(app, ["tasks", "show", "nope", "--url", url])
-    assert out.exit_code == 2 and "task_not_found" in out.output
+    assert out.exit_code == 1 and "(404 task_not_found)" in one_error_line(out)
     out = runner.invoke(app, ["tasks", "delete", "teal", "--url", url])
-    assert out.exit_code == 2 and "401" in out.output
+    assert out.exit_code == 1 and "(401 unauthorized)" in one_error_line(out)
     out = runner.invoke(app, ["tasks", "delete", "teal", "--url", url, "--token", "wrong"])
-    assert out.exit_code == 2 and "403" in out.output
+    assert out.exit_code == 1 and "(403 forbidden)" in one_error_line(out)
     out = runner.invoke(app, ["tasks", "delete", "teal", "--url", url, "--token", svc.token])
     assert out.exit_code == 0 and "deleted teal" in out.stdout
     monkeypatch.setenv("KEEPCLIP_ADMIN_TOKEN", svc.token)  # the token from the environment
@@ -91,7 +111,25 @@ def test_cli_tasks(keepclip_service, monkeypatch):
     out = runner.invoke(app, ["tasks", "delete", "teal", "--url", url])
     assert out.exit_code == 0
     out = runner.invoke(app, ["tasks", "list", "--url", f"http://127.0.0.1:{free_port()}"])
-    assert out.exit_code == 1 and "cannot reach keepclip" in out.output
+    assert out.exit_code == 1 and "cannot reach keepclip" in one_error_line(out)
+
+
+def test_cli_tasks_on_the_store_of_a_running_service(keepclip_service):
+    """--store works on the store itself, without a token; the service reads the same store."""
+    svc = keepclip_service
+    store = svc.settings.store
+    svc.store.publish(make_color_task(svc.maker, "olive", (128, 128, 0)))
+    out = runner.invoke(app, ["tasks", "list", "--store", store])
+    assert out.exit_code == 0 and "olive" in out.stdout and "served" not in out.stdout
+    out = runner.invoke(app, ["tasks", "delete", "olive", "--store", store])
+    assert out.exit_code == 0 and "deleted olive (was v1)" in out.stdout
+    with KeepclipClient(svc.url) as kc:
+        assert "olive" not in {t.name for t in kc.tasks().tasks}
+    out = runner.invoke(app, ["tasks", "rollback", "olive", "1", "--store", store])
+    assert out.exit_code == 0 and "olive v1 is live" in out.stdout
+    out = runner.invoke(app, ["tasks", "list", "--url", svc.url])
+    assert out.exit_code == 0 and "olive" in out.stdout
+    assert runner.invoke(app, ["tasks", "delete", "olive", "--store", store]).exit_code == 0  # leave the service as found
 
 
 def test_cli_serve_help_shows_settings_defaults():

@@ -2,6 +2,7 @@
 and no training started (no checkpoint written)."""
 import json
 import shutil
+import zipfile
 
 import numpy as np
 import pytest
@@ -87,14 +88,24 @@ def test_missing_manifest_image_is_an_unreadable_image(paths, add_task):
     assert_refused(run, paths, "1 of 8 images", str(paths.root / "m" / "images" / "003.png"), "file not found")
 
 
-def test_labels_out_of_range_in_npz(paths, add_task):
+def test_negative_labels_in_npz(paths, add_task):
     data = write_npz(paths.root / "d.npz", per_class=2)
     with np.load(data) as arrays:
         images, labels = arrays["images"], arrays["labels"].copy()
-    labels[5] = 7
+    labels[5] = -1
     np.savez(data, images=images, labels=labels)
     run = add_task(tiny_args("t", data, paths.store, paths.checkpoints, "--class-names", ",".join(CLASS_NAMES)))
-    assert_refused(run, paths, str(data), "field 'labels'", "labels[5] = 7", "4 classes")
+    assert_refused(run, paths, str(data), "field 'labels'", "labels[5] = -1", "4 classes")
+
+
+def test_fewer_class_names_than_the_labels_need_names_the_names_file(paths, add_task):
+    data = write_npz(paths.root / "d.npz", per_class=2, classnames_beside=True)  # labels 0..3
+    beside = paths.root / "classnames.json"
+    beside.write_text(json.dumps(CLASS_NAMES[:3]))
+    run = add_task(tiny_args("t", data, paths.store, paths.checkpoints))
+    assert_refused(run, paths, f"--data {data}: {beside} has 3 names, but labels go up to 3 (4 classes)")
+    run = add_task(tiny_args("t", data, paths.store, paths.checkpoints, "--class-names", "red,green"))
+    assert_refused(run, paths, f"--data {data}: --class-names has 2 names, but labels go up to 3 (4 classes)")
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
@@ -124,10 +135,21 @@ def test_npz_missing_field_and_unreadable_npz(paths, add_task):
     data = paths.root / "d.npz"
     np.savez(data, images=np.zeros((4, 8, 8, 3), np.uint8))
     assert_refused(add_task(tiny_args("t", data, paths.store, paths.checkpoints)), paths, str(data), "no 'labels' array")
-    data.write_bytes(b"this is not a zip archive")
-    assert_refused(add_task(tiny_args("t", data, paths.store, paths.checkpoints)), paths, str(data), "cannot be read as an .npz")
+    with zipfile.ZipFile(data, "w") as archive:  # a zip archive, but its arrays are not .npy data
+        archive.writestr("images.npy", b"garbage")
+        archive.writestr("labels.npy", b"garbage")
+    assert_refused(add_task(tiny_args("t", data, paths.store, paths.checkpoints)), paths, f"--data {data}: cannot be read as an .npz file")
     np.savez(data, images=np.zeros((4, 8, 8, 3), np.float32), labels=np.zeros(4, np.int64))
     assert_refused(add_task(tiny_args("t", data, paths.store, paths.checkpoints, "--class-names", "a")), paths, "field 'images' must be uint8")
+
+
+@pytest.mark.parametrize("content", [b"this is not a zip archive", b"", b"\x93NUMPY a lone .npy array"])
+def test_a_file_that_is_not_an_npz_archive(paths, add_task, content):
+    data = paths.root / "d.npz"
+    data.write_bytes(content)
+    run = add_task(tiny_args("t", data, paths.store, paths.checkpoints))
+    assert_refused(run, paths, f"--data {data}: not an .npz file (numpy .npz archives are zip files)")
+    assert "pickle" not in run.err
 
 
 def test_duplicate_class_names(paths, add_task):

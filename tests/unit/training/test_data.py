@@ -68,6 +68,13 @@ def test_class_names_from_folders_files_and_arrays(tmp_path):
     assert scan(inner).class_names == CLASS_NAMES
 
 
+def test_too_few_class_names_inside_the_npz_are_named_as_such(tmp_path):
+    short = write_npz(tmp_path / "s.npz", per_class=1, class_names=np.array(CLASS_NAMES[:2]))
+    with pytest.raises(InputError) as refused:
+        scan(short)
+    assert str(refused.value) == f"--data {short}: field 'class_names' has 2 names, but labels go up to 3 (4 classes)"
+
+
 def test_manifest_string_labels_are_the_class_names_in_natural_order(tmp_path):
     manifest = tmp_path / "m.jsonl"
     Image.fromarray(colour_images(1)[0][0]).save(tmp_path / "a.png")
