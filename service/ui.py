@@ -13,6 +13,27 @@ from .images import crop_extreme_aspect
 from .settings import ServiceSettings
 
 TITLE = "keepclip"
+TASK_COLUMNS = ["task", "version", "kind", "classes", "test acc %", "zero-shot %", "class names", "created"]
+# small images (28x28 digits) are drawn scaled up to the box, with sharp pixels, instead of at native size
+CSS = ".keepclip-image img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }"
+
+
+def _pct(metrics, key: str) -> float | None:
+    value = metrics.get(key) if metrics else None
+    return round(100 * value, 1) if isinstance(value, (int, float)) else None
+
+
+def task_rows(state) -> list[list]:
+    """One row per served task (accuracy: the test figure add-task measured, else the validation one), then the refused."""
+    rows = []
+    for t in sorted(state.tasks.values(), key=lambda t: t.name):
+        test = "test" if _pct(t.metrics, "test_accuracy") is not None else "val"
+        names = ", ".join(t.class_names[:8]) + (" …" if len(t.class_names) > 8 else "")
+        rows.append([t.name, t.version, t.kind, len(t.class_names), _pct(t.metrics, f"{test}_accuracy"),
+                     _pct(t.metrics, f"{test}_zero_shot_accuracy"), names, t.created_at or ""])
+    rows += [[name, None, None, None, None, None, f"not served: {why[:120]}", ""]
+             for name, why in sorted(state.errors.items()) if name not in state.tasks]
+    return rows or [["(no tasks yet)", None, None, None, None, None, "", ""]]
 
 
 def _prepare(engine: Engine, settings: ServiceSettings, image):
@@ -57,25 +78,20 @@ def build_ui(engine: Engine, settings: ServiceSettings) -> gr.Blocks:
 
     def tasks():
         state = engine.state
-        rows = [
-            [t.name, t.version, len(t.class_names), ", ".join(t.class_names[:8]) + (" …" if len(t.class_names) > 8 else ""), t.created_at or ""]
-            for t in sorted(state.tasks.values(), key=lambda t: t.name)
-        ]
-        rows += [[name, None, None, f"not served: {why[:120]}", ""] for name, why in sorted(state.errors.items()) if name not in state.tasks]
-        return rows or [["(no tasks yet)", None, None, "", ""]], f"store generation {state.generation}"
+        return task_rows(state), f"store generation {state.generation}"
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as ui:
+    with gr.Blocks(title=TITLE, analytics_enabled=False, css=CSS) as ui:
         gr.Markdown("## keepclip — one frozen CLIP, many learned tasks\nEach image is routed on its own to the task whose fingerprint it matches.")
         with gr.Tab("Classify"):
             with gr.Row():
-                image = gr.Image(type="pil", label="Image", elem_id="classify-image", height=280)
+                image = gr.Image(type="pil", label="Image", elem_id="classify-image", elem_classes="keepclip-image", height=280)
                 with gr.Column():
                     route = gr.Markdown(elem_id="classify-route")
                     top5 = gr.Label(num_top_classes=5, label="Top-5", elem_id="classify-label")
             gr.Button("Classify", variant="primary", elem_id="classify-button").click(classify, image, [route, top5])
         with gr.Tab("Zero-shot"):
             with gr.Row():
-                zs_image = gr.Image(type="pil", label="Image", height=280)
+                zs_image = gr.Image(type="pil", label="Image", elem_classes="keepclip-image", height=280)
                 with gr.Column():
                     zs_labels = gr.Textbox(label="Labels (comma-separated)", placeholder="cat, dog, airplane")
                     zs_route = gr.Markdown()
@@ -88,7 +104,7 @@ def build_ui(engine: Engine, settings: ServiceSettings) -> gr.Blocks:
             hits = gr.Dataframe(headers=["id", "score"], label="Gallery matches")
             gr.Button("Search", variant="primary").click(search, [query, k], hits)
         with gr.Tab("Tasks"):
-            table = gr.Dataframe(headers=["task", "version", "classes", "class names", "created"], label="Tasks served")
+            table = gr.Dataframe(headers=TASK_COLUMNS, label="Tasks served")
             generation = gr.Markdown()
             gr.Button("Refresh").click(tasks, None, [table, generation])
             ui.load(tasks, None, [table, generation])
