@@ -152,7 +152,7 @@ def _classify_one(client: KeepclipClient, path: Path, task, labels, top_k: int, 
 
 def _classification_line(path: Path, result: Classification) -> str:
     if result.task is None:
-        head = "no learned task (frozen CLIP)"
+        head = "no learned task (frozen CLIP over the open vocabulary)" if result.scores else "no learned task (frozen CLIP)"
     else:
         head = f"task {result.task} v{result.version}, gate {result.gate:.3f}"
     scores = ", ".join(f"{s.label} {s.score:.3f}" for s in result.scores) or (result.message or "")

@@ -4,15 +4,19 @@
     app = create_app(settings, engine=engine, submit=f)    # the Serve deployment passes its engine and @serve.batch
 
 Every refusal is `{"error": {"code": ..., "message": ...}}` with a 4xx status; FastAPI's own validation errors and
-Starlette's HTTP errors are reshaped the same way. A 500 only ever means a bug.
+Starlette's HTTP errors are reshaped the same way. A 500 only ever means a bug: hostile bodies (deep nesting, lone
+surrogates, NaN, huge arrays, loose types) are refused while parsing, before a model, the engine or a renderer sees them.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import math
+import re
 import secrets
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -25,6 +29,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ValidationError
+from pydantic_core import from_json
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,7 +40,7 @@ from prompts_store import (ArtifactIntegrityError, InvalidTaskName, InvalidVersi
 from . import schemas as S
 from .batching import MicroBatcher
 from .engine import ClassifyJob, ClassifyResult, EmbedJob, EmbedResult, Engine, TaskNotLoaded, WeightNotSupported
-from .errors import STATUS_CODES, ApiError, error_body
+from .errors import STATUS_CODES, ApiError, echo, error_body, printable
 from .gallery import GalleryFull
 from .images import decode_base64, decode_image
 from .metrics import ServiceMetrics
@@ -45,6 +50,12 @@ log = logging.getLogger(__name__)
 
 Submit = Callable[[Any], Awaitable[Any]]
 MAX_TEXT_CHARS = 2000
+# Most entries of any JSON array or object within the depth our models read (more is refused before validation:
+# pydantic would build one error per entry, ~30 s and 4 GB for 4 M of them). Raised to the label and image limits.
+MAX_JSON_ENTRIES = 4096
+UPLOAD_FIELDS = ("file", "image")  # the multipart field of one image: README's `curl -F image=@cat.png` works too
+GALLERY_UPLOAD_FIELDS = ("files", "file", "images", "image")
+_FORM_INT = re.compile(r"[+-]?[0-9]{1,18}")
 ERRORS = {s: {"model": S.ErrorResponse} for s in (400, 404, 413, 415, 422)}
 ADMIN_ERRORS = {s: {"model": S.ErrorResponse} for s in (401, 403, 404, 409, 422)}
 REQUEST_MODELS = (S.ClassifyRequest, S.EmbedRequest, S.GalleryRequest, S.SearchRequest)
@@ -63,13 +74,15 @@ def _body_doc(model: type[BaseModel], multipart: dict) -> dict:
 
 
 _FILE = {"type": "string", "format": "binary"}
+_ONE_UPLOAD = "the image in `file` or `image` (either name, one image)"
 _STRS = {"type": "array", "items": {"type": "string"}}
 
 
-# ----------------------------------------------------------------------------- body limit + metrics (pure ASGI)
+# ----------------------------------------------------------------------------- body limit, HEAD, metrics (pure ASGI)
 class _Guard:
-    """Refuses bodies over the byte limit before reading them (Content-Length) or while streaming them (chunked),
-    and records request count and latency by endpoint (route template) and status."""
+    """Refuses bodies over the byte limit before reading them (Content-Length) or while streaming them (chunked);
+    answers HEAD like GET without the body (FastAPI registers GET routes for GET only); records request count and
+    latency by endpoint (route template), method and status."""
 
     def __init__(self, app, max_body_bytes: int, metrics: ServiceMetrics):
         self.app, self.limit, self.metrics = app, max_body_bytes, metrics
@@ -77,37 +90,51 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
+        start, status, method = time.perf_counter(), [500], scope.get("method", "")
+        if method == "HEAD":
+            scope["method"] = "GET"  # in place: the router notes the matched route in this scope (the metrics label)
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif method == "HEAD" and message["type"] == "http.response.body":
+                if message.get("more_body"):
+                    return
+                message = {**message, "body": b""}
             await send(message)
 
         try:
-            length = dict(scope.get("headers") or []).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                too_big = length.isdigit()
-                body = error_body(
-                    "payload_too_large" if too_big else "bad_request",
-                    f"request body is {int(length)} bytes; the limit is {self.limit}" if too_big else "bad Content-Length",
-                )
-                response = JSONResponse(body, status_code=413 if too_big else 400)
-                return await response(scope, receive, send_wrapper)
-            received = 0
-
-            async def limited_receive():
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > self.limit:
-                        raise ApiError(413, "payload_too_large", f"request body exceeds the limit of {self.limit} bytes")
-                return message
-
-            await self.app(scope, limited_receive, send_wrapper)
+            refusal = self._length_refusal(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, send_wrapper)
+            await self.app(scope, self._limited(receive), send_wrapper)
         finally:
-            self.metrics.observe_request(_endpoint(scope), scope.get("method", ""), status[0], time.perf_counter() - start)
+            self.metrics.observe_request(_endpoint(scope), method, status[0], time.perf_counter() - start)
+
+    def _length_refusal(self, scope) -> JSONResponse | None:
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is None:
+            return None
+        if not length.isdigit():
+            return JSONResponse(error_body("bad_request", "bad Content-Length"), status_code=400)
+        if len(length) > 18 or int(length) > self.limit:  # 19+ digits: over any limit (and int() may refuse them)
+            message = f"request body is {echo(length.decode(), 20)} bytes; the limit is {self.limit}"
+            return JSONResponse(error_body("payload_too_large", message), status_code=413)
+        return None
+
+    def _limited(self, receive):
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise ApiError(413, "payload_too_large", f"request body exceeds the limit of {self.limit} bytes")
+            return message
+
+        return limited_receive
 
 
 def _endpoint(scope) -> str:
@@ -177,7 +204,8 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _internal_error(_request, exc: Exception):
-        log.exception("internal error: %s", exc)
+        # made printable first: a message carrying a lone surrogate must not break the logging of the bug too
+        log.error("internal error: %s", printable("".join(traceback.format_exception(exc))))
         return JSONResponse(error_body("internal_error", f"internal error ({type(exc).__name__})"), status_code=500)
 
     # ------------------------------------------------------------------ parsing
@@ -185,14 +213,7 @@ def create_app(
         """-> (fields, uploaded files by field, is_json)."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype == "application/json" or ctype.endswith("+json"):
-            raw = await request.body()
-            try:
-                data = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ApiError(400, "invalid_json", f"the body is not valid JSON ({e})") from None
-            if not isinstance(data, dict):
-                raise ApiError(422, "validation_error", "the JSON body must be an object")
-            return data, {}, True
+            return json_body(await request.body()), {}, True
         if ctype == "multipart/form-data":
             form = await request.form(max_files=settings.max_images_per_request, max_fields=1000, max_part_size=settings.max_body_bytes)
             fields: dict[str, list[Any]] = {}
@@ -203,13 +224,26 @@ def create_app(
                 else:
                     fields.setdefault(key, []).append(value)
             await form.close()
+            _check_form_text(fields, files)
             return fields, files, False
         raise ApiError(415, "unsupported_media_type", "send application/json (base64 image) or multipart/form-data (file upload)")
 
-    def one(fields: dict[str, list], name: str, default=None):
+    def json_body(raw: bytes) -> dict[str, Any]:
+        """pydantic's parser refuses what json.loads lets through: nesting over 200 deep (json.loads: RecursionError),
+        lone surrogates (unrenderable in any reply), NaN/Infinity, invalid UTF-8."""
+        try:
+            data = from_json(raw, allow_inf_nan=False)
+        except ValueError as e:
+            raise ApiError(400, "invalid_json", f"the body is not valid JSON ({echo(str(e))})") from None
+        if not isinstance(data, dict):
+            raise ApiError(422, "validation_error", "the JSON body must be an object")
+        _check_entries(data, max(MAX_JSON_ENTRIES, settings.max_labels, settings.max_images_per_request))
+        return data
+
+    def one(fields: dict[str, list], name: str):
         values = fields.pop(name, None)
         if values is None:
-            return default
+            return None
         if len(values) != 1:
             raise ApiError(422, "validation_error", f"form field '{name}' given {len(values)} times")
         return values[0]
@@ -217,15 +251,32 @@ def create_app(
     def no_extra(fields: dict, files: dict, allowed_files: tuple[str, ...]) -> None:
         extra = sorted(set(fields) | (set(files) - set(allowed_files)))
         if extra:
-            raise ApiError(422, "validation_error", f"unknown form field(s): {', '.join(extra)}")
+            shown = ", ".join(echo(name, 40) for name in extra[:5])
+            raise ApiError(422, "validation_error", f"unknown form field(s): {shown}{', ...' if len(extra) > 5 else ''}")
 
-    def single_file(files: dict, name: str = "file") -> bytes | None:
-        got = files.get(name)
-        if not got:
-            return None
-        if len(got) != 1:
-            raise ApiError(422, "validation_error", f"send one '{name}' (got {len(got)})")
-        return got[0][1]
+    def no_text(fields: dict, names: tuple[str, ...]) -> None:
+        if text := [name for name in names if name in fields]:
+            raise ApiError(422, "validation_error", f"'{text[0]}' must be a file upload (curl -F {text[0]}=@cat.png), not text")
+
+    def upload(fields: dict, files: dict) -> bytes | None:
+        """The image of a one-image request, in `file` or `image`."""
+        no_text(fields, UPLOAD_FIELDS)
+        got = [item for name in UPLOAD_FIELDS for item in files.get(name, [])]
+        if len(got) > 1:
+            raise ApiError(422, "validation_error", f"send one image, in 'file' or 'image' (got {len(got)})")
+        return got[0][1] if got else None
+
+    def uploads(fields: dict, files: dict) -> tuple[str, list[tuple[str, bytes]]]:
+        """(field, [(file name, bytes)]) of a gallery request: any one of the upload field names will do."""
+        no_text(fields, GALLERY_UPLOAD_FIELDS)
+        used = [name for name in GALLERY_UPLOAD_FIELDS if name in files]
+        if len(used) > 1:
+            raise ApiError(422, "validation_error", f"send the images in one field, not in {' and '.join(used)}")
+        return (used[0], files[used[0]]) if used else ("files", [])
+
+    def served_task(task: str | None) -> str | None:
+        """Only a valid task name reaches the engine, whose refusals quote it (a 100,000-character one would come back)."""
+        return None if task is None else task_name(task)
 
     async def image_tensor(data: bytes, field: str = "image"):
         def load():
@@ -238,6 +289,14 @@ def create_app(
             raise ApiError(422, "validation_error", f"top_k must be <= {settings.max_top_k}")
         return top_k
 
+    def form_labels(values: list[str] | None) -> list[str] | None:
+        """Repeated `labels` fields, or one comma-separated value (counted before it is split: it may hold millions)."""
+        if values is None or len(values) != 1:
+            return values
+        if (count := values[0].count(",") + 1) > settings.max_labels:
+            raise ApiError(422, "validation_error", f"too many labels: {count}; the limit is {settings.max_labels} (KEEPCLIP_MAX_LABELS)")
+        return values[0].split(",")
+
     def check_labels(labels: list[str] | None) -> tuple[str, ...] | None:
         if labels is None:
             return None
@@ -245,7 +304,7 @@ def create_app(
         if not cleaned:
             raise ApiError(422, "validation_error", "labels must not be empty (omit the field for task classification)")
         if len(cleaned) > settings.max_labels:
-            raise ApiError(422, "validation_error", f"too many labels: {len(cleaned)} > {settings.max_labels}")
+            raise ApiError(422, "validation_error", f"too many labels: {len(cleaned)}; the limit is {settings.max_labels} (KEEPCLIP_MAX_LABELS)")
         if any(not label for label in cleaned):
             raise ApiError(422, "validation_error", "labels must be non-empty strings")
         if any(len(label) > settings.max_label_chars for label in cleaned):
@@ -271,33 +330,31 @@ def create_app(
         summary="Classify one image (by task, by free labels, or task-agnostic)",
         openapi_extra=_body_doc(
             S.ClassifyRequest,
-            {"type": "object", "required": ["file"], "properties": {"file": _FILE, "task": {"type": "string"}, "labels": _STRS, "top_k": {"type": "integer", "default": 5}}},
+            {"type": "object", "description": _ONE_UPLOAD, "properties": {"file": _FILE, "image": _FILE, "task": {"type": "string"}, "labels": _STRS, "top_k": {"type": "integer", "default": 5}}},
         ),
     )
     async def classify(request: Request) -> S.ClassifyResponse:
         """Modes: `task` (that task's classes, its prompts at w = 1), `labels` (open vocabulary; the routed task's
         prompts still apply, weighted by its gate), or neither (task-agnostic: the routed task's classes). Without
-        task or labels, an image that matches no learned task gets `task: null`, empty `scores` and a `message`."""
+        task or labels, an image that matches no learned task gets `task: null` and the frozen CLIP answer over the
+        service's open vocabulary (setting `vocabulary`, default ImageNet-1k class names), with a `message` saying so."""
         fields, files, is_json = await parse(request)
         if is_json:
             req = _validate(S.ClassifyRequest, fields)
             data = decode_base64(req.image)
         else:
-            data = single_file(files)
+            data = upload(fields, files)
             if data is None:
-                raise ApiError(422, "validation_error", "multipart body needs an image in the 'file' field")
-            labels = fields.pop("labels", None)
-            if labels is not None and len(labels) == 1:
-                labels = [part for part in labels[0].split(",")]
-            values = {"image": "-", "task": one(fields, "task"), "labels": labels, "top_k": one(fields, "top_k", 5)}
-            no_extra(fields, files, ("file",))
+                raise ApiError(422, "validation_error", "multipart body needs an image in the 'file' (or 'image') field")
+            labels = form_labels(fields.pop("labels", None))
+            values = {"image": "-", "task": one(fields, "task"), "labels": labels, "top_k": _form_int(one(fields, "top_k"), "top_k")}
+            no_extra(fields, files, UPLOAD_FIELDS)
             req = _validate(S.ClassifyRequest, {k: v for k, v in values.items() if v is not None})
         if req.task is not None and req.labels is not None:
             raise ApiError(422, "validation_error", "give either 'task' or 'labels', not both")
-        labels = check_labels(req.labels)
-        top_k = check_top_k(req.top_k)
+        task, labels, top_k = served_task(req.task), check_labels(req.labels), check_top_k(req.top_k)
         image = await image_tensor(data)
-        result: ClassifyResult = raise_task_error(await submit(ClassifyJob(image, req.task, labels, top_k)))
+        result: ClassifyResult = raise_task_error(await submit(ClassifyJob(image, task, labels, top_k)))
         return _classify_response(result)
 
     @app.post(
@@ -307,7 +364,7 @@ def create_app(
         summary="Embed an image or texts (frozen, or with a task's prompts)",
         openapi_extra=_body_doc(
             S.EmbedRequest,
-            {"type": "object", "properties": {"file": _FILE, "text": _STRS, "task": {"type": "string"}, "weight": {"type": "number", "default": 1.0}}},
+            {"type": "object", "description": _ONE_UPLOAD, "properties": {"file": _FILE, "image": _FILE, "text": _STRS, "task": {"type": "string"}, "weight": {"type": "number", "default": 1.0}}},
         ),
     )
     async def embed(request: Request) -> S.EmbedResponse:
@@ -316,15 +373,16 @@ def create_app(
             req = _validate(S.EmbedRequest, fields)
             data = decode_base64(req.image) if req.image is not None else None
         else:
-            data = single_file(files)
-            values = {"text": fields.pop("text", None), "task": one(fields, "task"), "weight": one(fields, "weight")}
-            no_extra(fields, files, ("file",))
+            data = upload(fields, files)
+            values = {"text": fields.pop("text", None), "task": one(fields, "task"), "weight": _form_float(one(fields, "weight"), "weight")}
+            no_extra(fields, files, UPLOAD_FIELDS)
             req = _validate(S.EmbedRequest, {k: v for k, v in values.items() if v is not None})
         if (data is None) == (req.text is None):
             raise ApiError(422, "validation_error", "give exactly one of an image or text")
+        task = served_task(req.task)
         if data is not None:
             image = await image_tensor(data)
-            result: EmbedResult = raise_task_error(await submit(EmbedJob(image, req.task, req.weight)))
+            result: EmbedResult = raise_task_error(await submit(EmbedJob(image, task, req.weight)))
             return S.EmbedResponse(
                 kind="image", embeddings=[result.embedding.tolist()], dim=int(result.embedding.shape[0]),
                 task=result.task, version=result.version, weight=result.weight,
@@ -333,7 +391,7 @@ def create_app(
         if not texts or len(texts) > settings.max_labels or any(not t or len(t) > MAX_TEXT_CHARS for t in texts):
             raise ApiError(422, "validation_error", f"text: 1 to {settings.max_labels} non-empty strings of at most {MAX_TEXT_CHARS} characters")
         try:
-            feats, version = await in_engine(engine.embed_texts, texts, req.task, req.weight)
+            feats, version = await in_engine(engine.embed_texts, texts, task, req.weight)
         except TaskNotLoaded as e:
             raise ApiError(404, "task_not_found", str(e)) from None
         except WeightNotSupported as e:
@@ -350,7 +408,7 @@ def create_app(
         summary="Add images (with ids) to this replica's retrieval gallery",
         openapi_extra=_body_doc(
             S.GalleryRequest,
-            {"type": "object", "required": ["files"], "properties": {"files": {"type": "array", "items": _FILE}, "ids": _STRS}},
+            {"type": "object", "description": "the images in `files` (or `images`, `file`, `image`: one field of them)", "properties": {"files": {"type": "array", "items": _FILE}, "ids": _STRS}},
         ),
     )
     async def gallery(request: Request) -> S.GalleryResponse:
@@ -362,18 +420,18 @@ def create_app(
                 raise ApiError(422, "validation_error", f"at most {settings.max_images_per_request} items per request")
             items = [(item.id, decode_base64(item.image, f"items[{n}].image")) for n, item in enumerate(req.items)]
         else:
-            uploads = files.get("files") or files.get("file") or []
-            ids = fields.pop("ids", None) or [name for name, _ in uploads]
-            no_extra(fields, files, ("files", "file"))
-            if not uploads:
+            field, got = uploads(fields, files)
+            ids = fields.pop("ids", None) or [name for name, _ in got]
+            no_extra(fields, files, (field,))
+            if not got:
                 raise ApiError(422, "validation_error", "multipart body needs images in 'files'")
-            if len(ids) != len(uploads) or any(not i or len(i) > 256 for i in ids):
+            if len(ids) != len(got) or any(not i or len(i) > 256 for i in ids):
                 raise ApiError(422, "validation_error", "give one non-empty id (at most 256 characters) per file")
-            items = [(i, data) for i, (_, data) in zip(ids, uploads)]
+            items = [(i, data) for i, (_, data) in zip(ids, got)]
         ids = [i for i, _ in items]
         if len(set(ids)) != len(ids):
             raise ApiError(422, "validation_error", "ids must be distinct")
-        images = [await image_tensor(data, f"image '{i}'") for i, data in items]
+        images = [await image_tensor(data, f"image '{echo(i, 40)}'") for i, data in items]
         results = await asyncio.gather(*(submit(EmbedJob(im)) for im in images))  # they share dynamic batches
         feats = torch.stack([raise_task_error(r).embedding for r in results])
         try:
@@ -389,7 +447,7 @@ def create_app(
         summary="Search the gallery with a text or an image",
         openapi_extra=_body_doc(
             S.SearchRequest,
-            {"type": "object", "properties": {"file": _FILE, "text": {"type": "string"}, "top_k": {"type": "integer", "default": 5}}},
+            {"type": "object", "description": _ONE_UPLOAD, "properties": {"file": _FILE, "image": _FILE, "text": {"type": "string"}, "top_k": {"type": "integer", "default": 5}}},
         ),
     )
     async def search(request: Request) -> S.SearchResponse:
@@ -398,9 +456,9 @@ def create_app(
             req = _validate(S.SearchRequest, fields)
             data = decode_base64(req.image) if req.image is not None else None
         else:
-            data = single_file(files)
-            values = {"text": one(fields, "text"), "top_k": one(fields, "top_k", 5)}
-            no_extra(fields, files, ("file",))
+            data = upload(fields, files)
+            values = {"text": one(fields, "text"), "top_k": _form_int(one(fields, "top_k"), "top_k")}
+            no_extra(fields, files, UPLOAD_FIELDS)
             req = _validate(S.SearchRequest, {k: v for k, v in values.items() if v is not None})
         if (data is None) == (req.text is None):
             raise ApiError(422, "validation_error", "give exactly one of 'text' or an image")
@@ -420,7 +478,7 @@ def create_app(
         try:
             return validate_task_name(name)
         except InvalidTaskName:
-            raise ApiError(404, "task_not_found", f"no task '{name[:80]}' (not a valid task name)") from None
+            raise ApiError(404, "task_not_found", f"no task '{echo(name)}' (not a valid task name)") from None
 
     def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
         token = settings.admin_token_value()
@@ -501,9 +559,11 @@ def create_app(
     )
     async def rollback_task(name: str, request: Request) -> S.TaskChanged:
         name = task_name(name)
-        fields, _, is_json = await parse(request)
+        fields, files, is_json = await parse(request)
         if not is_json:
-            fields = {k: v[0] if len(v) == 1 else v for k, v in fields.items()}
+            values = {"version": _form_int(one(fields, "version"), "version")}
+            no_extra(fields, files, ())
+            fields = {k: v for k, v in values.items() if v is not None}
         req = _validate(S.RollbackRequest, fields)
         await run_in_threadpool(store_call, engine.store.rollback, name, req.version)
         generation = await run_in_threadpool(store_call, engine.store.generation)
@@ -545,15 +605,64 @@ def _validate(model: type[BaseModel], data: dict) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ApiError(422, "validation_error", _summarise(e.errors())) from None
+        raise ApiError(422, "validation_error", _summarise(e.errors(include_url=False, include_input=False))) from None
 
 
 def _summarise(errors) -> str:
+    """The first errors as `field: problem`; field names may be the client's own (unknown fields), so shortened."""
     parts = []
     for e in list(errors)[:5]:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{loc or 'body'}: {e.get('msg', 'invalid')}")
+        loc = ".".join(echo(str(p), 40) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {echo(e.get('msg', 'invalid'))}")
     return "; ".join(parts) or "invalid request"
+
+
+def _check_entries(data: dict, cap: int) -> None:
+    """Refuses arrays and objects of over `cap` entries where the request models iterate (the body, its values, their
+    items): pydantic reports each bad entry on its own, ~30 s and 4 GB for 4 M of them. Deeper ones fail as one error."""
+    level: list[tuple[str, dict | list]] = [("", data)]
+    for depth in range(3):
+        below = []
+        for where, value in level:
+            if len(value) > cap:
+                raise ApiError(422, "validation_error", f"{where or 'body'}: {len(value)} entries; at most {cap} are accepted")
+            if depth < 2:
+                entries = value.items() if isinstance(value, dict) else enumerate(value)
+                below += [(f"{where}.{echo(str(k), 40)}".lstrip("."), v) for k, v in entries if isinstance(v, (dict, list))]
+        level = below
+
+
+def _check_form_text(fields: dict[str, list], files: dict[str, list]) -> None:
+    """Form text decoded with the client's charset (utf-7, unicode_escape, ...) may hold lone surrogates, which no
+    reply can carry: refuse them here, like the JSON parser does."""
+    texts = [*fields, *files, *(v for vs in fields.values() for v in vs), *(name for vs in files.values() for name, _ in vs)]
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "bad_request", "a multipart field name or value is not valid text (lone surrogates)") from None
+
+
+def _form_int(value: str | None, name: str) -> int | None:
+    """A multipart integer: decimal digits only, as strict as the JSON field (no 'true', '1.0', '1e3')."""
+    if value is None:
+        return None
+    if not _FORM_INT.fullmatch(value.strip()):
+        raise ApiError(422, "validation_error", f"{name}: must be an integer of at most 18 digits, not '{echo(value, 20)}'")
+    return int(value)
+
+
+def _form_float(value: str | None, name: str) -> float | None:
+    """A multipart number: finite (float() would take 'nan' and 'inf')."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise ApiError(422, "validation_error", f"{name}: must be a finite number, not '{echo(value, 20)}'")
+    return number
 
 
 def _classify_response(r: ClassifyResult) -> S.ClassifyResponse:

@@ -49,10 +49,11 @@ from .router import Route, Router
 from .runtime import Runtime
 from .runtime_onnx import select_runtime
 from .settings import ServiceSettings
+from .vocabulary import load_vocabulary
 
 log = logging.getLogger(__name__)
 
-LABEL_CACHE_SIZE = 4096
+LABEL_CACHE_SIZE = 16384  # text rows (D floats each: 32 MiB at D = 512) shared by frozen and prompted labels
 
 
 class TaskNotLoaded(LookupError):
@@ -195,9 +196,12 @@ class Engine:
         self._retired: list[EngineState] = []
         self._slots: set[str] = set()  # internal names referenced by some published state
         self._slot_ids = itertools.count()
-        self._label_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._label_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (slot, weight, label) -> text row
         self._label_lock = threading.Lock()
         self._synced_once = False
+        self.vocabulary_name, self._vocabulary = load_vocabulary(self.settings.vocabulary)
+        self._vocabulary_text: torch.Tensor | None = None  # (V, D) frozen class text, built once (start, or first use)
+        self._vocabulary_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -256,7 +260,20 @@ class Engine:
         if poll and self._thread is None:
             self._thread = threading.Thread(target=self._poll_loop, name="keepclip-store-poller", daemon=True)
             self._thread.start()
+        self.vocabulary_text()  # built now, so that the first unclaimed image does not wait for it
         return self
+
+    def vocabulary_text(self) -> torch.Tensor | None:
+        """(V, D) frozen class text of the open vocabulary (None without one), built on first use."""
+        if not self._vocabulary:
+            return None
+        with self._vocabulary_lock:
+            if self._vocabulary_text is None:
+                started = time.perf_counter()
+                self._vocabulary_text = self.runtime.class_text(self._vocabulary, DEFAULT_TEMPLATES)
+                log.info("vocabulary %s: %d names encoded in %.1f s", self.vocabulary_name, len(self._vocabulary),
+                         time.perf_counter() - started)
+            return self._vocabulary_text
 
     def request_sync(self) -> None:
         """Ask the poller to look at the store now instead of at the end of its interval."""
@@ -444,8 +461,7 @@ class Engine:
             mode = "auto"
             if loaded is None:
                 self.metrics.observe_route(None, route.best_weight)
-                message = "no learned task matches this image (frozen CLIP answer); pass labels to classify it"
-                return ClassifyResult(mode, None, None, 0.0, route, [], message, state.generation)
+                return self._frozen_answer(job, route, feature, state.generation)
             names = list(loaded.class_names)
         if job.task is None:
             self.metrics.observe_route(task, w if task else route.best_weight)
@@ -453,32 +469,43 @@ class Engine:
             logits = self.runtime.logit_scale() * feature @ text.T  # (C,)
         else:  # the task's kind answers: cosine with its class text, a head on the frozen feature, ...
             logits = loaded.served.logits(feature[None], frozen[None], torch.tensor([float(w)]))[0]
-        probs = logits.softmax(-1)
-        top = probs.topk(min(job.top_k, len(names)))
-        scores = [Score(names[c], float(p), float(logits[c])) for p, c in zip(top.values.tolist(), top.indices.tolist())]
+        scores = _top_scores(logits, names, job.top_k)
         message = None if loaded else "no learned task matches this image: frozen CLIP"
         return ClassifyResult(
             mode, task if loaded else None, loaded.version if loaded else None, w if loaded else 0.0, route, scores,
             message, state.generation,
         )
 
+    def _frozen_answer(self, job: ClassifyJob, route: Route, feature: torch.Tensor, generation: int) -> ClassifyResult:
+        """No learned task claims the image: the frozen CLIP answer over the open vocabulary (empty without one)."""
+        text = self.vocabulary_text()
+        if text is None:
+            message = "no learned task matches this image (frozen CLIP answer); no vocabulary is set: pass labels to classify it"
+            return ClassifyResult("auto", None, None, 0.0, route, [], message, generation)
+        scores = _top_scores(self.runtime.logit_scale() * feature @ text.T, self._vocabulary, job.top_k)
+        message = f"no learned task matches this image: the frozen CLIP answer over the vocabulary {self.vocabulary_name} ({len(self._vocabulary)} names)"
+        return ClassifyResult("auto", None, None, 0.0, route, scores, message, generation)
+
     def _label_text(self, labels: tuple[str, ...], slot: str | None, weight: float) -> torch.Tensor:
-        """Open-vocabulary class embeddings: with the routed task's text prompts at the image's weight, else frozen (cached)."""
-        if slot is not None and weight > 0:
-            return self.runtime.class_text(labels, DEFAULT_TEMPLATES, task=slot, weight=weight)
+        """Open-vocabulary class embeddings: with the routed task's text prompts at the image's weight, else frozen.
+        One LRU (LABEL_CACHE_SIZE rows) keyed by (slot, weight, label): 256 prompted labels cost a second or two of
+        the engine thread. A slot names one task version and is never reused, so a stale row is never hit, only aged out."""
+        key = (slot, float(weight)) if slot is not None and weight > 0 else (None, 0.0)
+        rows: dict[str, torch.Tensor] = {}
         with self._label_lock:
-            missing = [label for label in dict.fromkeys(labels) if label not in self._label_cache]
-        if missing:
-            feats = self.runtime.class_text(missing, DEFAULT_TEMPLATES)
+            for label in dict.fromkeys(labels):
+                if (row := self._label_cache.get((*key, label))) is not None:
+                    self._label_cache.move_to_end((*key, label))
+                    rows[label] = row
+        missing = [label for label in dict.fromkeys(labels) if label not in rows]
+        if missing:  # outside the lock; the rows are kept by this call, whatever another thread evicts meanwhile
+            feats = self.runtime.class_text(missing, DEFAULT_TEMPLATES, task=key[0], weight=key[1] if key[0] else 1.0)
+            rows.update((label, f.clone()) for label, f in zip(missing, feats))  # clone: a row must not pin its batch
             with self._label_lock:
-                for label, f in zip(missing, feats):
-                    self._label_cache[label] = f
+                self._label_cache.update(((*key, label), rows[label]) for label in missing)
                 while len(self._label_cache) > LABEL_CACHE_SIZE:
                     self._label_cache.popitem(last=False)
-        with self._label_lock:
-            for label in labels:
-                self._label_cache.move_to_end(label)
-            return torch.stack([self._label_cache[label] for label in labels])
+        return torch.stack([rows[label] for label in labels])
 
     # ------------------------------------------------------------------ convenience (no batching)
     def classify(self, images: Sequence[torch.Tensor], task: str | None = None, labels=None, top_k: int = 5):
@@ -550,6 +577,13 @@ class TaskIdentity:
         if self.head is None:
             return [self.names[0]] * len(frozen)
         return [self.names[int(i)] for i in self.head.predict(frozen)]
+
+
+def _top_scores(logits: torch.Tensor, names: Sequence[str], k: int) -> list[Score]:
+    """The k most probable of `names` (softmax over all of them), most probable first."""
+    probs = logits.softmax(-1)
+    top = probs.topk(min(k, len(names)))
+    return [Score(names[c], float(p), float(logits[c])) for p, c in zip(top.values.tolist(), top.indices.tolist())]
 
 
 def _raise_first(results: list) -> list:

@@ -1,7 +1,14 @@
-"""Errors of the HTTP API: every one becomes `{"error": {"code": ..., "message": ...}}` with its status."""
+"""Errors of the HTTP API: every one becomes `{"error": {"code": ..., "message": ...}}` with its status.
+
+Messages may quote what the client sent; `echo` bounds such quotes and `error_body` makes sure any message can be
+encoded (a lone surrogate that slipped through would otherwise turn a 4xx into a 500 while rendering it).
+"""
 from __future__ import annotations
 
 from starlette.exceptions import HTTPException
+
+ECHO_CHARS = 100  # longest piece of client input quoted in a message
+MAX_MESSAGE_CHARS = 1000  # backstop for any message (store errors, parser errors, ...)
 
 
 class ApiError(HTTPException):
@@ -29,5 +36,16 @@ STATUS_CODES = {
 }
 
 
+def echo(text: str, limit: int = ECHO_CHARS) -> str:
+    """Client input as quoted in a message: at most `limit` characters, then an ellipsis; always encodable."""
+    text = str(text)
+    return printable(text if len(text) <= limit else f"{text[:limit]}\u2026 ({len(text)} characters)")
+
+
+def printable(text: str) -> str:
+    """`text` with anything UTF-8 cannot carry (lone surrogates) escaped, so rendering or logging it cannot fail."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(code: str, message: str) -> dict:
-    return {"error": {"code": code, "message": message}}
+    return {"error": {"code": code, "message": echo(message, MAX_MESSAGE_CHARS)}}

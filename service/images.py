@@ -1,6 +1,7 @@
 """Untrusted image bytes -> a checked RGB PIL image; every failure is an `ApiError` with a 4xx status.
 
-Checks, in order: empty body; base64 (for JSON bodies); Pillow can identify the format; width and height > 0;
+Checks, in order: empty body; base64 (for JSON bodies); the format is one of `FORMATS` (Pillow's other decoders,
+some of which run external programs such as Ghostscript for EPS, are never reached); width and height > 0;
 width x height <= the pixel limit, judged from the header before any pixel is decoded (decompression bombs);
 the pixel data decodes completely (truncated files); conversion to RGB.
 """
@@ -21,6 +22,7 @@ from .errors import ApiError
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.I)
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")  # JPEG includes multi-picture JPEGs (MPO)
 MAX_ASPECT = 4.0  # wider than this: centre-crop to a square first (same result as open_clip's resize+crop)
 
 
@@ -38,11 +40,11 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
     if not data:
         raise ApiError(422, "empty_image", f"'{field}' is empty (0 bytes)")
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:
         raise ApiError(413, "image_too_large", f"'{field}' has more than {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
-        raise ApiError(422, "invalid_image", f"'{field}' is not an image format this service can read") from None
+        raise ApiError(422, "invalid_image", f"'{field}' is not an image in a format this service reads ({', '.join(FORMATS)})") from None
     width, height = im.size
     if width <= 0 or height <= 0:
         raise ApiError(422, "empty_image", f"'{field}' has zero size ({width}x{height})")

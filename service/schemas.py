@@ -7,7 +7,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Request bodies: unknown fields are refused, and types are strict (`true` is no version, `"5"` no top_k);
+    multipart values are converted from text by the API before they get here."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -22,7 +25,7 @@ class ErrorResponse(BaseModel):
 
 # ----------------------------------------------------------------------------- classify
 class ClassifyRequest(_Request):
-    """JSON form of POST /v1/classify (multipart/form-data takes the same fields, with `file` for the image)."""
+    """JSON form of POST /v1/classify (multipart/form-data takes the same fields, with `file` or `image` for the upload)."""
 
     image: str = Field(description="the image file, base64 (a data: URL prefix is accepted)")
     task: str | None = Field(None, description="classify within this task's classes (its prompts at w = 1)")

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from backbone.settings import BackboneSettings
@@ -64,13 +64,25 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     route_prefix: str = Field("/", description="Serve route prefix of the application")
 
     # --- replicas ---
-    num_replicas: int = Field(1, ge=1, description="Serve replicas; each polls the store and holds its own gallery")
+    num_replicas: int = Field(
+        0, ge=0, description="Serve replicas; 0 or 'auto': 2 when the Ray cluster has the CPUs (and GPUs) for two "
+        "replicas, else 1 — a second replica keeps answering while one restarts. Each polls the store and holds its "
+        "own gallery",
+    )
+    replica_routing: Literal["primary", "balanced"] = Field(
+        "primary", description="primary: every request goes to one replica while it is up and has a free slot, the "
+        "others are hot standbys (one gallery); balanced: Serve's power-of-two-choices over all replicas (more "
+        "throughput, a gallery per replica)",
+    )
     replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica")
     replica_gpus: float = Field(0.0, ge=0, description="Ray GPUs per replica (set 1 with --device cuda)")
     torch_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads per replica (None: Ray's default, = replica_cpus)"
     )
-    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica accepts at once (>= batch size)")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="requests one replica holds at once, those still receiving their body included "
+        "(at least 2 x max_batch_size is used)",
+    )
 
     # --- inference runtime (service/runtime_onnx.py) ---
     runtime: Literal["auto", "torch", "onnx"] = Field(
@@ -95,6 +107,14 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         None, description="bearer token for DELETE/rollback of tasks; unset = those endpoints are refused"
     )
     max_body_bytes: int = Field(16 * 2**20, ge=1024, description="largest request body accepted (413 above)")
+    body_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="the whole request body must arrive within this many seconds of reaching "
+        "a replica, else 408 (a floor of max_body_bytes / body_timeout_s bytes/s; raise it for slow links)",
+    )
+    max_body_reads: int = Field(
+        192, ge=1, description="requests per replica that may be receiving their body at once; more are refused at "
+        "once with 503 + Retry-After, so slow senders cannot take every slot (must be below max_ongoing_requests)",
+    )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="largest decoded image (width x height) accepted; guards decompression bombs"
     )
@@ -104,8 +124,35 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     max_gallery_items: int = Field(100_000, ge=1, description="gallery capacity per replica")
     max_images_per_request: int = Field(64, ge=1, description="most images in one gallery request")
 
+    # --- answers for images no task claims ---
+    vocabulary: str = Field(
+        "imagenet-1k", description="open vocabulary of the frozen CLIP answer for images no learned task claims "
+        "(task-agnostic mode): 'imagenet-1k' (open_clip's 1,000 ImageNet class names), a file (one name per line, or a "
+        "JSON list), or 'none' (such images get empty scores)",
+    )
+
     # --- UI ---
     ui: bool = Field(True, description="mount the Gradio UI at /ui")
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary_loads(cls, value: str) -> str:
+        from .vocabulary import load_vocabulary
+
+        load_vocabulary(value)  # a typo'd path fails here, at `keepclip serve`, not in every replica
+        return value
+
+    @field_validator("num_replicas", mode="before")
+    @classmethod
+    def _auto_replicas(cls, value: Any) -> Any:
+        return 0 if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+    @model_validator(mode="after")
+    def _slots_left_for_complete_requests(self) -> "ServiceSettings":
+        if self.max_body_reads >= self.max_ongoing_requests:
+            raise ValueError(f"max_body_reads ({self.max_body_reads}) must be below max_ongoing_requests "
+                             f"({self.max_ongoing_requests}): slow senders could otherwise hold every slot")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -11,6 +11,7 @@ from tests.unit.service.conftest import color_png, png, publish_colors
 
 
 LIMITS = {"max_body_bytes": 256 * 1024, "max_image_pixels": 512 * 512, "max_labels": 8}
+_JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
@@ -81,7 +82,8 @@ def test_classify_modes_over_multipart_and_json(client):
     repeated = client.post("/v1/classify", files={"file": ("g.png", color_png("green"), "image/png")}, data={"labels": ["a, b", "c"]}).json()
     assert sorted(s["label"] for s in repeated["scores"]) == ["a, b", "c"]
     nothing = client.post("/v1/classify", json={"image": b64(color_png("blue"))}).json()
-    assert nothing["task"] is None and nothing["scores"] == [] and nothing["gate"] == 0.0 and "no learned task" in nothing["message"]
+    assert nothing["task"] is None and nothing["gate"] == 0.0 and "no learned task" in nothing["message"]
+    assert len(nothing["scores"]) >= 1 and "vocabulary imagenet-1k" in nothing["message"]  # the frozen answer over it
     frozen_labels = client.post("/v1/classify", json={"image": b64(color_png("blue")), "labels": ["sky", "sea"]}).json()
     assert frozen_labels["task"] is None and len(frozen_labels["scores"]) == 2
     jpeg = client.post("/v1/classify", json={"image": "data:image/jpeg;base64," + b64(png(fmt="JPEG"))})
@@ -116,6 +118,7 @@ def test_tasks_listing_and_detail(ro_client):
     assert detail["class_names"] == ["light red", "dark red"] and detail["versions"][0]["live"] is True
     error(ro_client.get("/v1/tasks/nope"), 404, "task_not_found")
     error(ro_client.get("/v1/tasks/..%2Fetc"), 404)
+    assert len(error(ro_client.get("/v1/tasks/" + "x" * 60_000), 404, "task_not_found")) < 300  # the name, shortened
 
 
 def test_admin_endpoints_need_the_token(client, settings):
@@ -128,6 +131,7 @@ def test_admin_endpoints_need_the_token(client, settings):
     assert gone == {"name": "red", "op": "delete", "version": 1, "generation": 3}
     error(client.post("/v1/tasks/red/rollback", headers=ok, json={"version": 7}), 404, "task_not_found")
     error(client.post("/v1/tasks/red/rollback", headers=ok, json={"version": "one"}), 422, "validation_error")
+    error(client.post("/v1/tasks/red/rollback", headers=ok, json={"version": True}), 422, "validation_error")  # not 1
     back = client.post("/v1/tasks/red/rollback", headers=ok, json={"version": 1}).json()
     assert back["op"] == "rollback" and back["generation"] == 4
 
@@ -203,6 +207,14 @@ BAD_BODIES = {
     "multipart without file": (dict(data={"task": "red"}, files={"other": ("x", b"1")}), 422, "validation_error"),
     "multipart two tasks": (dict(data={"task": ["red", "green"]}, files={"file": ("x.png", png())}), 422, "validation_error"),
     "broken multipart": (dict(content=b"--xx\r\nnope", headers={"content-type": "multipart/form-data; boundary=xx"}), 422, None),
+    # what an outside hostile-client trial broke (500s, a 100,000-character echo, loose types): refused, as JSON
+    "json nested 1000 deep": (dict(content=b'{"image": ' + b"[" * 1000 + b"]" * 1000 + b"}", headers=_JSON), 400, "invalid_json"),
+    "lone surrogate label": (dict(content=b'{"image": "%s", "labels": ["\\ud800"]}' % b64(png()).encode(), headers=_JSON), 400, "invalid_json"),
+    "lone surrogate task": (dict(content=b'{"image": "%s", "task": "\\ud800"}' % b64(png()).encode(), headers=_JSON), 400, "invalid_json"),
+    "NaN literal": (dict(content=b'{"image": "%s", "top_k": NaN}' % b64(png()).encode(), headers=_JSON), 400, "invalid_json"),
+    "top_k true": (dict(json={"image": b64(png()), "top_k": True}), 422, "validation_error"),
+    "task of 100,000 characters": (dict(json={"image": b64(png()), "task": "x" * 100_000}), 404, "task_not_found"),
+    "image as a text field": (dict(files={"image": (None, "cat.png")}), 422, "validation_error"),
 }
 
 

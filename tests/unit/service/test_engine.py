@@ -43,7 +43,10 @@ def test_each_image_is_routed_on_its_own_and_unmatched_images_skip_the_prompted_
     batch = images(engine, "red", "blue", "green", "red")
     results = engine.classify(batch)
     assert [r.task for r in results] == ["red", None, "green", "red"]
-    assert results[1].gate == 0.0 and results[1].scores == [] and "no learned task" in results[1].message
+    # the unmatched image gets the frozen CLIP answer over the default open vocabulary (ImageNet-1k names)
+    assert results[1].gate == 0.0 and len(results[1].scores) == 5 and "no learned task" in results[1].message
+    assert "imagenet-1k (1000 names)" in results[1].message
+    assert all(s.label in engine._vocabulary for s in results[1].scores)
     assert all(r.gate > 0.5 and r.scores[0].label.endswith(r.task) for r in results if r.task)
     # one prompted pass, for the three matched images only, grouped by task inside the wrappers
     assert len(engine.runtime.prompted_passes) == 1
