@@ -190,14 +190,17 @@ def _tasks_of(url: Optional[str], store: Optional[str], token: Optional[str] = N
 
 @tasks_app.command("list")
 def tasks_list(url: Optional[str] = TasksUrlOpt, store: Optional[str] = StoreOpt, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Live tasks: version, kind, classes, creation time, the version the service serves, and why a task is damaged."""
+    """Live tasks: version, kind, classes, creation time, the version the service serves, and why a task is damaged.
+
+    Exits 1 when some task has an error (its live version refused: damaged, another backbone, ...)."""
     with _failures_reported(), _tasks_of(url, store) as source:
         listing = source.tasks()
     if as_json:
         typer.echo(listing.model_dump_json(indent=2))
-        return
-    for line in _task_table(listing):
-        typer.echo(line)
+    else:
+        for line in _task_table(listing):
+            typer.echo(line)
+    _exit_on_errors({t.name: t.error for t in listing.tasks})
 
 
 def _task_table(listing: TaskList) -> list[str]:
@@ -227,10 +230,22 @@ def _aligned(rows: list[list[str]]) -> list[str]:
 
 @tasks_app.command("show")
 def tasks_show(name: str, url: Optional[str] = TasksUrlOpt, store: Optional[str] = StoreOpt) -> None:
-    """One task as JSON: classes, templates, metrics and every version (with its metrics)."""
+    """One task as JSON: classes, templates, metrics and every version (with its metrics).
+
+    Exits 1 when the task has an error (its live version refused: `version` is the live one, `loaded_version` the one
+    served, `error` why)."""
     with _failures_reported(), _tasks_of(url, store) as source:
         detail = source.task(name)
     typer.echo(detail.model_dump_json(indent=2))
+    _exit_on_errors({detail.name: detail.error})
+
+
+def _exit_on_errors(errors: dict[str, str | None]) -> None:
+    bad = {name: why for name, why in errors.items() if why}
+    for name, why in bad.items():
+        typer.echo(f"error: task {name}: {why}", err=True)
+    if bad:
+        raise typer.Exit(1)
 
 
 @tasks_app.command("delete")

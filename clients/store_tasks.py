@@ -28,7 +28,7 @@ class StoreTasks:
         tasks = [
             TaskSummary(
                 name=t.name, version=t.version, loaded_version=None, kind=t.kind, num_classes=t.num_classes,
-                created_at=t.created_at, error=t.error,
+                created_at=t.created_at, error=t.error or _checked(self.store.verify, t.name, t.version),
             )
             for t in snapshot.tasks
         ]

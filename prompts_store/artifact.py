@@ -64,6 +64,7 @@ class TaskArtifact:
     version: int | None = None
     created_at: str | None = None  # ISO-8601, UTC
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> SHA-256 hex
+    refused_live: str | None = None  # get(fallback=True) served an older version: why the live one was refused
 
     def __repr__(self) -> str:
         return (f"TaskArtifact(name={self.name!r}, version={self.version}, kind={self.kind!r}, "
@@ -220,17 +221,23 @@ def _short(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
 
 
-def decode_tensors(raw: bytes, doc: dict[str, Any], *, file: str) -> dict[str, torch.Tensor]:
-    """Check ``raw`` against the checksum task.json records for ``file``, then load it."""
+def check_file(raw: bytes, doc: dict[str, Any], *, file: str) -> None:
+    """ArtifactIntegrityError unless ``raw`` has the SHA-256 and size task.json records for ``file``."""
     task, version = doc["name"], doc["version"]
-    where = dict(task=task, version=version, file=file)
     expected = doc["files"][file]
     actual = sha256_hex(raw)
     if actual != expected["sha256"] or len(raw) != expected["size"]:
         raise ArtifactIntegrityError(
             f"task {task!r} version {version}: {file} is damaged: sha256 {actual[:16]}... "
             f"({len(raw)} bytes) does not match {expected['sha256'][:16]}... "
-            f"({expected['size']} bytes) recorded in {TASK_FILE}", **where)
+            f"({expected['size']} bytes) recorded in {TASK_FILE}", task=task, version=version, file=file)
+
+
+def decode_tensors(raw: bytes, doc: dict[str, Any], *, file: str) -> dict[str, torch.Tensor]:
+    """Check ``raw`` against the checksum task.json records for ``file``, then load it."""
+    task, version = doc["name"], doc["version"]
+    where = dict(task=task, version=version, file=file)
+    check_file(raw, doc, file=file)
     import safetensors.torch
 
     try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from .artifact import (PROMPTS_FILE, STATS_FILE, TASK_FILE, UPDATE_FILE, TaskArtifact,
+from .artifact import (PROMPTS_FILE, check_file, STATS_FILE, TASK_FILE, UPDATE_FILE, TaskArtifact,
                        artifact_from_parts, check_artifact, check_backbone, decode_task_json,
                        decode_tensors, encode_task_json, encode_tensors)
 from .backends import Backend, make_backend
@@ -148,8 +148,23 @@ class TaskStore:
                 with contextlib.suppress(ArtifactIntegrityError):
                     artifact = self._load(name, older, **load)
                     log.warning("%s; serving version %d instead", refused, older)
+                    artifact.refused_live = str(refused)
                     return artifact
             raise
+
+    def verify(self, name: str, version: int | None = None) -> str | None:
+        """Why the live (or given) version would be refused — task.json or any file's checksum — else None.
+
+        Reads the files' bytes but decodes no tensor (no torch): cheap enough for a listing."""
+        name = validate_task_name(name)
+        version = self._resolve(self._head(), name, version)
+        try:
+            doc, _ = self._task_doc(name, version)
+            for file in doc["files"]:
+                check_file(self._read(name, version, file), doc, file=file)
+        except StoreError as exc:
+            return str(exc)
+        return None
 
     def history(self, name: str) -> list[VersionInfo]:
         """Every version of a task (deleted tasks included), oldest first."""

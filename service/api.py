@@ -524,7 +524,7 @@ def create_app(
         live = next((v for v in history if v.live), None)
         loaded = engine.state.tasks.get(name)
         class_names = templates = None
-        if loaded is not None and live is not None and loaded.version == live.version:
+        if loaded is not None:  # what this replica serves (an older version if the live one was refused)
             class_names, templates = list(loaded.class_names), list(loaded.templates)
         elif live is not None:
             try:
@@ -580,7 +580,7 @@ def create_app(
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
-        metrics.observe_state(engine.state.generation, len(engine.state.tasks))
+        metrics.observe_state(engine.state.generation, len(engine.state.tasks), len(engine.state.errors))
         return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get("/", include_in_schema=False)

@@ -174,7 +174,7 @@ class EmbedResult:
 class _NullMetrics:
     def observe_batch(self, size: int) -> None: ...
     def observe_route(self, task: str | None, weight: float) -> None: ...
-    def observe_state(self, generation: int, tasks: int) -> None: ...
+    def observe_state(self, generation: int, tasks: int, refused: int = 0) -> None: ...
 
 
 # ----------------------------------------------------------------------------------------- engine
@@ -324,7 +324,7 @@ class Engine:
             state = EngineState(generation, MappingProxyType(tasks), router, MappingProxyType(errors), identity)
             self._swap(state, fresh)
             self._synced_once = True
-            self.metrics.observe_state(generation, len(tasks))
+            self.metrics.observe_state(generation, len(tasks), len(errors))
             log.info("store generation %d live: %d tasks %s", generation, len(tasks), sorted(tasks))
             return True
 
@@ -344,7 +344,7 @@ class Engine:
         current = tasks.get(name)
         checksum = artifact.checksums.get("task.json")
         if current is not None and current.version == artifact.version and current.checksum == checksum:
-            errors.pop(name, None)
+            _note_refusal(errors, name, artifact)
             return
         try:
             loaded = self._load(artifact)
@@ -355,7 +355,7 @@ class Engine:
         if loaded.slot is not None:
             fresh.append(loaded.slot)
         tasks[name] = loaded
-        errors.pop(name, None)
+        _note_refusal(errors, name, artifact)
         log.info("task %s v%d loaded (%d classes)", name, artifact.version, len(loaded.class_names))
 
     def _load(self, artifact: TaskArtifact) -> LoadedTask:
@@ -542,6 +542,14 @@ class Engine:
             "device": str(self.runtime.device),
             "backbone": self.fingerprint,
         }
+
+
+def _note_refusal(errors: dict, name: str, artifact: TaskArtifact) -> None:
+    """The store fell back from a damaged live version: that is the task's error, though an older version serves."""
+    if artifact.refused_live:
+        errors[name] = f"live version refused ({artifact.refused_live}); serving version {artifact.version}"
+    else:
+        errors.pop(name, None)
 
 
 def _weight_error(loaded: LoadedTask, weight: float) -> WeightNotSupported | None:

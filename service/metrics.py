@@ -31,6 +31,8 @@ class ServiceMetrics:
         self.gate = Histogram("keepclip_gate_weight", "gate weight w of the routed task per image", buckets=GATE_BUCKETS, registry=r)
         self.generation = Gauge("keepclip_store_generation", "store generation the replica serves", registry=r)
         self.tasks = Gauge("keepclip_loaded_tasks", "tasks loaded in the replica", registry=r)
+        self.refused = Gauge("keepclip_refused_tasks", "tasks whose live version the replica refused (damaged, another "
+                             "backbone, unservable): an older version or none serves; /v1/tasks says why", registry=r)
 
     # engine hooks
     def observe_batch(self, size: int) -> None:
@@ -40,9 +42,10 @@ class ServiceMetrics:
         self.routed.labels(task=task or "none").inc()
         self.gate.observe(weight)
 
-    def observe_state(self, generation: int, tasks: int) -> None:
+    def observe_state(self, generation: int, tasks: int, refused: int = 0) -> None:
         self.generation.set(generation)
         self.tasks.set(tasks)
+        self.refused.set(refused)
 
     # HTTP hook
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:

@@ -32,7 +32,8 @@ def tasks(*args: str):
 
 def test_list_shows_each_live_task_and_why_one_is_damaged(store):
     out = tasks("list", "--store", str(store))
-    assert out.exit_code == 0, out.output
+    assert out.exit_code == 1, out.output  # a damaged task is an error: the table, then a line on stderr
+    assert "error: task birds:" in out.stderr and "task.json is damaged" in out.stderr
     title, header, birds, cars = out.stdout.splitlines()
     assert title == "store generation 3"
     assert header.split() == ["task", "version", "kind", "classes", "created", "error"]
