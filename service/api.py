@@ -40,6 +40,7 @@ from prompts_store import (ArtifactIntegrityError, InvalidTaskName, InvalidVersi
 from . import schemas as S
 from .batching import MicroBatcher
 from .engine import ClassifyJob, ClassifyResult, EmbedJob, EmbedResult, Engine, TaskNotLoaded, WeightNotSupported
+from .docs_assets import mount_offline_docs
 from .errors import STATUS_CODES, ApiError, echo, error_body, printable
 from .gallery import GalleryFull
 from .images import decode_base64, decode_image
@@ -178,9 +179,12 @@ def create_app(
     app = FastAPI(
         title="keepclip",
         version="0.1.0",
-        description="A frozen CLIP that keeps learning tasks: per-image routing to residual prompts, hot swap.",
+        description="A frozen CLIP that keeps learning tasks: per-image routing to each task's head or prompts, hot swap.",
         lifespan=lifespan,
+        docs_url=None,  # served offline below: FastAPI's own page loads Swagger UI from a CDN
+        redoc_url=None,
     )
+    mount_offline_docs(app)
     app.state.engine, app.state.settings, app.state.metrics, app.state.batcher = engine, settings, metrics, batcher
     app.add_middleware(_Guard, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     bearer = HTTPBearer(auto_error=False, description="KEEPCLIP_ADMIN_TOKEN")

@@ -162,7 +162,12 @@ def test_health_metrics_docs(client):
         assert line in text, line
     assert "keepclip_batch_size_bucket" in text and "keepclip_gate_weight_bucket" in text
     assert 'keepclip_request_latency_seconds_count{endpoint="/v1/classify",method="POST",status="200"} 2.0' in text
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()  # Swagger UI from the app itself: works offline
+    for asset in ("/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css"):
+        assert asset in docs.text and client.get(asset).status_code == 200 and len(client.get(asset).content) > 10_000
+    redoc = client.get("/redoc")
+    assert redoc.status_code == 200 and "/docs-assets/redoc.standalone.js" in redoc.text and "fonts.googleapis" not in redoc.text
     schema = client.get("/openapi.json").json()
     assert {"/v1/classify", "/v1/embed", "/v1/gallery", "/v1/search", "/v1/tasks", "/v1/tasks/{name}", "/v1/tasks/{name}/rollback", "/healthz", "/metrics"} <= set(schema["paths"])
 
