@@ -31,6 +31,8 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from .settings import RUNTIME_KNOBS, ServiceSettings
 
@@ -64,8 +66,12 @@ class KeepclipDeployment:
 
     def __serve_build_asgi_app__(self):
         from .api import create_app
+        from .limits import SlowClientGuard
 
-        return create_app(self.settings, engine=self.engine, submit=self._batched, executor=self.executor, metrics=self.metrics)
+        app = create_app(self.settings, engine=self.engine, submit=self._batched, executor=self.executor, metrics=self.metrics)
+        # outermost: Serve hands over a request before its body arrives, so a slow sender holds a replica slot
+        app.add_middleware(SlowClientGuard, body_timeout_s=self.settings.body_timeout_s, max_body_reads=self.settings.max_body_reads)
+        return app
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Runtime knobs from the Serve config's `user_config` (see settings.RUNTIME_KNOBS); no restart."""
@@ -91,14 +97,50 @@ class KeepclipDeployment:
             engine.close()
 
 
+class PrimaryFirstRouter(FIFOMixin, RequestRouter):
+    """`replica_routing: primary`: every request goes to one replica (the primary) while it is up and has a free slot;
+    the others are hot standbys. What lives in a replica's memory (the gallery) then behaves as with one replica,
+    and when the primary dies its in-flight requests fail but the next ones go to a standby at once, which stays
+    primary (sticky: the restarted replica comes back empty and becomes a standby)."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._primary: ReplicaID | None = None
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        if not by_id:
+            return []
+        if self._primary not in by_id:
+            self._primary = min(by_id, key=lambda rid: rid.unique_id)  # the same first choice in every proxy
+        return [[by_id[self._primary]], [r for rid, r in by_id.items() if rid != self._primary]]  # ranks
+
+
+def resolve_replicas(settings: ServiceSettings) -> int:
+    """`num_replicas`, with 0 ('auto') resolved: 2 when the Ray cluster has the CPUs and GPUs for two replicas,
+    else 1. Without a running Ray (building the app in a test), 1."""
+    if settings.num_replicas:
+        return settings.num_replicas
+    import ray
+
+    if not ray.is_initialized():
+        return 1
+    total = ray.cluster_resources()
+    fits = total.get("CPU", 0) >= 2 * settings.replica_cpus and total.get("GPU", 0) >= 2 * settings.replica_gpus
+    return 2 if fits else 1
+
+
 def build_app(args: ServiceSettings) -> Application:
     """The typed app builder: settings -> a bound Serve application (one ingress deployment)."""
     options: dict[str, Any] = {
-        "num_replicas": args.num_replicas,
+        "num_replicas": resolve_replicas(args),
         "max_ongoing_requests": max(args.max_ongoing_requests, 2 * args.max_batch_size),
         "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         "user_config": args.runtime_config(),
     }
+    if args.replica_routing == "primary":
+        options["request_router_config"] = RequestRouterConfig(request_router_class=PrimaryFirstRouter)
     return KeepclipDeployment.options(**options).bind(args)
 
 

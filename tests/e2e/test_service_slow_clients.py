@@ -1,0 +1,80 @@
+"""Slow clients on the live Serve HTTP port (issue 17 item 1): 128 raw connections announce a 100,000-byte body,
+send 10 bytes and wait. /healthz and a classify request still answer within 2 s each, and every stalled request
+gets a 408 JSON error once the body deadline (`body_timeout_s`) has passed, its connection closed."""
+from __future__ import annotations
+
+import json
+import socket
+import time
+from urllib.parse import urlsplit
+
+import httpx
+
+from tests.e2e.test_service_hotswap import color_png
+
+STALLED = 128
+ANSWER_WITHIN_S = 2.0
+
+
+def stalled_request(host: str, port: int) -> socket.socket:
+    s = socket.create_connection((host, port), timeout=5)
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100000\r\n\r\n")
+    s.sendall(head.encode() + b'{"image": ')  # 10 of the 100,000 bytes announced
+    return s
+
+
+def read_response(s: socket.socket, deadline: float) -> tuple[int, dict, bytes]:
+    """-> (status, headers, body) of one HTTP/1.1 response, read until its Content-Length or EOF."""
+    data = b""
+    while True:
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        if b"\r\n\r\n" in data:
+            head, body = data.split(b"\r\n\r\n", 1)
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.split(": ", 1) for line in lines[1:])
+            headers = {k.lower(): v for k, v in headers.items()}
+            if len(body) >= int(headers.get("content-length", 1 << 30)):
+                return int(lines[0].split()[1]), headers, body
+        chunk = s.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a whole response: {data[:200]!r}")
+        data += chunk
+
+
+def timed(fn) -> tuple[httpx.Response, float]:
+    start = time.monotonic()
+    response = fn()
+    return response, time.monotonic() - start
+
+
+def test_stalled_bodies_neither_starve_health_nor_classify_and_time_out_with_408(keepclip_service):
+    url = urlsplit(keepclip_service.url)
+    timeout_s = keepclip_service.settings.body_timeout_s
+    sockets = []
+    try:
+        opened = time.monotonic()
+        sockets = [stalled_request(url.hostname, url.port) for _ in range(STALLED)]
+        time.sleep(1.0)  # every stalled request reaches the replica and waits there for its body
+        with httpx.Client(base_url=keepclip_service.url, timeout=ANSWER_WITHIN_S + 3) as c:
+            health, health_s = timed(lambda: c.get("/healthz"))
+            files = {"file": ("r.png", color_png("red"), "image/png")}
+            classify, classify_s = timed(lambda: c.post("/v1/classify", files=files))
+        print(f"\n{STALLED} stalled bodies: /healthz {health_s:.3f} s, classify {classify_s:.3f} s")
+        assert health.status_code == 200 and health_s < ANSWER_WITHIN_S
+        assert classify.status_code == 200 and classify.json()["task"] == "red" and classify_s < ANSWER_WITHIN_S
+
+        deadline = opened + timeout_s + 30
+        answers = [read_response(s, deadline) for s in sockets]
+        waited = time.monotonic() - opened
+    finally:
+        for s in sockets:
+            s.close()
+    print(f"{len(answers)} stalled requests answered after {waited:.1f} s (body_timeout_s {timeout_s:g})")
+    assert {status for status, _, _ in answers} == {408}
+    for _, headers, body in answers:
+        assert headers["content-type"] == "application/json" and headers.get("connection") == "close"
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert waited >= timeout_s  # not before the deadline
+    with httpx.Client(base_url=keepclip_service.url, timeout=10) as c:  # and the replica is fine afterwards
+        assert c.get("/healthz").status_code == 200
