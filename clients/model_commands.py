@@ -56,7 +56,7 @@ def serve(
     pretrained: Optional[str] = typer.Option(_service.pretrained, "--pretrained", help="pretrained tag, checkpoint path, or 'none' [KEEPCLIP_PRETRAINED]"),
     store: str = typer.Option(_service.store, "--store", help="store URL: a directory or an fsspec URL [KEEPCLIP_STORE]"),
     device: str = typer.Option(_service.device, "--device", help="cuda, cpu or auto [KEEPCLIP_DEVICE]"),
-    replicas: int = typer.Option(_service.num_replicas, "--replicas", help="Serve replicas [KEEPCLIP_NUM_REPLICAS]"),
+    replicas: int = typer.Option(_service.num_replicas, "--replicas", help="Serve replicas; 0 = auto: 2 (a primary and a hot standby) when the cluster has the CPUs, else 1 [KEEPCLIP_NUM_REPLICAS]"),
     settings_file: Optional[Path] = typer.Option(None, "--settings-file", help="YAML/JSON settings file [KEEPCLIP_SETTINGS_FILE]"),
 ) -> None:
     """Run the service (API, /docs and /ui on one port) on Ray Serve until Ctrl-C."""
