@@ -22,9 +22,8 @@ def client(settings, store, task_maker):
         yield c
 
 
-@pytest.fixture(scope="module")
-def ro_client(tmp_path_factory, tiny_checkpoint, task_maker):
-    """One app for the module's read-only tests (bad input must not change anything anyway)."""
+def colors_client(tmp_path_factory, tiny_checkpoint, task_maker, **client_options) -> TestClient:
+    """A TestClient of the app over a fresh store with the red and green tasks (enter it with `with`)."""
     from prompts_store import open_store
     from service.settings import ServiceSettings
     from tests.unit.service.conftest import TINY_JSON
@@ -33,7 +32,13 @@ def ro_client(tmp_path_factory, tiny_checkpoint, task_maker):
     publish_colors(store, task_maker, "red", "green")
     settings = ServiceSettings(model=TINY_JSON, pretrained=tiny_checkpoint, device="cpu", store=store.url, ui=False,
                                admin_token="s3cret", poll_interval_s=0.05, **LIMITS)
-    with TestClient(create_app(settings)) as c:
+    return TestClient(create_app(settings), **client_options)
+
+
+@pytest.fixture(scope="module")
+def ro_client(tmp_path_factory, tiny_checkpoint, task_maker):
+    """One app for the module's read-only tests (bad input must not change anything anyway)."""
+    with colors_client(tmp_path_factory, tiny_checkpoint, task_maker) as c:
         yield c
 
 

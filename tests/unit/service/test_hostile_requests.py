@@ -9,13 +9,9 @@ import logging
 import time
 
 import pytest
-from fastapi.testclient import TestClient
 
-from prompts_store import open_store
-from service.api import create_app
-from service.settings import ServiceSettings
-from tests.unit.service.conftest import TINY_JSON, color_png, png, publish_colors
-from tests.unit.service.test_api import LIMITS, b64, error, png_header_size
+from tests.unit.service.conftest import color_png, png
+from tests.unit.service.test_api import b64, colors_client, error, png_header_size
 
 AUTH = {"Authorization": "Bearer s3cret"}
 JSON = {"content-type": "application/json"}
@@ -26,11 +22,7 @@ MAX_MESSAGE = 1000  # error messages stay short, whatever the client sent
 @pytest.fixture(scope="module")
 def ro_client(tmp_path_factory, tiny_checkpoint, task_maker):
     """The app over a store with the red and green tasks; server errors come back as responses (500s), not raised."""
-    store = open_store(tmp_path_factory.mktemp("hostile") / "store")
-    publish_colors(store, task_maker, "red", "green")
-    settings = ServiceSettings(model=TINY_JSON, pretrained=tiny_checkpoint, device="cpu", store=store.url, ui=False,
-                               admin_token="s3cret", poll_interval_s=0.05, **LIMITS)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+    with colors_client(tmp_path_factory, tiny_checkpoint, task_maker, raise_server_exceptions=False) as c:
         yield c
 
 
