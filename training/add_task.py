@@ -330,6 +330,19 @@ def add_task(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _connect_ray(ray, address: str | None) -> None:
+    """Join `address` (else RAY_ADDRESS, which `ray job submit` sets to the cluster's GCS address) or start a local Ray.
+
+    Ray Train's own detached actors (its placement-group cleaner) find the cluster by scanning the node's processes
+    when RAY_ADDRESS is unset, and warn "Found multiple active Ray instances" on every poll where a second Ray runs on
+    the node (`keepclip serve`'s). Handing them the concrete address through the job's environment keeps them quiet.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    concrete = address is not None and address != "auto" and "://" not in address
+    runtime_env = {"env_vars": {"RAY_ADDRESS": address}} if concrete else None
+    ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+
+
 def _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_arg, pretrained_arg, run_name, run_dir, progress,
                 update_from: int | None = None) -> dict[str, Any]:
     import ray
@@ -337,7 +350,7 @@ def _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_ar
     from .ray_train import fit_on_ray, unwrap_worker_error
 
     if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=True)
+        _connect_ray(ray, args.address)
     use_gpu = args.device == "cuda" or (args.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
 
     def arrays(prefix, images):

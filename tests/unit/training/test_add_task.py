@@ -144,3 +144,33 @@ def test_keepclip_add_task_is_the_same_command(tmp_path):
     assert missing.exit_code == 2
     assert f"--data {tmp_path / 'nope.npz'}: no such file or directory" in missing.output
     assert not (tmp_path / "s").exists()
+
+
+class _RecordingRay:
+    """Stands in for the `ray` module where only the arguments of ray.init matter (no cluster is started)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+
+
+@pytest.mark.parametrize("given, env, pinned", [
+    (None, "10.0.0.5:6379", "10.0.0.5:6379"),  # `ray job submit` sets RAY_ADDRESS to the cluster's GCS address
+    ("10.0.0.7:6390", None, "10.0.0.7:6390"),  # --address wins
+    ("auto", None, None),  # not an address: Ray resolves it
+    (None, None, None),  # a new local Ray
+    ("ray://head:10001", None, None),  # Ray Client: its workers know their cluster
+])
+def test_ray_train_actors_get_the_jobs_own_cluster_address(monkeypatch, given, env, pinned):
+    from training.add_task import _connect_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if env:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    ray = _RecordingRay()
+    _connect_ray(ray, given)
+    (call,) = ray.calls
+    assert call["address"] == (given or env)
+    assert call["runtime_env"] == (None if pinned is None else {"env_vars": {"RAY_ADDRESS": pinned}})
