@@ -8,6 +8,7 @@ units of the task's own distance distribution, so nothing needs retuning when th
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -51,3 +52,104 @@ class Gate:
     def from_tensor(cls, t: torch.Tensor) -> "Gate":
         center, scale = t.double().tolist()
         return cls(center=center, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------- zero-shot check
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """The open vocabulary a task is compared against: class names and their frozen text, at the model's logit scale.
+
+    The service's own (`service/vocabulary.py`: ImageNet-1k names for a real CLIP; for a proxy, the names it was
+    pretrained on), encoded once by the frozen text tower with the service's default template. Names equal to a task's
+    own class names (case and runs of spaces ignored) are not alternatives to that task.
+    """
+
+    names: tuple[str, ...]
+    text: torch.Tensor  # (V, D) L2-normalised frozen class text
+    logit_scale: float
+
+    def __post_init__(self):
+        if self.text.ndim != 2 or self.text.shape[0] != len(self.names):
+            raise ValueError(f"a vocabulary of {len(self.names)} names needs ({len(self.names)}, D) text, got {tuple(self.text.shape)}")
+        if self.text.dtype != torch.float32:  # every task's check holds this very tensor: no per-task copy
+            object.__setattr__(self, "text", self.text.float())
+
+    def others(self, class_names) -> torch.Tensor:
+        """(V,) bool: the names that are not among `class_names`."""
+        own = {_canonical(n) for n in class_names}
+        return torch.tensor([_canonical(n) not in own for n in self.names], dtype=torch.bool)
+
+    def alternatives_to(self, class_names) -> torch.Tensor:
+        """(V', D) text of the names that are not among `class_names`."""
+        return self.text[self.others(class_names)].float()
+
+
+def _canonical(name: str) -> str:
+    return " ".join(str(name).split()).casefold()
+
+
+@dataclass(frozen=True, eq=False)
+class ZeroShotCheck:
+    """Does the task explain an image better than the open vocabulary does? The task's log-odds in two views:
+
+        text view:   logsumexp_c s·f·t_c − logsumexp_v s·f·a_v          (the task's class text t, alternatives a)
+        image view:  s·max_c f·k_c       − logsumexp_v s·f·m_v          (class means k, m_v = normalise(a_v + g))
+
+    `g = mean(k) − mean(t)` is the task's modality gap (its image class means minus its class text): it moves the
+    alternatives' text to where their images would be, so that both sides of the image view are measured alike.
+    The check passes when the sum z reaches `threshold`, the `quantile` of z over a held-out sample of the task's own
+    images (their class-mean similarity cross-fitted), so it needs no constant per backbone. The default 0.005 keeps
+    99.5 % of the task's own held-out images, about as many as the distance gate's midpoint (w = 0.5) keeps.
+
+    Holds the vocabulary's text by reference (one copy for all tasks): per task only a mask, `g` and the norms
+    |a_v + g| (so f·m_v = (f·a_v + f·g) / |a_v + g| costs no second product with the vocabulary).
+    """
+
+    class_text: torch.Tensor  # (C, D) the task's frozen class text
+    keys: torch.Tensor  # (K, D) L2-normalised class means
+    vocabulary: torch.Tensor  # (V, D) the vocabulary's text (shared)
+    others: torch.Tensor  # (V,) bool: the vocabulary names that are not the task's own
+    gap: torch.Tensor  # (D,) g
+    moved_norm: torch.Tensor  # (V,) |a_v + g|
+    scale: float
+    threshold: float
+
+    def score(self, features: torch.Tensor, key_cos: torch.Tensor | None = None) -> torch.Tensor:
+        """z per row of `features` (L2-normalised); `key_cos` replaces max_c f·k_c (cross-fitted, for calibration)."""
+        f = features.float()
+        s = self.scale
+        alt = f @ self.vocabulary.T  # (B, V)
+        alt, norm = (alt[:, self.others], self.moved_norm[self.others]) if not self.others.all() else (alt, self.moved_norm)
+        moved = (alt + (f @ self.gap)[:, None]) / norm
+        near = (f @ self.keys.T).amax(-1) if key_cos is None else key_cos.float()
+        text = torch.logsumexp(s * f @ self.class_text.T, -1) - torch.logsumexp(s * alt, -1)
+        return text + s * near - torch.logsumexp(s * moved, -1)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the task, rather than the vocabulary, explains the image."""
+        return self.score(features) >= self.threshold
+
+    @classmethod
+    def calibrate(
+        cls,
+        own: torch.Tensor,
+        own_key_cos: torch.Tensor,
+        keys: torch.Tensor,
+        class_text: torch.Tensor,
+        vocabulary: torch.Tensor,
+        others: torch.Tensor,
+        scale: float,
+        quantile: float = 0.005,
+    ) -> "ZeroShotCheck":
+        """From held-out own features (L2-normalised) and their cross-fitted class-mean similarity; `others` marks the
+        rows of `vocabulary` (V, D) that are alternatives to the task."""
+        if own.shape[0] < 2 or not others.any():
+            raise ValueError("a zero-shot check needs at least 2 held-out images and one alternative name")
+        keys, class_text, vocabulary = keys.float(), class_text.float(), vocabulary.float()
+        gap = keys.mean(0) - class_text.mean(0)
+        moved_norm = (vocabulary + gap).norm(dim=-1).clamp_min(1e-12)
+        check = cls(class_text, keys, vocabulary, others.bool(), gap, moved_norm, float(scale), 0.0)
+        z = check.score(own.float(), own_key_cos)
+        return dataclasses.replace(check, threshold=torch.quantile(z.double(), quantile).item())

@@ -3,18 +3,24 @@
 The covariance is Ledoit-Wolf shrunk towards a scaled identity, so it stays well conditioned with fewer images
 than feature dimensions. The gate is calibrated on cross-fitted distances: each image's distance is measured with
 a Gaussian fitted without it, so the calibration sees what unseen images of the task look like.
+
+A distance to the task alone cannot say "this task, or nothing" (a diffuse task is close to unrelated images, issue
+16), so the fingerprint also keeps a held-out sample of the task's own features, with their cross-fitted similarity
+to the class means: the service calibrates on it, per task, a zero-shot check against its open vocabulary
+(`ZeroShotCheck`), which is only known when the task is served.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .gate import Gate
+from .gate import Gate, Vocabulary, ZeroShotCheck
 
 MIN_IMAGES = 4
+CALIBRATION_SAMPLE = 1024  # held-out own features kept for the zero-shot check's calibration (float16 in the artifact)
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,15 @@ def ledoit_wolf(centered: torch.Tensor) -> tuple[torch.Tensor, float]:
     return (1 - shrinkage) * emp + (shrinkage * mu + floor) * eye, shrinkage
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TaskStats:
     gaussian: Gaussian
     keys: torch.Tensor  # (k, d) router keys: L2-normalised class means
     gate: Gate
     n_images: int
+    calibration: torch.Tensor | None = None  # (m, d) float16: a seeded sample of the task's own normalised features (None: old artifact)
+    calibration_key_cos: torch.Tensor | None = None  # (m,) their max cosine to class means fitted without them
+    _checks: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # memo of zero_shot_check
 
     def mahalanobis_sq(self, features: torch.Tensor) -> torch.Tensor:
         return self.gaussian.mahalanobis_sq(F.normalize(features.double(), dim=-1))
@@ -75,6 +84,25 @@ class TaskStats:
         """Gate w in (0, 1) per sample: near 1 on the task's own images, near 0 far from them."""
         return self.gate(self.mahalanobis_sq(features)).float()
 
+    def zero_shot_check(self, class_names, class_text: torch.Tensor, vocabulary: Vocabulary) -> ZeroShotCheck | None:
+        """The task's check against `vocabulary`, calibrated on its held-out sample; None when it cannot have one (an
+        artifact made before the sample was kept, or no vocabulary name other than the task's own). Memoised per
+        (class text, vocabulary) object, so a router rebuilt on every hot swap recalibrates only new tasks."""
+        key = (id(class_text), id(vocabulary))
+        hit = self._checks.get(key)
+        if hit is not None and hit[0] is class_text and hit[1] is vocabulary:
+            return hit[2]
+        check = None
+        if self.calibration is not None and self.calibration_key_cos is not None:
+            others = vocabulary.others(class_names)
+            if others.any():
+                check = ZeroShotCheck.calibrate(
+                    self.calibration.float(), self.calibration_key_cos, self.keys, F.normalize(class_text.float(), dim=-1),
+                    vocabulary.text, others, vocabulary.logit_scale,
+                )
+        self._checks[key] = (class_text, vocabulary, check)  # holds both, so their ids cannot be reused while memoised
+        return check
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         g = self.gaussian
         return {
@@ -85,6 +113,10 @@ class TaskStats:
             "keys": self.keys.float().contiguous(),
             "gate": self.gate.to_tensor(),
             "n_images": torch.tensor([self.n_images], dtype=torch.int64),
+            **({} if self.calibration is None or self.calibration_key_cos is None else {
+                "calibration": self.calibration.half().contiguous(),
+                "calibration_key_cos": self.calibration_key_cos.float().contiguous(),
+            }),
         }
 
     @classmethod
@@ -96,7 +128,17 @@ class TaskStats:
             logdet=t["logdet"].item(),
             shrinkage=t["shrinkage"].item(),
         )
-        return cls(gaussian=gaussian, keys=t["keys"].float(), gate=Gate.from_tensor(t["gate"]), n_images=int(t["n_images"]))
+        calibration, key_cos = t.get("calibration"), t.get("calibration_key_cos")
+        if calibration is not None and key_cos is not None:
+            d = t["mean"].shape[0]
+            if calibration.ndim != 2 or calibration.shape[1] != d or key_cos.shape != (calibration.shape[0],):
+                raise ValueError(f"calibration sample of shape {tuple(calibration.shape)} with {tuple(key_cos.shape)} similarities "
+                                 f"does not fit {d}-d statistics")
+            calibration, key_cos = calibration.half(), key_cos.float()
+        else:
+            calibration = key_cos = None
+        return cls(gaussian=gaussian, keys=t["keys"].float(), gate=Gate.from_tensor(t["gate"]), n_images=int(t["n_images"]),
+                   calibration=calibration, calibration_key_cos=key_cos)
 
 
 def pack_tril(square: torch.Tensor) -> torch.Tensor:
@@ -133,6 +175,21 @@ def cross_fitted_distances(features: torch.Tensor, n_folds: int = 5, seed: int =
     return d2
 
 
+def cross_fitted_key_cos(
+    features: torch.Tensor, labels: torch.Tensor | None, n_folds: int = 5, seed: int = 0
+) -> torch.Tensor:
+    """Max cosine of every sample to the class means of the other folds (the same folds as `cross_fitted_distances`)."""
+    n = features.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    out = torch.empty(n, dtype=torch.float64)
+    for fold in order.chunk(min(n_folds, n)):
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[fold] = False
+        keys = class_means(features[rest], None if labels is None else labels[rest])
+        out[fold] = (features[fold] @ keys.T).amax(-1).double()
+    return out
+
+
 def fit_task_stats(
     features: torch.Tensor, labels: torch.Tensor | None = None, n_folds: int = 5, seed: int = 0
 ) -> TaskStats:
@@ -142,6 +199,10 @@ def fit_task_stats(
     if labels is not None and labels.shape[0] != features.shape[0]:
         raise ValueError(f"{labels.shape[0]} labels for {features.shape[0]} feature rows")
     f = F.normalize(features.detach().double().cpu(), dim=-1)
+    y = None if labels is None else labels.cpu()
     gate = Gate.calibrate(cross_fitted_distances(f, n_folds, seed))
-    keys = class_means(f, None if labels is None else labels.cpu()).float()
-    return TaskStats(gaussian=Gaussian.fit(f), keys=keys, gate=gate, n_images=f.shape[0])
+    keys = class_means(f, y).float()
+    key_cos = cross_fitted_key_cos(f, y, n_folds, seed)
+    sample = torch.randperm(f.shape[0], generator=torch.Generator().manual_seed(seed + 1))[:CALIBRATION_SAMPLE].sort().values
+    return TaskStats(gaussian=Gaussian.fit(f), keys=keys, gate=gate, n_images=f.shape[0],
+                     calibration=f[sample].half(), calibration_key_cos=key_cos[sample].float())

@@ -16,6 +16,10 @@ images are routed, one by one, and for each (task, domain) pair the benchmark re
 Unlearned domains should be claimed rarely (issue 16's target: <= 5 %) and keep their accuracy (within 1 point);
 each task's own domain should be claimed (>= 97 %). The diffuse task `mix` holds 3 classes of each of cifar10,
 eurosat, gtsrb and caltech101: wide, like a task of mixed photos; its unlearned domains are mnist and fashion_mnist.
+
+The router gets what the service gives it: each task's frozen class text and the service's open vocabulary, against
+which a task must explain an image (`--vocabulary`; for the proxy, the names it was pretrained on, the honest generic
+vocabulary of a model that has read no other words; `none` measures the distance gate alone).
 Writes OUT/leak.json, OUT/leak.md and OUT/leak-heatmap.png.
 """
 from __future__ import annotations
@@ -39,6 +43,9 @@ from bench.onnx_speed import PROXY
 log = logging.getLogger("bench.leak")
 DOMAINS = ("mnist", "fashion_mnist", "cifar10", "eurosat", "gtsrb", "caltech101")
 MIX = {"cifar10": 3, "eurosat": 3, "gtsrb": 3, "caltech101": 3}  # the diffuse task: classes taken from each
+# the proxy's pretraining pool: the first classes of each domain (../shared/models/proxy-clip/MODEL.md, "Pretraining pool")
+PROXY_POOL = {"cifar10": 10, "caltech101": 100, "eurosat": 5, "gtsrb": 20, "mnist": 5, "fashion_mnist": 5}
+PRETRAINING = "pretraining"
 
 
 def parse_args(argv):
@@ -53,6 +60,10 @@ def parse_args(argv):
     p.add_argument("--limit-train", type=int, default=FULL_TRAIN, help="train images per task (every class kept) [%(default)s]")
     p.add_argument("--limit-test", type=int, help="test images per domain")
     p.add_argument("--threshold", type=float, default=0.5, help="a claim is a route with gate weight >= this [0.5]")
+    p.add_argument("--vocabulary", default=PRETRAINING,
+                   help=f"the service's open vocabulary the router checks tasks against: '{PRETRAINING}' (the proxy's "
+                        "pretraining class names, read from --data-root), or a serve --vocabulary value (imagenet-1k, a "
+                        "file of names, none) [%(default)s]")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "keepclip-bench" / "leak")
     return p.parse_args(argv)
 
@@ -76,11 +87,35 @@ def mixed_task(tasks: dict):
     return TaskData("mix", names, ["a photo of a {}."], train, val, None, {"mix": MIX})
 
 
-def leak_row(learner, name: str, tests: list[EvalTask], threshold: float) -> list[dict]:
+def vocabulary_names(spec: str, data_root: Path) -> tuple[str, list[str]]:
+    """(name, class names) of --vocabulary: the proxy's pretraining pool, or what `serve --vocabulary` accepts."""
+    if spec != PRETRAINING:
+        from service.vocabulary import load_vocabulary
+
+        return load_vocabulary(spec)
+    names = [n for domain, count in PROXY_POOL.items()
+             for n in json.loads((data_root / domain / "classnames.json").read_text(encoding="utf-8"))[:count]]
+    return PRETRAINING, list(dict.fromkeys(names))
+
+
+def open_vocabulary(spec: BackboneSpec, names: list[str]):
+    """The router's Vocabulary exactly as the engine builds it: frozen text over the default template, model scale."""
+    from backbone.gate import Vocabulary
+    from backbone.zeroshot import DEFAULT_TEMPLATES
+    from service.runtime import TorchRuntime
+
+    if not names:
+        return None
+    runtime = TorchRuntime(spec.load())
+    return Vocabulary(tuple(names), runtime.class_text(names, DEFAULT_TEMPLATES), float(runtime.logit_scale()))
+
+
+def leak_row(learner, name: str, tests: list[EvalTask], threshold: float, vocabulary=None, class_names=()) -> list[dict]:
     """Route every domain's test images to the one learned task; claimed share and accuracy changes per domain."""
     from service.router import Router
 
-    router = Router({name: learner.stats[name]}, top_k=1, threshold=0.01)
+    classes = {name: (tuple(class_names), learner.served[name].text_frozen)} if class_names else None
+    router = Router({name: learner.stats[name]}, top_k=1, threshold=0.01, vocabulary=vocabulary, classes=classes)
     text = learner.text[name]
     row = []
     for i, t in enumerate(tests):
@@ -126,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         learn["mix"] = mixed_task(tasks)
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
+    vocabulary_name, names = vocabulary_names(args.vocabulary, args.data_root)
+    vocabulary = open_vocabulary(spec, names)
     report = {"benchmark": "leak", "kind": args.kind, "threshold": args.threshold, "domains": [t.name for t in tests],
+              "vocabulary": {"name": vocabulary_name, "names": len(names)},
               "command": " ".join(["python -m bench.leak", *(argv if argv is not None else sys.argv[1:])]), "rows": {}}
     for name, task in learn.items():
         store = open_store(out / f"store-{name}")
         learner = KindLearner(spec, args.kind, RecipeSettings(), store, progress=False)
         learner.learn(task)
-        report["rows"][name] = leak_row(learner, name, tests, args.threshold)
+        report["rows"][name] = leak_row(learner, name, tests, args.threshold, vocabulary, task.class_names)
         log.info("%s: claimed %s", name, " ".join(f"{c['domain']} {100 * c['claimed']:.1f}" for c in report["rows"][name]))
     report["minutes"] = round((time.perf_counter() - started) / 60, 2)
     report["summary"] = summary(report)
@@ -160,8 +198,10 @@ def summary(report: dict) -> dict:
 
 def to_markdown(report: dict) -> str:
     domains = report["domains"]
+    vocabulary = report.get("vocabulary") or {"name": "none", "names": 0}
     lines = [f"### Leak: share of each domain's test images a task learned alone claims (w >= {report['threshold']}), kind {report['kind']}",
              "", f"`{report['command']}`", "",
+             f"Router vocabulary: {vocabulary['name']} ({vocabulary['names']} names)" + (" (distance gate alone)" if not vocabulary["names"] else ""), "",
              "| task learned \\ images of | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
     for task, row in report["rows"].items():
         cells = [f"**{100 * c['claimed']:.1f}**" if c["domain"] == task else f"{100 * c['claimed']:.1f}" for c in row]

@@ -1,16 +1,24 @@
-"""Per-image routing: FAISS finds candidate tasks, exact Gaussian log-likelihoods pick one, its calibrated gate weighs it.
+"""Per-image routing: FAISS finds candidate tasks, exact Gaussian log-likelihoods rank them, the task's gate decides.
 
-    router = Router({"cifar10": stats_a, "mnist": stats_b}, top_k=3, threshold=0.01)
+    router = Router({"cifar10": stats_a, "mnist": stats_b}, top_k=3, threshold=0.01,
+                    vocabulary=Vocabulary(names, text, logit_scale),          # the service's open vocabulary
+                    classes={"cifar10": (names_a, text_a), "mnist": (names_b, text_b)})  # each task's frozen class text
     routes = router.route(frozen_features)       # one Route per image, never a batch vote
 
 The FAISS inner-product index holds every task's router keys (L2-normalised class means). For each image the
-`top_k` distinct tasks owning its nearest keys become candidates; among them the task with the highest
-log N(f; mu, Sigma) wins, and `w = stats.weight(f)` of the winner is the gate. Below `threshold` the image gets no
-task (the frozen CLIP answer, no prompted pass).
+`top_k` distinct tasks owning its nearest keys become candidates, ranked by log N(f; mu, Sigma).
+
+Without a vocabulary (or for a task without class text, or an artifact made before the calibration sample was kept)
+the most likely candidate's distance gate `w = stats.weight(f)` is the weight, as before. With one, a task must also
+explain the image better than the vocabulary does (`ZeroShotCheck`, calibrated per task on its own held-out images):
+the image goes to the most likely candidate that *claims* it, i.e. passes its check with a distance gate of at least
+0.5 (inside the gate's own midpoint), at that gate's weight; an image no candidate claims gets w = 0. A task is thereby
+"this task, or nothing", never a distance to one Gaussian alone (issue 16: a diffuse task otherwise claims unrelated
+domains). Below `threshold` the image gets no task (the frozen CLIP answer, no prompted pass).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -19,6 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from backbone import TaskStats
+from backbone.gate import Vocabulary, ZeroShotCheck
+
+__all__ = ["Candidate", "NO_ROUTE", "Route", "Router", "Vocabulary"]
+
+CLAIM = 0.5  # with a zero-shot check, a task claims an image only inside its distance gate's midpoint (w >= 0.5)
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,7 @@ class Route:
 
     task: str | None
     weight: float  # the gate w applied to the task's prompts; 0.0 when task is None
-    best: str | None = None  # the most likely task even when its gate was below the threshold
+    best: str | None = None  # the routed task, else the most likely one even when its gate was below the threshold
     best_weight: float = 0.0  # that task's gate
     candidates: tuple[Candidate, ...] = field(default=())  # FAISS candidates, most likely first
 
@@ -42,13 +55,24 @@ NO_ROUTE = Route(task=None, weight=0.0)
 
 
 class Router:
-    """Immutable: built once per engine state from the tasks' fingerprints."""
+    """Immutable: built once per engine state from the tasks' fingerprints (and the service's vocabulary)."""
 
-    def __init__(self, stats: Mapping[str, TaskStats], top_k: int = 3, threshold: float = 0.01):
+    def __init__(
+        self,
+        stats: Mapping[str, TaskStats],
+        top_k: int = 3,
+        threshold: float = 0.01,
+        *,
+        vocabulary: Vocabulary | None = None,
+        classes: Mapping[str, tuple[Sequence[str], torch.Tensor]] | None = None,
+    ):
         self.names = sorted(stats)
         self.stats = {name: stats[name] for name in self.names}
         self.top_k = top_k
         self.threshold = threshold
+        self.vocabulary = vocabulary if vocabulary is not None and len(vocabulary.names) else None
+        self.classes = {n: classes[n] for n in self.names if n in classes} if classes and self.vocabulary else {}
+        self._checks: dict[int, ZeroShotCheck | None] = {}  # task index -> its check, calibrated on first use
         keys, owners = [], []
         for i, name in enumerate(self.names):
             k = F.normalize(self.stats[name].keys.float(), dim=-1)  # (k_i, d)
@@ -63,6 +87,44 @@ class Router:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def checking(self) -> bool:
+        """Whether tasks are checked against a vocabulary (then an image goes to the most likely task that claims it)."""
+        return bool(self.classes)
+
+    def calibrate(self) -> int:
+        """Calibrate every task's check now (else each is calibrated the first time an image asks it); call it where a
+        new router is built, off the request path. Tasks calibrated for an earlier router are not redone. Returns how
+        many tasks have a check."""
+        return sum(self._check(t) is not None for t in range(len(self.names)))
+
+    def check(self, name: str) -> ZeroShotCheck | None:
+        """The task's zero-shot check (None: gated by distance alone)."""
+        return self._check(self.names.index(name))
+
+    def _check(self, t: int) -> ZeroShotCheck | None:
+        if t not in self._checks:  # calibrated once per task version and vocabulary (memoised on its TaskStats too)
+            name = self.names[t]
+            if name in self.classes:
+                class_names, class_text = self.classes[name]
+                self._checks[t] = self.stats[name].zero_shot_check(class_names, class_text, self.vocabulary)
+            else:
+                self._checks[t] = None
+        return self._checks[t]
+
+    def gate(self, name: str, features: torch.Tensor) -> torch.Tensor:
+        """(B,) the weight task `name` gives each image: its distance gate, 0 where it does not claim the image."""
+        return self._gate(self.names.index(name), features.detach().cpu())
+
+    def _gate(self, t: int, features: torch.Tensor) -> torch.Tensor:
+        stats = self.stats[self.names[t]]
+        w = stats.weight(features).cpu()
+        check = self._check(t)
+        if check is None:
+            return w
+        claims = check(F.normalize(features.float(), dim=-1)) & (w >= CLAIM)
+        return torch.where(claims, w, torch.zeros_like(w))
 
     def candidates(self, features: torch.Tensor, top_k: int | None = None) -> list[list[int]]:
         """Up to `top_k` distinct task indices per image, nearest key first."""
@@ -101,18 +163,35 @@ class Router:
         for t in sorted({t for c in cands for t in c}):  # one exact pass per candidate task, over its images
             rows = torch.tensor([i for i, c in enumerate(cands) if t in c])
             ll[rows, t] = self.stats[self.names[t]].log_likelihood(f[rows]).cpu()
-        best = ll.argmax(dim=1)  # (n,)
+        order = [sorted(c, key=lambda t: -ll[i, t].item()) for i, c in enumerate(cands)]
+        # without checks only the most likely task is asked (its gate is the weight); with them, each candidate in turn
+        depth = max(map(len, order)) if self.checking else 1
+        chosen: list[int | None] = [None] * n
         weights = torch.zeros(n)
-        for t in best.unique().tolist():
-            rows = (best == t).nonzero().flatten()
-            weights[rows] = self.stats[self.names[t]].weight(f[rows]).cpu()
+        first = torch.zeros(n)  # the most likely task's gate
+        pending = [i for i in range(n) if order[i]]
+        for rank in range(depth):
+            asked: dict[int, list[int]] = {}
+            for i in pending:
+                if rank < len(order[i]):
+                    asked.setdefault(order[i][rank], []).append(i)
+            for t, rows in sorted(asked.items()):
+                w = self._gate(t, f[rows])
+                for i, wi in zip(rows, w.tolist()):
+                    if rank == 0:
+                        first[i] = wi
+                    if wi >= threshold and (wi > 0 or not self.checking):  # with checks, 0 means "not claimed"
+                        chosen[i], weights[i] = t, wi
+            pending = [i for i in pending if chosen[i] is None]
+            if not pending:
+                break
         routes = []
         for i in range(n):
-            order = sorted(cands[i], key=lambda t: -ll[i, t].item())
-            candidates = tuple(Candidate(self.names[t], float(ll[i, t])) for t in order)
-            name, w = self.names[int(best[i])], float(weights[i])
-            if w < threshold:
-                routes.append(Route(None, 0.0, best=name, best_weight=w, candidates=candidates))
-            else:
+            candidates = tuple(Candidate(self.names[t], float(ll[i, t])) for t in order[i])
+            if chosen[i] is not None:
+                name, w = self.names[chosen[i]], float(weights[i])
                 routes.append(Route(name, w, best=name, best_weight=w, candidates=candidates))
+            else:
+                best = self.names[order[i][0]] if order[i] else None
+                routes.append(Route(None, 0.0, best=best, best_weight=float(first[i]), candidates=candidates))
         return routes
