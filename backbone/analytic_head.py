@@ -65,6 +65,11 @@ class AnalyticHead:
     fusion: float  # head scores are added to the zero-shot logits with weight w · fusion (chosen on validation)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes this task's head holds (the random projection is shared by every head of the same seed)."""
+        return self.weights.nbytes + self.center.nbytes
+
+    @property
     def num_classes(self) -> int:
         return int(self.weights.shape[1])
 

@@ -116,20 +116,32 @@ class ZeroShotCheck:
     scale: float
     threshold: float
 
-    def score(self, features: torch.Tensor, key_cos: torch.Tensor | None = None) -> torch.Tensor:
-        """z per row of `features` (L2-normalised); `key_cos` replaces max_c f·k_c (cross-fitted, for calibration)."""
+    def __post_init__(self):
+        # per vocabulary name, precomputed: an additive mask that leaves out the task's own names, and s / |a_v + g|
+        object.__setattr__(self, "_excluded", torch.zeros(self.others.shape).masked_fill(~self.others, float("-inf")))
+        object.__setattr__(self, "_moved_scale", self.scale / self.moved_norm)
+
+    @property
+    def own_nbytes(self) -> int:
+        """Bytes the check holds for its task alone (the vocabulary's text and the task's keys are shared)."""
+        return sum(t.nbytes for t in (self.class_text, self.others, self.gap, self.moved_norm, self._excluded, self._moved_scale))
+
+    def score(self, features: torch.Tensor, key_cos: torch.Tensor | None = None,
+              vocabulary_cos: torch.Tensor | None = None) -> torch.Tensor:
+        """z per row of `features` (L2-normalised); `key_cos` replaces max_c f·k_c (cross-fitted, for calibration),
+        `vocabulary_cos` is f·a for the whole vocabulary when the caller has it (the router computes it once per image
+        for every candidate task)."""
         f = features.float()
         s = self.scale
-        alt = f @ self.vocabulary.T  # (B, V)
-        alt, norm = (alt[:, self.others], self.moved_norm[self.others]) if not self.others.all() else (alt, self.moved_norm)
-        moved = (alt + (f @ self.gap)[:, None]) / norm
+        alt = f @ self.vocabulary.T if vocabulary_cos is None else vocabulary_cos  # (B, V)
         near = (f @ self.keys.T).amax(-1) if key_cos is None else key_cos.float()
-        text = torch.logsumexp(s * f @ self.class_text.T, -1) - torch.logsumexp(s * alt, -1)
-        return text + s * near - torch.logsumexp(s * moved, -1)
+        text = torch.logsumexp(s * (f @ self.class_text.T), -1) - torch.logsumexp(s * alt + self._excluded, -1)
+        moved = torch.logsumexp((alt + (f @ self.gap)[:, None]) * self._moved_scale + self._excluded, -1)  # s·f·m_v
+        return text + s * near - moved
 
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+    def __call__(self, features: torch.Tensor, vocabulary_cos: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) bool: the task, rather than the vocabulary, explains the image."""
-        return self.score(features) >= self.threshold
+        return self.score(features, vocabulary_cos=vocabulary_cos) >= self.threshold
 
     @classmethod
     def calibrate(

@@ -16,15 +16,17 @@ gets zeros and `weight = 0`); the text side takes one task per call, with a scal
 **Padding.** `depth` and `n` are fixed in the graph (the backbone-wide maximum, by default `PromptConfig()`'s 8 and 8,
 capped at each tower's layers). A task with fewer layers or prefixes is zero-padded, and padding must not change the
 result: a zero key row still takes softmax mass (`exp(q·0) = 1`), which would dilute the task's real prefixes. So
-`prefix_mask` (1 = real prefix, 0 = padding) drives the logits of padded slots to `MASKED_LOGIT` (-1e9, finite),
-whose `exp` underflows to exactly 0 in fp32: the real slots' softmax is unchanged, whatever the padded slots hold.
+`prefix_mask` (1 = real prefix, 0 = padding) drives the logits of padded slots to `MASKED_LOGIT` (-1e9, finite, in
+`prompts.py`), whose `exp` underflows to exactly 0 in fp32: the real slots' softmax is unchanged, whatever the padded
+slots hold.
 A layer beyond the task's depth is all padding: its branch is multiplied by 0 (the mask's row maximum), so it adds
 exactly 0 (and the finite fill keeps its softmax NaN-free, which `-inf` would not).
 
 **How the graphs are built.** No copy of open_clip's code: for the export, each of the first `depth` blocks' `attn`
-is temporarily replaced (peft-style `setattr` on the parent block, restored afterwards) by `_PromptFeedAttention`,
-which calls the frozen module unchanged and adds `w · W_o · softmax(q P_Kᵀ/√h + mask) P_V` — the math of
-`PromptedAttention.prompt_branch`, with per-sample prompts. The export modules then call open_clip's own
+is temporarily replaced (peft-style `setattr` on the parent block, restored afterwards) by `_FeedAttention`, the torch
+engine's `PromptedAttention` with its prompts read from the graph inputs: every sample goes through the same
+`fused_attention` the torch engine runs (`backbone/prompts.py`: one in-projection, the frozen attention plus
+`w · softmax(q P_Kᵀ/√h + mask) P_V`, one output projection). The export modules then call open_clip's own
 `encode_image` / `encode_text`. The exporter is torch's TorchScript-based one (`dynamo=False`): it exports these
 towers in seconds with `dynamic_axes`, needs only the `onnx` package, and supports opsets down to 7 (so the opset is a
 real setting); see `export_graphs`.
@@ -50,19 +52,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .loading import Backbone, sha256_file
-from .prompts import PromptConfig, PromptedAttention
+from .prompts import PromptConfig, PromptedAttention, RoutingState, SamplePrompts
 
 log = logging.getLogger(__name__)
 
 GRAPHS = ("image_frozen", "image_prompted", "text_frozen", "text_prompted")
 MANIFEST = "manifest.json"
-FORMAT = 1  # bump when the graphs' inputs/outputs change: older caches are then re-exported
+FORMAT = 2  # bump when the graphs change (inputs, outputs or math): older caches are then re-exported
+# 2: prompted blocks are `fused_attention` (one in-projection, one W_o), no longer frozen module + branch
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
-MASKED_LOGIT = -1e9  # logit of a padded prefix slot: exp(-1e9 - max) == 0 exactly in fp32
 
 
 class OnnxExportError(RuntimeError):
@@ -127,27 +128,6 @@ def _context_length(backbone: Backbone) -> int:
 # ----------------------------------------------------------------------------- export-time modules
 
 
-def prefix_branch(
-    base: nn.Module, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """W_o · softmax(q P_Kᵀ/√h + mask) P_V with per-sample prompts, for batch-first x.
-
-    x (B, L, D); keys/values (B or 1, n, D); mask (B or 1, n), 1 = real prefix, 0 = padding. Same math as
-    `PromptedAttention.prompt_branch` (which takes one task's (n, D) prompts for the whole group).
-    """
-    width, heads = base.in_proj_weight.shape[1], base.num_heads
-    q_bias = base.in_proj_bias[:width] if base.in_proj_bias is not None else None
-    q = F.linear(x, base.in_proj_weight[:width], q_bias)  # (B, L, D)
-    q = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, L, h)
-    k = keys.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, n, h)
-    v = values.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, n, h)
-    logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, L, n): own softmax, no attention mask
-    logits = logits.masked_fill(mask[:, None, None, :] <= 0, MASKED_LOGIT)  # padded slots: exp() == 0 exactly
-    o = (logits.softmax(dim=-1) @ v).transpose(1, 2).flatten(2)  # (B, L, D)
-    o = o * mask.amax(dim=-1).view(-1, 1, 1)  # a layer with no real slot (beyond the task's depth) adds exactly 0
-    return F.linear(o, base.out_proj.weight)  # (B, L, D); the output bias is in the frozen output already
-
-
 class _PromptFeed:
     """The prompt inputs of the running export forward, set by the tower module, read by every layer wrapper."""
 
@@ -157,28 +137,19 @@ class _PromptFeed:
     weight: torch.Tensor | None = None  # (B,) or (1,)
 
 
-class _PromptFeedAttention(nn.Module):
-    """Export-time stand-in for one block's `attn`: the frozen module's output plus w · the prefix branch."""
+class _FeedAttention(PromptedAttention):
+    """Export-time stand-in for one block's `attn`: the torch wrapper itself, with this layer's prompts read from the
+    graph inputs instead of routed from task slots. Every sample goes through `fused_attention` (one without a task
+    has zero prompts and w = 0), so the graph holds exactly the math the torch engine runs."""
 
-    def __init__(self, inner: nn.Module, layer: int, feed: _PromptFeed):
-        super().__init__()
-        self.inner = inner  # what the block held (the frozen attention, or a PromptedAttention around it)
-        self.base = _base(inner)
+    def __init__(self, base: nn.Module, tower: str, layer: int, feed: _PromptFeed):
+        super().__init__(base, tower, RoutingState())
         self.layer = layer
         self.feed = feed
-        self.batch_first = getattr(self.base, "batch_first", True)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        out = self.inner(x, *args, **kwargs)
-        attn_out = out[0] if isinstance(out, tuple) else out
-        f = self.feed
-        x_bf = x if self.batch_first else x.transpose(0, 1)  # (B, L, D)
-        delta = prefix_branch(self.base, x_bf, f.keys[:, self.layer], f.values[:, self.layer], f.mask[:, self.layer])
-        delta = delta * f.weight.view(-1, 1, 1)
-        if not self.batch_first:
-            delta = delta.transpose(0, 1)
-        attn_out = attn_out + delta
-        return (attn_out, *out[1:]) if isinstance(out, tuple) else attn_out
+    def sample_prompts(self, batch: int) -> SamplePrompts:
+        f, i = self.feed, self.layer
+        return SamplePrompts(None, f.keys[:, i], f.values[:, i], f.mask[:, i], f.weight)
 
 
 @contextmanager
@@ -196,7 +167,7 @@ def _export_mode(backbone: Backbone, feed: _PromptFeed | None, spec: GraphSpec) 
             for tower, blocks in (("visual", backbone.image_blocks), ("text", backbone.text_blocks)):
                 for layer, block in enumerate(list(blocks)[: spec.depth(tower)]):
                     swapped.append((block, block.attn))
-                    block.attn = _PromptFeedAttention(block.attn, layer, feed)
+                    block.attn = _FeedAttention(_base(block.attn), tower, layer, feed)
         yield
     finally:
         for block, attn in swapped:

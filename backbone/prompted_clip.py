@@ -2,7 +2,7 @@
 
 Wrappers are injected into the backbone's own attention modules (no copy of the model), the way adapter libraries
 inject into frozen models. Each task owns one slot in every prompted block; a forward pass takes, per sample, a task
-name (or None) and a weight `w`, and groups samples by task inside every wrapper.
+name (or None) and a weight `w`; every wrapper gathers, per sample, the prompts of its task (`PromptGroup`s).
 """
 from __future__ import annotations
 
@@ -202,6 +202,21 @@ class PromptedCLIP(nn.Module):
         for name in dict.fromkeys(n for n in names if n is not None):
             slot = self._slot(name)
             index = (torch.tensor([n == name for n in names]) & (w != 0)).nonzero().flatten()
-            if len(index):  # w = 0 samples stay out of every group: frozen output, bit for bit
+            # w = 0 samples, and those of a task whose prompts add nothing, stay out of every group: the wrappers
+            # then give them the frozen module's output, bit for bit
+            if len(index) and not self._inert(name):
                 groups.append(PromptGroup(slot, index.to(device), w[index].to(device)))
         return tuple(groups)
+
+    def _inert(self, task: str) -> bool:
+        """True when the task's prompts add exactly 0 and no gradient is wanted from them: every P_V is zero.
+
+        That is an untrained task (P_V starts at zero). The fused math would give its samples the frozen output only
+        to rounding (~1e-7), not bit for bit, so they skip it. With gradients wanted they cannot: P_V's gradient
+        is not zero.
+        """
+        slot = self._slots[task]
+        values = [wrapper.prefix_values[slot] for _, _, wrapper in self._prompted_blocks(self._configs[task])]
+        if torch.is_grad_enabled() and any(v.requires_grad for v in values):
+            return False
+        return not any(bool(v.any()) for v in values)

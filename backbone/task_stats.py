@@ -20,13 +20,55 @@ import torch.nn.functional as F
 from .gate import Gate, Vocabulary, ZeroShotCheck
 
 MIN_IMAGES = 4
-CALIBRATION_SAMPLE = 1024  # held-out own features kept for the zero-shot check's calibration (float16 in the artifact)
+CALIBRATION_SAMPLE = 512  # held-out own features kept for the zero-shot check's calibration (float16: 512 KiB at 512-d)
+
+
+WHITENER_BLOCKS = 4  # row blocks of a served whitener: (k + 1) / 2k of the square's floats (62.5 %); more blocks
+# save little memory and cost a matrix product each (measured at batch 1, 512-d: 4 blocks 1.2x the square's time, 8 1.9x)
+
+
+@dataclass(frozen=True, eq=False)
+class TriangularWhitener:
+    """A lower-triangular (d, d) matrix W held as row blocks, each only as wide as the triangle is at its last row, so
+    the zeros above the diagonal are mostly not stored, and `apply` stays a few BLAS products: z = x Wᵀ."""
+
+    blocks: tuple[torch.Tensor, ...]  # block i: rows [lo_i, hi_i) and columns [0, hi_i) of W
+
+    @classmethod
+    def from_square(cls, square: torch.Tensor, n_blocks: int = WHITENER_BLOCKS, dtype: torch.dtype | None = None):
+        d = square.shape[0]
+        bounds = sorted({round(i * d / n_blocks) for i in range(n_blocks + 1)})
+        return cls(tuple(square[lo:hi, :hi].to(dtype or square.dtype).contiguous() for lo, hi in zip(bounds, bounds[1:])))
+
+    @property
+    def dim(self) -> int:
+        return self.blocks[-1].shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.blocks)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, d) rows x -> (B, d) rows x Wᵀ."""
+        return torch.cat([x[:, : b.shape[1]] @ b.T for b in self.blocks], dim=1)
+
+    def norm_sq(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) |x Wᵀ|²."""
+        return self.apply(x).square().sum(-1)
+
+    def square(self) -> torch.Tensor:
+        out = torch.zeros(self.dim, self.dim, dtype=self.blocks[0].dtype)
+        lo = 0
+        for b in self.blocks:
+            out[lo : lo + b.shape[0], : b.shape[1]] = b
+            lo += b.shape[0]
+        return out.tril()
 
 
 @dataclass(frozen=True)
 class Gaussian:
     mean: torch.Tensor  # (d,)
-    whitener: torch.Tensor  # (d, d) inverse Cholesky factor of the covariance: z = whitener @ (f - mean)
+    whitener: TriangularWhitener  # inverse Cholesky factor of the covariance: z = whitener @ (f - mean)
     logdet: float  # log |Σ|
     shrinkage: float  # Ledoit-Wolf weight of the identity target, in [0, 1]
 
@@ -39,15 +81,27 @@ class Gaussian:
         eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
         whitener = torch.linalg.solve_triangular(chol, eye, upper=False)
         logdet = 2.0 * chol.diagonal().log().sum().item()
-        return cls(mean=mean, whitener=whitener, logdet=logdet, shrinkage=shrinkage)
+        return cls(mean=mean, whitener=TriangularWhitener.from_square(whitener), logdet=logdet, shrinkage=shrinkage)
+
+    @classmethod
+    def served(cls, mean: torch.Tensor, whitener: torch.Tensor, logdet: float, shrinkage: float) -> "Gaussian":
+        """As a replica holds it: float32 (d² is summed from terms of about 1, so float32 keeps 6 significant digits)."""
+        return cls(mean.float(), TriangularWhitener.from_square(whitener, dtype=torch.float32), logdet, shrinkage)
+
+    @property
+    def nbytes(self) -> int:
+        return self.mean.nbytes + self.whitener.nbytes
 
     def mahalanobis_sq(self, features: torch.Tensor) -> torch.Tensor:
-        z = (features.to(self.mean) - self.mean) @ self.whitener.T  # (B, d)
-        return z.square().sum(-1)
+        return self.whitener.norm_sq(features.to(self.mean) - self.mean)
 
     def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
+        return self.log_likelihood_of(self.mahalanobis_sq(features))
+
+    def log_likelihood_of(self, d2: torch.Tensor) -> torch.Tensor:
+        """log N from the squared distance (float64)."""
         d = self.mean.shape[0]
-        return -0.5 * (d * math.log(2 * math.pi) + self.logdet + self.mahalanobis_sq(features))
+        return -0.5 * (d * math.log(2 * math.pi) + self.logdet + d2.double())
 
 
 def ledoit_wolf(centered: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -75,14 +129,19 @@ class TaskStats:
     _checks: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # memo of zero_shot_check
 
     def mahalanobis_sq(self, features: torch.Tensor) -> torch.Tensor:
-        return self.gaussian.mahalanobis_sq(F.normalize(features.double(), dim=-1))
+        return self.gaussian.mahalanobis_sq(F.normalize(features.to(self.gaussian.mean.dtype), dim=-1))
+
+    def likelihood_and_weight(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) log-likelihood (float64) and (B,) gate w (float32), from one distance computation."""
+        d2 = self.mahalanobis_sq(features)
+        return self.gaussian.log_likelihood_of(d2), self.gate(d2.double()).float()
 
     def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
-        return self.gaussian.log_likelihood(F.normalize(features.double(), dim=-1))
+        return self.gaussian.log_likelihood_of(self.mahalanobis_sq(features))
 
     def weight(self, features: torch.Tensor) -> torch.Tensor:
         """Gate w in (0, 1) per sample: near 1 on the task's own images, near 0 far from them."""
-        return self.gate(self.mahalanobis_sq(features)).float()
+        return self.gate(self.mahalanobis_sq(features).double()).float()
 
     def zero_shot_check(self, class_names, class_text: torch.Tensor, vocabulary: Vocabulary) -> ZeroShotCheck | None:
         """The task's check against `vocabulary`, calibrated on its held-out sample; None when it cannot have one (an
@@ -103,11 +162,24 @@ class TaskStats:
         self._checks[key] = (class_text, vocabulary, check)  # holds both, so their ids cannot be reused while memoised
         return check
 
+    def release_calibration(self) -> None:
+        """Let the calibration sample go once the checks it is needed for are calibrated and memoised: a replica has one
+        vocabulary for its lifetime, and the sample is most of a task's resident bytes (512 KiB at 512-d). A check
+        asked for afterwards against another vocabulary is None (the distance gate alone)."""
+        object.__setattr__(self, "calibration", None)
+        object.__setattr__(self, "calibration_key_cos", None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors held (Gaussian, keys, calibration sample if still held)."""
+        sample = 0 if self.calibration is None else self.calibration.nbytes + self.calibration_key_cos.nbytes
+        return self.gaussian.nbytes + self.keys.nbytes + sample
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         g = self.gaussian
         return {
             "mean": g.mean.float().contiguous(),
-            "whitener_tril": pack_tril(g.whitener.float()),  # lower triangular: half the bytes of the square
+            "whitener_tril": pack_tril(g.whitener.square().float()),  # lower triangular: half the bytes of the square
             "logdet": torch.tensor([g.logdet], dtype=torch.float64),
             "shrinkage": torch.tensor([g.shrinkage], dtype=torch.float64),
             "keys": self.keys.float().contiguous(),
@@ -122,12 +194,7 @@ class TaskStats:
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "TaskStats":
         whitener = unpack_tril(t["whitener_tril"], t["mean"].shape[0]) if "whitener_tril" in t else t["whitener"]
-        gaussian = Gaussian(
-            mean=t["mean"].double(),
-            whitener=whitener.double(),
-            logdet=t["logdet"].item(),
-            shrinkage=t["shrinkage"].item(),
-        )
+        gaussian = Gaussian.served(t["mean"], whitener, t["logdet"].item(), t["shrinkage"].item())
         calibration, key_cos = t.get("calibration"), t.get("calibration_key_cos")
         if calibration is not None and key_cos is not None:
             d = t["mean"].shape[0]

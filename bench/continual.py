@@ -41,6 +41,7 @@ import torch
 
 from .continual_report import continual_metrics, heatmap, retrieval_scores, to_markdown
 from .learn_domains import DOMAINS, TEMPLATES, subsample_index
+from .router_vocabulary import AUTO, HELP as VOCABULARY_HELP, open_vocabulary, vocabulary_names
 
 log = logging.getLogger("bench.continual")
 
@@ -80,6 +81,7 @@ def build_parser(prog: str = "python -m bench.continual") -> argparse.ArgumentPa
     ft = FineTuneRecipe()
     p.add_argument("--ft-epochs", type=int, default=ft.epochs, help="full-ft, lwf and continual-pretraining epochs per task [%(default)s]")
     p.add_argument("--ft-lr", type=float, default=ft.lr, help="full-ft, lwf and continual-pretraining AdamW learning rate [%(default)s]")
+    p.add_argument("--vocabulary", default=AUTO, help=VOCABULARY_HELP)
     p.add_argument("--vote-batch", type=int, default=64, help="evaluation batch of the batch-vote mode [%(default)s]")
     p.add_argument("--out", type=Path, help="results, store and logs go here (emptied first) [$TMPDIR/keepclip-bench/continual[-quick]]")
     p.add_argument("--retrieval", action="store_true", help="also text→image retrieval after each task: Recall@1/5 and mAP per task "
@@ -178,7 +180,8 @@ def make_learner(name: str, args, spec, out: Path):
     if name == "keepclip":
         settings = ResidualPromptSettings(**({"epochs": args.epochs} if args.epochs else {}))
         reuse = open_store(args.keepclip_from) if args.keepclip_from else None
-        return KeepclipLearner(spec, settings, store, vote_batch=args.vote_batch, progress=progress, reuse=reuse)
+        return KeepclipLearner(spec, settings, store, vote_batch=args.vote_batch, progress=progress, reuse=reuse,
+                               vocabulary=args.router_vocabulary)
     if name.startswith("keepclip-"):  # keepclip-head, keepclip-prompts+head, keepclip-auto: add-task --kind
         from training.learners import RecipeSettings
         from training.settings import HeadSettings
@@ -186,12 +189,13 @@ def make_learner(name: str, args, spec, out: Path):
         from .continual_learners import KindLearner
 
         recipes = RecipeSettings(ResidualPromptSettings(**({"epochs": args.epochs} if args.epochs else {})), HeadSettings())
-        return KindLearner(spec, name.removeprefix("keepclip-"), recipes, store, vote_batch=args.vote_batch, progress=progress)
+        return KindLearner(spec, name.removeprefix("keepclip-"), recipes, store, vote_batch=args.vote_batch, progress=progress,
+                           vocabulary=args.router_vocabulary)
     if name == "zero-shot":
         return ZeroShot()
     if name == "image-text-prompts":
         settings = ImageTextPromptSettings(**({"epochs": args.epochs} if args.epochs else {}))
-        return ImageTextPromptsLearner(spec, settings, store, progress=progress)
+        return ImageTextPromptsLearner(spec, settings, store, progress=progress, vocabulary=args.router_vocabulary)
     recipe = FineTuneRecipe(epochs=args.ft_epochs, lr=args.ft_lr)
     if name == "continual-pretraining":
         return ContinualPretraining(spec, recipe, store, progress=progress)
@@ -273,13 +277,15 @@ def run(args, argv) -> int:
              for name in args.tasks]
     del backbone
     tests, fingerprint = eval_tasks(spec, tasks)
+    vocabulary_name, names = vocabulary_names(args.vocabulary, args.data_root, args.model)
+    args.router_vocabulary = open_vocabulary(spec, names)  # what the routing learners check each task against
     report = {
         "benchmark": "continual", "quick": args.quick, "command": " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "tasks": [t.name for t in tasks], "backbone": fingerprint,
         "data": {t.name: t.source for t in tasks}, "keepclip_from": args.keepclip_from,
         "settings": {"limit_train": args.limit_train, "limit_test": args.limit_test, "keepclip_epochs": args.epochs or settings.epochs,
                      "ft_epochs": args.ft_epochs, "ft_lr": args.ft_lr, "vote_batch": args.vote_batch,
-                     "retrieval": args.retrieval},
+                     "retrieval": args.retrieval, "vocabulary": {"name": vocabulary_name, "names": len(names)}},
         "machine": machine(), "learners": [],
     }
     for name in args.learners:

@@ -15,9 +15,9 @@ frozen class text, computed once by the harness). `learned` is how many of them 
 - full fine-tuning: the image tower, trained on each task in turn (cross-entropy against the frozen class text).
 - LwF with a replayed vocabulary: the same, plus distillation towards the previous image tower's similarities to
   a fixed set of random token texts, on the current task's images.
-- image-text prompts (training/image_text_prompts.py): deep visual prompt tokens and text context per task; a
-  task-identity head trained on every task's stored class statistics predicts each image's task (it always picks a
-  learned task: there is no gate to fall back to frozen CLIP). Modes: task id given, per sample, task-agnostic.
+- image-text prompts (training/image_text_prompts.py): deep visual prompt tokens and text context per task, routed
+  as the service routes every kind (router, gate, zero-shot check; the tokens in full for the images a task claims,
+  frozen CLIP for the rest). Modes: task id given, per sample, task-agnostic.
 - continual pretraining (training/continual_pretraining.py): both towers on image-caption pairs with the contrastive
   loss, a compatible momentum model and topology-preserving KL; one model, evaluated like full-ft.
 
@@ -40,8 +40,7 @@ import torch.nn.functional as F
 
 from backbone import PromptConfig, PromptedCLIP, TaskStats, text_classifier
 from prompts_store import StoreError, TaskArtifact, TaskStore
-from service.router import Router
-from backbone.task_identity import TaskIdentityHead
+from service.router import Router, Vocabulary
 from backbone.token_prompts import TokenPromptConfig, TokenPrompts, class_text
 from training.data import ImageSet, PixelPipeline
 from training.continual_pretraining import ContinualPretrainer, ContinualPretrainingSettings
@@ -202,6 +201,15 @@ class RoutedLearner:
         return out
 
 
+def service_router(stats: dict, tests: list[EvalTask], vocabulary: Vocabulary | None, top_k: int, threshold: float) -> Router:
+    """The router the service builds over these tasks: FAISS, Gaussians, gates and each task's zero-shot check against
+    `vocabulary` (its class names and frozen class text are the evaluation task's)."""
+    classes = {t.name: (tuple(t.class_names), t.text_frozen) for t in tests if t.name in stats} if vocabulary else None
+    router = Router(stats, top_k, threshold, vocabulary=vocabulary, classes=classes)
+    router.calibrate()
+    return router
+
+
 class KeepclipLearner(RoutedLearner):
     """Residual prompts per task + the service's per-image routing; tasks go through a real store."""
 
@@ -209,8 +217,10 @@ class KeepclipLearner(RoutedLearner):
 
     def __init__(self, spec: BackboneSpec, settings: ResidualPromptSettings, store: TaskStore, vote_batch: int = 64,
                  top_k: int = 3, threshold: float = 0.01, eval_batch: int = 256, progress: bool = True,
-                 reuse: TaskStore | None = None):
+                 reuse: TaskStore | None = None, vocabulary: Vocabulary | None = None):
         super().__init__(eval_batch)
+        self.vocabulary = vocabulary  # the service's open vocabulary: each task's zero-shot check (None: gate alone)
+
         self.spec, self.settings, self.store, self.progress = spec, settings, store, progress
         self.reuse = reuse  # a store an earlier run published to: its tasks are evaluated again instead of relearnt
         self.vote_batch, self.top_k, self.threshold = vote_batch, top_k, threshold
@@ -258,7 +268,7 @@ class KeepclipLearner(RoutedLearner):
 
     def evaluate(self, learned: int, tests: list[EvalTask]) -> dict[str, list[float]]:
         names = [t.name for t in tests[:learned]]
-        router = Router({n: self.stats[n] for n in names}, self.top_k, self.threshold)
+        router = service_router({n: self.stats[n] for n in names}, tests, self.vocabulary, self.top_k, self.threshold)
         out = {mode: [] for mode in self.modes}
         for i, t in enumerate(tests):
             routes = router.route(t.frozen)
@@ -327,30 +337,29 @@ class KindLearner(KeepclipLearner):
 
 
 class ImageTextPromptsLearner(RoutedLearner):
-    """Deep visual + text context prompts per task; a task-identity head on class statistics picks each image's task."""
+    """Deep visual + text context prompts per task, routed by their fingerprints as the service routes them."""
 
     name, modes = "image-text-prompts", (ORACLE, PER_SAMPLE, TASK_AGNOSTIC)
 
     def __init__(self, spec: BackboneSpec, settings: ImageTextPromptSettings, store: TaskStore, eval_batch: int = 256,
-                 progress: bool = True):
+                 progress: bool = True, vocabulary: Vocabulary | None = None, top_k: int = 3, threshold: float = 0.01):
         super().__init__(eval_batch)
         self.settings, self.store, self.progress = settings, store, progress
+        self.vocabulary, self.top_k, self.threshold = vocabulary, top_k, threshold
+        self.fingerprints: dict[str, TaskStats] = {}  # routed as the service routes them (gate and zero-shot check)
         self.backbone = spec.load()  # hooks come and go per call: one backbone serves training and evaluation
         self.prompts: dict[str, TokenPrompts] = {}
-        self.stats: list[dict[str, torch.Tensor]] = []
-        self.head: TaskIdentityHead | None = None
 
     def learn(self, task: TaskData) -> Learned:
         started = time.perf_counter()
         artifact = ImageTextPromptLearner(self.settings).fit(task, self.backbone, RunContext(progress=self.progress))
         version = self.store.publish(artifact)
         loaded = self.store.get(task.name)
-        self.stats.append(loaded.stats)
-        self.head = TaskIdentityHead.fit(self.stats)  # retrained on every learned task's statistics, no images
         seconds = time.perf_counter() - started
         config = TokenPromptConfig.from_dict(loaded.recipe["prompts"])
         self.prompts[task.name] = TokenPrompts(self.backbone.model, self.backbone.tokenizer, config).load(loaded.prompts).eval()
         self.text[task.name] = class_text(self.backbone, self.prompts[task.name], loaded.class_names).float().cpu()
+        self.fingerprints[task.name] = TaskStats.from_tensors(loaded.stats)
         return Learned(seconds, sum(t.numel() for t in loaded.prompts.values()),
                        {"version": version, "best_epoch": loaded.metrics["best_epoch"], "test_accuracy": loaded.metrics["test_accuracy"]})
 
@@ -360,8 +369,10 @@ class ImageTextPromptsLearner(RoutedLearner):
     def evaluate(self, learned: int, tests: list[EvalTask]) -> dict[str, list[float]]:
         names = [t.name for t in tests[:learned]]
         out = {mode: [] for mode in self.modes}
+        router = service_router({n: self.fingerprints[n] for n in names}, tests, self.vocabulary, self.top_k, self.threshold)
         for i, t in enumerate(tests):
-            routed = [(names[k], 1.0) for k in self.head.predict(t.frozen).tolist()] if learned else [(None, 0.0)] * len(t.test)
+            # the service's routing of this kind: the task that claims the image, its tokens in full
+            routed = [(r.task, 1.0) if r.task else (None, 0.0) for r in router.route(t.frozen)]
             self.routed[i] = routed
             out[ORACLE].append(self.oracle(i, t, names))
             out[PER_SAMPLE].append(self.within_classes(i, t, routed))

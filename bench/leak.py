@@ -39,13 +39,11 @@ from bench.continual import FULL_TRAIN, eval_tasks, load_task
 from bench.learn_domains import DEFAULT_SHARED
 from bench.continual_learners import BackboneSpec, EvalTask, accuracy, union_accuracy
 from bench.onnx_speed import PROXY
+from bench.router_vocabulary import AUTO, HELP, open_vocabulary, vocabulary_names
 
 log = logging.getLogger("bench.leak")
 DOMAINS = ("mnist", "fashion_mnist", "cifar10", "eurosat", "gtsrb", "caltech101")
 MIX = {"cifar10": 3, "eurosat": 3, "gtsrb": 3, "caltech101": 3}  # the diffuse task: classes taken from each
-# the proxy's pretraining pool: the first classes of each domain (../shared/models/proxy-clip/MODEL.md, "Pretraining pool")
-PROXY_POOL = {"cifar10": 10, "caltech101": 100, "eurosat": 5, "gtsrb": 20, "mnist": 5, "fashion_mnist": 5}
-PRETRAINING = "pretraining"
 
 
 def parse_args(argv):
@@ -60,10 +58,7 @@ def parse_args(argv):
     p.add_argument("--limit-train", type=int, default=FULL_TRAIN, help="train images per task (every class kept) [%(default)s]")
     p.add_argument("--limit-test", type=int, help="test images per domain")
     p.add_argument("--threshold", type=float, default=0.5, help="a claim is a route with gate weight >= this [0.5]")
-    p.add_argument("--vocabulary", default=PRETRAINING,
-                   help=f"the service's open vocabulary the router checks tasks against: '{PRETRAINING}' (the proxy's "
-                        "pretraining class names, read from --data-root), or a serve --vocabulary value (imagenet-1k, a "
-                        "file of names, none) [%(default)s]")
+    p.add_argument("--vocabulary", default=AUTO, help=HELP)
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "keepclip-bench" / "leak")
     return p.parse_args(argv)
 
@@ -85,29 +80,6 @@ def mixed_task(tasks: dict):
         offset += count
     train, val = (ImageSet.concat(*parts[s]) for s in ("train", "val"))
     return TaskData("mix", names, ["a photo of a {}."], train, val, None, {"mix": MIX})
-
-
-def vocabulary_names(spec: str, data_root: Path) -> tuple[str, list[str]]:
-    """(name, class names) of --vocabulary: the proxy's pretraining pool, or what `serve --vocabulary` accepts."""
-    if spec != PRETRAINING:
-        from service.vocabulary import load_vocabulary
-
-        return load_vocabulary(spec)
-    names = [n for domain, count in PROXY_POOL.items()
-             for n in json.loads((data_root / domain / "classnames.json").read_text(encoding="utf-8"))[:count]]
-    return PRETRAINING, list(dict.fromkeys(names))
-
-
-def open_vocabulary(spec: BackboneSpec, names: list[str]):
-    """The router's Vocabulary exactly as the engine builds it: frozen text over the default template, model scale."""
-    from backbone.gate import Vocabulary
-    from backbone.zeroshot import DEFAULT_TEMPLATES
-    from service.runtime import TorchRuntime
-
-    if not names:
-        return None
-    runtime = TorchRuntime(spec.load())
-    return Vocabulary(tuple(names), runtime.class_text(names, DEFAULT_TEMPLATES), float(runtime.logit_scale()))
 
 
 def leak_row(learner, name: str, tests: list[EvalTask], threshold: float, vocabulary=None, class_names=()) -> list[dict]:
@@ -161,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         learn["mix"] = mixed_task(tasks)
     out = args.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
-    vocabulary_name, names = vocabulary_names(args.vocabulary, args.data_root)
+    vocabulary_name, names = vocabulary_names(args.vocabulary, args.data_root, args.model)
     vocabulary = open_vocabulary(spec, names)
     report = {"benchmark": "leak", "kind": args.kind, "threshold": args.threshold, "domains": [t.name for t in tests],
               "vocabulary": {"name": vocabulary_name, "names": len(names)},

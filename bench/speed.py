@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--classes-per-task", type=_positive(int), default=10)
     p.add_argument("--router-seconds", type=_positive(float), default=1.0, help="duration of each route() timing")
     p.add_argument("--load-tasks", type=_positive(int), default=100, help="tasks loaded for the RSS per task")
+    p.add_argument("--memory-model", default="ViT-B-16", help="backbone (random init) of the bytes-per-task section: "
+                   "ViT-B-16 has the 512-d features the memory target is stated at; 'skip' leaves it out [%(default)s]")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "keepclip-bench" / "speed.json")
     args = p.parse_args(argv)
     local = local_path(args.store) if args.store else None
@@ -136,12 +138,6 @@ def load_maker(args, work: Path):
         # a checkpoint file is fingerprinted by its own hash: reload it, so maker and engines agree
         pretrained = save_checkpoint(load_backbone(args.model, None, "cpu"), work / "random-init.safetensors")
     return PromptedCLIP(load_backbone(args.model, pretrained, args.device)), pretrained
-
-
-def stats_nbytes(stats) -> int:
-    """Bytes of a TaskStats' tensors as held in memory (mean, whitener, router keys)."""
-    g = stats.gaussian
-    return g.mean.nbytes + g.whitener.nbytes + stats.keys.nbytes
 
 
 def present_domains(args, split: str) -> list[str]:
@@ -292,8 +288,12 @@ def bench_engine(args, settings, maker, work: Path, store=None) -> dict:
 
 
 # ----------------------------------------------------------------------------- 2. router vs number of tasks
+SYNTHETIC_VOCABULARY = 1000  # names of the router's open vocabulary in the router section (ImageNet-1k's count)
+
+
 def synthetic_stats(dim: int, classes: int, gen):
-    """A TaskStats shaped like a fitted one (dense float64 whitener, unit-norm keys) whose own images route to it."""
+    """A TaskStats as a replica holds it (float32 packed whitener, unit-norm keys, a calibration sample) whose own
+    images route to it, and its class text, for the router's zero-shot check."""
     import torch
     import torch.nn.functional as F
 
@@ -305,9 +305,23 @@ def synthetic_stats(dim: int, classes: int, gen):
     tril = torch.randn(dim, dim, generator=gen, dtype=torch.float64).tril(-1)
     whitener = (torch.eye(dim, dtype=torch.float64) + 0.1 / math.sqrt(dim) * tril) / sigma
     keys = F.normalize(mean + sigma * torch.randn(classes, dim, generator=gen, dtype=torch.float64), dim=-1).float()
-    gaussian = Gaussian(mean=mean, whitener=whitener, logdet=-2 * whitener.diagonal().log().sum().item(), shrinkage=0.5)
+    gaussian = Gaussian.served(mean, whitener, -2 * whitener.diagonal().log().sum().item(), 0.5)
     gate = Gate(center=1.5 * dim, scale=0.1 * dim)  # own images have d² ≈ dim: w ≈ 1
-    return TaskStats(gaussian=gaussian, keys=keys, gate=gate, n_images=20 * classes)
+    own = F.normalize(mean + sigma * torch.randn(256, dim, generator=gen, dtype=torch.float64), dim=-1)
+    text = F.normalize(keys + 0.5 * torch.randn(classes, dim, generator=gen), dim=-1)
+    stats = TaskStats(gaussian=gaussian, keys=keys, gate=gate, n_images=20 * classes, calibration=own.half(),
+                      calibration_key_cos=(own.float() @ keys.T).amax(-1))
+    return stats, text
+
+
+def synthetic_vocabulary(dim: int, gen):
+    import torch
+    import torch.nn.functional as F
+
+    from backbone.gate import Vocabulary
+
+    names = tuple(f"word {i}" for i in range(SYNTHETIC_VOCABULARY))
+    return Vocabulary(names, F.normalize(torch.randn(len(names), dim, generator=gen), dim=-1), 100.0)
 
 
 def queries_for(stats: dict, n: int, seed: int = 0):
@@ -317,7 +331,7 @@ def queries_for(stats: dict, n: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     names = list(stats)
     picks = torch.randint(len(names), (n,), generator=gen).tolist()
-    means = torch.stack([stats[names[i]].gaussian.mean for i in picks])
+    means = torch.stack([stats[names[i]].gaussian.mean.double() for i in picks])
     sigma = 0.3 / math.sqrt(means.shape[1])
     return (means + sigma * torch.randn(means.shape, generator=gen, dtype=torch.float64)).float()
 
@@ -334,6 +348,8 @@ def route_us_per_image(router, queries, batch: int, min_s: float) -> float:
 
 
 def bench_router(args, dim: int, top_k: int, threshold: float) -> list[dict]:
+    """The router as the engine builds it: FAISS, exact Gaussians, gates and every task's zero-shot check against a
+    vocabulary of 1,000 names."""
     import faiss
     import torch
     from tqdm import tqdm
@@ -342,21 +358,27 @@ def bench_router(args, dim: int, top_k: int, threshold: float) -> list[dict]:
 
     gen = torch.Generator().manual_seed(0)
     # made once for the largest count; smaller counts take a prefix
-    stats = {f"task-{i:05d}": synthetic_stats(dim, args.classes_per_task, gen)
-             for i in tqdm(range(max(args.tasks)), desc="synthetic fingerprints", leave=False)}
-    names, rows = list(stats), []
+    made = {f"task-{i:05d}": synthetic_stats(dim, args.classes_per_task, gen)
+            for i in tqdm(range(max(args.tasks)), desc="synthetic fingerprints", leave=False)}
+    vocabulary = synthetic_vocabulary(dim, gen)
+    names, rows = list(made), []
     for n in args.tasks:
-        subset = {name: stats[name] for name in names[:n]}
+        subset = {name: made[name][0] for name in names[:n]}
+        classes = {name: (tuple(f"{name} class {c}" for c in range(args.classes_per_task)), made[name][1]) for name in names[:n]}
         start = time.perf_counter()
-        router = Router(subset, top_k, threshold)
+        router = Router(subset, top_k, threshold, vocabulary=vocabulary, classes=classes)
         build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        checked = router.calibrate()  # new tasks only: the checks are memoised on the (shared) fingerprints
+        calibrate_s = time.perf_counter() - start
         queries = queries_for(subset, 16 * args.batch_size)
         per_image = {str(b): route_us_per_image(router, queries, b, args.router_seconds) for b in (1, args.batch_size)}
-        rows.append({"tasks": n, "router_keys": router.index.ntotal, "build_s": build_s, "route_us_per_image": per_image,
+        rows.append({"tasks": n, "router_keys": router.index.ntotal, "build_s": build_s, "calibrate_new_s": calibrate_s,
+                     "checked_tasks": checked, "route_us_per_image": per_image,
                      "faiss_index_bytes": int(faiss.serialize_index(router.index).nbytes),
-                     "stats_bytes": sum(stats_nbytes(s) for s in subset.values())})
-        log.info("router, %d tasks: build %.3f s, route %s µs/image (batch 1, %d)", n, build_s,
-                 " / ".join(f"{v:.0f}" for v in per_image.values()), args.batch_size)
+                     "stats_bytes": sum(s.nbytes for s in subset.values())})
+        log.info("router, %d tasks: build %.3f s, calibrate %.1f s, route %s µs/image (batch 1, %d)", n, build_s,
+                 calibrate_s, " / ".join(f"{v:.0f}" for v in per_image.values()), args.batch_size)
     return rows
 
 
@@ -379,12 +401,16 @@ def artifact_files(root: Path, name: str, version: int) -> dict[str, int]:
     return {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
 
 
-def loaded_task_bytes(runtime, loaded) -> dict[str, int]:
-    """Exact bytes one loaded task holds: its prompt parameters, cached class text features and stats."""
+def loaded_task_bytes(engine, name: str) -> dict[str, int]:
+    """Exact bytes one loaded task holds: its prompt parameters, cached class text features, fingerprint (after its
+    zero-shot check is calibrated), the check itself and what its kind holds (a head's weights)."""
+    runtime, loaded = engine.runtime, engine.state.tasks[name]
     model = getattr(runtime, "torch", runtime).model  # OnnxRuntime keeps the prompts in its torch fallback
-    out = {"prompts": sum(p.numel() * p.element_size() for p in model.prompt_parameters(loaded.slot)),
-           "text_features": loaded.text_prompted.nbytes + loaded.text_frozen.nbytes,
-           "stats": stats_nbytes(loaded.stats)}
+    text = loaded.text_frozen.nbytes + (loaded.text_prompted.nbytes if loaded.text_prompted is not loaded.text_frozen else 0)
+    check = engine.state.router.check(name) if loaded.stats is not None else None
+    out = {"prompts": sum(p.numel() * p.element_size() for p in model.prompt_parameters(loaded.slot)) if loaded.slot else 0,
+           "text_features": text, "stats": loaded.stats.nbytes if loaded.stats is not None else 0,
+           "zero_shot_check": check.own_nbytes if check is not None else 0, "kind": loaded.served.own_bytes}
     return {**out, "total": sum(out.values())}
 
 
@@ -411,7 +437,7 @@ def resident_per_task(args, settings, store, artifact) -> dict:
     loaded = len(engine.state.tasks) - 1
     if loaded != args.load_tasks:
         raise SystemExit(f"the engine loaded {loaded} of {args.load_tasks} tasks: {dict(engine.state.errors)}")
-    exact = loaded_task_bytes(engine.runtime, engine.state.tasks["copy-0000"])
+    exact = loaded_task_bytes(engine, "copy-0000")
     return {"tasks_loaded": loaded, "load_s": load_s, "rss_delta_bytes": delta, "rss_per_task_bytes": delta / loaded,
             "exact_bytes_per_task": exact}
 
@@ -428,6 +454,44 @@ def bench_memory(args, settings, artifact, work: Path) -> dict:
     out.update(resident_per_task(args, settings.model_copy(update={"store": store.url}), store, artifact))
     log.info("one task: %d prompt parameters, %d bytes on disk, %.0f bytes resident per loaded task",
              out["prompt_parameters"], out["artifact_bytes"], out["rss_per_task_bytes"])
+    return out
+
+
+def bench_memory_at(args, work: Path) -> dict:
+    """Exact bytes per loaded task of each kind on a --memory-model backbone (ViT-B-16: 512-d features, the width the
+    issue's memory target is stated at): a head task (the default kind) and a default-recipe prompt task, each of
+    --classes-per-task classes, loaded into an engine."""
+    from backbone import PromptConfig
+    from prompts_store import open_store
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+    from service.testing import color_task_data, make_task
+    from training.data import ImageSet, PixelPipeline, split_train_val
+    from training.head_learner import HeadLearner
+    from training.learner import RunContext, TaskData
+
+    from PIL import Image
+
+    folder = work / "memory-model"
+    folder.mkdir()
+    maker, pretrained = load_maker(argparse.Namespace(model=args.memory_model, pretrained="none", device=args.device), folder)
+    c = args.classes_per_task
+    images, labels, _ = color_task_data(maker, "red", n=8 * c)
+    labels = np.arange(len(images)) % c  # c classes of noisy colour images: the bytes depend on the shapes only
+    names = [f"class {i}" for i in range(c)]
+    pixels = np.stack([PixelPipeline(maker.backbone.preprocess).pixels(Image.fromarray(im)) for im in images])
+    store = open_store(folder / "store")
+    train, val = split_train_val(labels, 0.25, 0)
+    task = TaskData("head", names, ["a photo of a {}."], ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val]))
+    store.publish(HeadLearner().fit(task, maker.backbone, RunContext(progress=False)))
+    store.publish(make_task(maker, "prompts", list(images), list(labels), names, config=PromptConfig(), prompt_scale=0.02))
+    settings = ServiceSettings(model=args.memory_model, pretrained=pretrained, device=args.device, store=store.url, ui=False)
+    engine = Engine.from_settings(settings)
+    engine.sync()
+    out = {"model": args.memory_model, "dim": engine.runtime.embed_dim, "classes": c,
+           "vocabulary": engine.vocabulary_name, "bytes_per_task": {k: loaded_task_bytes(engine, k) for k in ("head", "prompts")}}
+    engine.close()
+    log.info("memory per task at %d-d: %s", out["dim"], {k: fmt_bytes(v["total"]) for k, v in out["bytes_per_task"].items()})
     return out
 
 
@@ -487,10 +551,35 @@ def markdown(results: dict) -> str:
               f"| prompt parameters ({m['prompt_config']['depth']} x {m['prompt_config']['n_prefix']}) | {m['prompt_parameters']:,} |",
               f"| artifact on disk ({', '.join(f'{k} {fmt_bytes(v)}' for k, v in m['artifact_files_bytes'].items())}) "
               f"| {fmt_bytes(m['artifact_bytes'])} |",
-              f"| loaded: prompts + text features ({m['classes']} classes) + stats | {fmt_bytes(x['prompts'])} + "
-              f"{fmt_bytes(x['text_features'])} + {fmt_bytes(x['stats'])} = {fmt_bytes(x['total'])} |",
+              f"| loaded: prompts + text features ({m['classes']} classes) + stats + zero-shot check | {fmt_bytes(x['prompts'])} + "
+              f"{fmt_bytes(x['text_features'])} + {fmt_bytes(x['stats'])} + {fmt_bytes(x['zero_shot_check'])} = {fmt_bytes(x['total'])} |",
               f"| resident memory per task (RSS delta / {m['tasks_loaded']}) | {fmt_bytes(m['rss_per_task_bytes'])} |"]
+    at = results.get("memory_per_task_at")
+    if at:
+        parts = ("prompts", "text_features", "stats", "zero_shot_check", "kind")
+        lines += ["", f"| bytes per loaded task, {at['model']} ({at['dim']}-d), {at['classes']} classes | "
+                  + " | ".join(parts) + " | total |", "|---|" + "---|" * (len(parts) + 1)]
+        for kind, b in at["bytes_per_task"].items():
+            lines.append(f"| {kind} | " + " | ".join(fmt_bytes(b[p]) for p in parts) + f" | **{fmt_bytes(b['total'])}** |")
+    lines += ["", "summary: " + ", ".join(f"{k} {v:.3g}" for k, v in results.get("summary", {}).items())]
     return "\n".join(lines)
+
+
+def summary(results: dict) -> dict:
+    """The headline numbers, under fixed keys (issue 18): absent where their section did not run."""
+    out = {}
+    if "engine_vs_zero_shot" in results:
+        out["engine_over_zero_shot_prompts"] = results["engine_vs_zero_shot"]["ratio_engine_to_zero_shot"]
+    if "engine_vs_zero_shot_head" in results:
+        out["engine_over_zero_shot_head"] = results["engine_vs_zero_shot_head"]["ratio_engine_to_zero_shot"]
+    thousand = [r for r in results.get("router", []) if r["tasks"] == 1000]
+    if thousand:
+        out["router_ms_per_image_1000_tasks"] = thousand[0]["route_us_per_image"]["1"] / 1000
+    at = results.get("memory_per_task_at")
+    if at and at["dim"] == 512:
+        out["kib_per_task_512d"] = at["bytes_per_task"]["head"]["total"] / 1024  # the default kind
+        out["kib_per_task_512d_prompts"] = at["bytes_per_task"]["prompts"]["total"] / 1024
+    return out
 
 
 def write_outputs(results: dict, out: Path) -> str:
@@ -530,6 +619,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.speed") -> 
         results["memory_per_task"] = bench_memory(args, settings, probe, work)
         results["router"] = bench_router(args, probe.stats["mean"].shape[0], settings.router_top_k,
                                          settings.gate_threshold)
+        if args.memory_model != "skip":
+            results["memory_per_task_at"] = bench_memory_at(args, work)
+    results["summary"] = summary(results)
     results["machine"] = {**machine(args.threads), "load_average_at_start": load_at_start}
     table = write_outputs(results, args.out)
     print(table)

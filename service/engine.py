@@ -45,7 +45,7 @@ from prompts_store import StoreError, TaskArtifact, TaskNotFound, TaskStore, ope
 
 from .gallery import Gallery
 from .kinds import ServedKind, UnservableTask, load_kind
-from .router import Route, Router
+from .router import Route, Router, Vocabulary
 from .runtime import Runtime
 from .runtime_onnx import select_runtime
 from .settings import ServiceSettings
@@ -202,6 +202,7 @@ class Engine:
         self.vocabulary_name, self._vocabulary = load_vocabulary(self.settings.vocabulary)
         self._vocabulary_text: torch.Tensor | None = None  # (V, D) frozen class text, built once (start, or first use)
         self._vocabulary_lock = threading.Lock()
+        self._router_vocabulary: Vocabulary | None = None  # the same text, as the router's zero-shot check reads it
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -319,7 +320,7 @@ class Engine:
             tasks, errors, fresh = dict(live.tasks), dict(live.errors), []
             for name in sorted(names):
                 self._refresh(name, tasks, errors, fresh)
-            router = Router({n: t.stats for n, t in tasks.items() if t.stats is not None}, self.top_k, self.threshold)
+            router = self._router(tasks)
             identity = TaskIdentity.build(tasks, previous=live.identity)
             state = EngineState(generation, MappingProxyType(tasks), router, MappingProxyType(errors), identity)
             self._swap(state, fresh)
@@ -357,6 +358,26 @@ class Engine:
         tasks[name] = loaded
         _note_refusal(errors, name, artifact)
         log.info("task %s v%d loaded (%d classes)", name, artifact.version, len(loaded.class_names))
+
+    def _router(self, tasks: Mapping[str, LoadedTask]) -> Router:
+        """The router of a new state, every task's zero-shot check calibrated here, off the request path (a task's
+        check is calibrated once per version: it is kept on its fingerprint, and the calibration sample let go)."""
+        routed = {n: t for n, t in tasks.items() if t.stats is not None}
+        vocabulary = self.router_vocabulary() if self.settings.zero_shot_check else None
+        classes = {n: (t.class_names, t.text_frozen) for n, t in routed.items()} if vocabulary is not None else None
+        router = Router({n: t.stats for n, t in routed.items()}, self.top_k, self.threshold,
+                        vocabulary=vocabulary, classes=classes)
+        router.calibrate(release=True)  # this engine's vocabulary never changes: the samples are not needed again
+        return router
+
+    def router_vocabulary(self) -> Vocabulary | None:
+        """The open vocabulary every task is checked against (None without one), built once."""
+        text = self.vocabulary_text()
+        if text is None:
+            return None
+        if self._router_vocabulary is None:
+            self._router_vocabulary = Vocabulary(tuple(self._vocabulary), text, float(self.runtime.logit_scale()))
+        return self._router_vocabulary
 
     def _load(self, artifact: TaskArtifact) -> LoadedTask:
         """Load the artifact with its kind's plug-in (prompts, if any, go under a fresh slot)."""
@@ -416,7 +437,7 @@ class Engine:
             plan: list[tuple[str | None, float] | Exception] = []
             for i, job in enumerate(jobs):
                 if isinstance(job, ClassifyJob) and job.task is None:
-                    plan.append((identity_pick[i], 1.0) if i in identity_pick else (routes[i].task, routes[i].weight))
+                    plan.append((identity_pick[i], 1.0) if i in identity_pick else self._routed(state, routes[i]))
                 elif job.task is not None and job.task not in state.tasks:
                     plan.append(self._unknown(job.task, state))
                 elif isinstance(job, ClassifyJob):
@@ -442,6 +463,13 @@ class Engine:
                 else:
                     results.append(self._classify_one(state, job, routes[i], plan[i], features[i], frozen[i]))
             return results
+
+    @staticmethod
+    def _routed(state: EngineState, route: Route) -> tuple[str | None, float]:
+        """(task, weight) of a routed image: prompts that cannot be scaled apply in full to the images their task claims."""
+        if route.task is not None and state.tasks[route.task].served.all_or_nothing:
+            return route.task, 1.0
+        return route.task, route.weight
 
     def _unknown(self, task: str, state: EngineState) -> TaskNotLoaded:
         why = state.errors.get(task)

@@ -5,8 +5,9 @@
                     classes={"cifar10": (names_a, text_a), "mnist": (names_b, text_b)})  # each task's frozen class text
     routes = router.route(frozen_features)       # one Route per image, never a batch vote
 
-The FAISS inner-product index holds every task's router keys (L2-normalised class means). For each image the
-`top_k` distinct tasks owning its nearest keys become candidates, ranked by log N(f; mu, Sigma).
+The FAISS inner-product index holds one key per task, the L2-normalised mean of its Gaussian. For each image the
+`top_k` tasks with the nearest keys become candidates, ranked by log N(f; mu, Sigma); one distance per (image,
+candidate) gives both the likelihood and the gate, and the vocabulary's text meets each image once, for every check.
 
 Without a vocabulary (or for a task without class text, or an artifact made before the calibration sample was kept)
 the most likely candidate's distance gate `w = stats.weight(f)` is the weight, as before. With one, a task must also
@@ -73,17 +74,12 @@ class Router:
         self.vocabulary = vocabulary if vocabulary is not None and len(vocabulary.names) else None
         self.classes = {n: classes[n] for n in self.names if n in classes} if classes and self.vocabulary else {}
         self._checks: dict[int, ZeroShotCheck | None] = {}  # task index -> its check, calibrated on first use
-        keys, owners = [], []
-        for i, name in enumerate(self.names):
-            k = F.normalize(self.stats[name].keys.float(), dim=-1)  # (k_i, d)
-            keys.append(k)
-            owners.extend([i] * k.shape[0])
-        self.dim = keys[0].shape[1] if keys else 0
-        self.owners = np.asarray(owners, dtype=np.int64)  # key row -> task index
+        # FAISS holds one key per task, its normalised mean: the exact likelihoods rank the candidates it hands over
+        keys = [F.normalize(self.stats[name].gaussian.mean.float(), dim=-1) for name in self.names]
+        self.dim = keys[0].shape[0] if keys else 0
         self.index = faiss.IndexFlatIP(self.dim) if keys else None
         if self.index is not None:
-            self.index.add(np.ascontiguousarray(torch.cat(keys).numpy(), dtype=np.float32))
-        self.max_keys = max((k.shape[0] for k in keys), default=0)
+            self.index.add(np.ascontiguousarray(torch.stack(keys).numpy(), dtype=np.float32))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -93,11 +89,16 @@ class Router:
         """Whether tasks are checked against a vocabulary (then an image goes to the most likely task that claims it)."""
         return bool(self.classes)
 
-    def calibrate(self) -> int:
+    def calibrate(self, release: bool = False) -> int:
         """Calibrate every task's check now (else each is calibrated the first time an image asks it); call it where a
-        new router is built, off the request path. Tasks calibrated for an earlier router are not redone. Returns how
-        many tasks have a check."""
-        return sum(self._check(t) is not None for t in range(len(self.names)))
+        new router is built, off the request path. Tasks calibrated for an earlier router are not redone. `release`
+        then frees each task's calibration sample (for a caller whose vocabulary never changes). Returns how many tasks
+        have a check."""
+        checked = sum(self._check(t) is not None for t in range(len(self.names)))
+        if release and self.checking:
+            for stats in self.stats.values():
+                stats.release_calibration()
+        return checked
 
     def check(self, name: str) -> ZeroShotCheck | None:
         """The task's zero-shot check (None: gated by distance alone)."""
@@ -115,39 +116,29 @@ class Router:
 
     def gate(self, name: str, features: torch.Tensor) -> torch.Tensor:
         """(B,) the weight task `name` gives each image: its distance gate, 0 where it does not claim the image."""
-        return self._gate(self.names.index(name), features.detach().cpu())
+        f = F.normalize(features.detach().cpu().float(), dim=-1)
+        return self._likelihood_and_gate(self.names.index(name), f, self._vocabulary_cos(f))[1]
 
-    def _gate(self, t: int, features: torch.Tensor) -> torch.Tensor:
-        stats = self.stats[self.names[t]]
-        w = stats.weight(features).cpu()
+    def _vocabulary_cos(self, f: torch.Tensor) -> torch.Tensor | None:
+        """(B, V) cosines of normalised features with the vocabulary's text: one product, shared by every task's check."""
+        return f @ self.vocabulary.text.T if self.checking else None
+
+    def _likelihood_and_gate(self, t: int, f: torch.Tensor, vocabulary_cos: torch.Tensor | None):
+        """Task t's log-likelihood and weight for normalised rows f, from one distance; weight 0 where it does not claim."""
+        ll, w = self.stats[self.names[t]].likelihood_and_weight(f)
         check = self._check(t)
-        if check is None:
-            return w
-        claims = check(F.normalize(features.float(), dim=-1)) & (w >= CLAIM)
-        return torch.where(claims, w, torch.zeros_like(w))
+        if check is not None:
+            w = torch.where(check(f, vocabulary_cos) & (w >= CLAIM), w, torch.zeros_like(w))
+        return ll, w
 
     def candidates(self, features: torch.Tensor, top_k: int | None = None) -> list[list[int]]:
-        """Up to `top_k` distinct task indices per image, nearest key first."""
+        """Up to `top_k` task indices per image, nearest task mean first."""
         if self.index is None:
             return [[] for _ in range(features.shape[0])]
-        k_tasks = min(top_k or self.top_k, len(self.names))
-        # enough keys to see k_tasks distinct owners even if the nearest keys all belong to one task
-        n_keys = min(self.index.ntotal, k_tasks * self.max_keys)
+        k = min(top_k or self.top_k, len(self.names))
         query = np.ascontiguousarray(F.normalize(features.detach().float().cpu(), dim=-1).numpy(), dtype=np.float32)
-        _, rows = self.index.search(query, n_keys)
-        out = []
-        for row in rows:
-            seen: list[int] = []
-            for r in row:
-                if r < 0:
-                    break
-                t = int(self.owners[r])
-                if t not in seen:
-                    seen.append(t)
-                    if len(seen) == k_tasks:
-                        break
-            out.append(seen)
-        return out
+        _, rows = self.index.search(query, k)
+        return [[int(t) for t in row if t >= 0] for row in rows]
 
     def route(self, features: torch.Tensor, top_k: int | None = None, threshold: float | None = None) -> list[Route]:
         """One Route per row of `features` (frozen image features, any norm); knobs default to the router's."""
@@ -158,40 +149,24 @@ class Router:
         if self.index is None:
             return [NO_ROUTE] * n
         cands = self.candidates(features, top_k)
-        f = features.detach().cpu()
+        f = F.normalize(features.detach().cpu().float(), dim=-1)
+        vocabulary_cos = self._vocabulary_cos(f)
         ll = torch.full((n, len(self.names)), float("-inf"), dtype=torch.float64)
+        gate = torch.zeros(n, len(self.names))
         for t in sorted({t for c in cands for t in c}):  # one exact pass per candidate task, over its images
             rows = torch.tensor([i for i, c in enumerate(cands) if t in c])
-            ll[rows, t] = self.stats[self.names[t]].log_likelihood(f[rows]).cpu()
-        order = [sorted(c, key=lambda t: -ll[i, t].item()) for i, c in enumerate(cands)]
-        # without checks only the most likely task is asked (its gate is the weight); with them, each candidate in turn
-        depth = max(map(len, order)) if self.checking else 1
-        chosen: list[int | None] = [None] * n
-        weights = torch.zeros(n)
-        first = torch.zeros(n)  # the most likely task's gate
-        pending = [i for i in range(n) if order[i]]
-        for rank in range(depth):
-            asked: dict[int, list[int]] = {}
-            for i in pending:
-                if rank < len(order[i]):
-                    asked.setdefault(order[i][rank], []).append(i)
-            for t, rows in sorted(asked.items()):
-                w = self._gate(t, f[rows])
-                for i, wi in zip(rows, w.tolist()):
-                    if rank == 0:
-                        first[i] = wi
-                    if wi >= threshold and (wi > 0 or not self.checking):  # with checks, 0 means "not claimed"
-                        chosen[i], weights[i] = t, wi
-            pending = [i for i in pending if chosen[i] is None]
-            if not pending:
-                break
-        routes = []
-        for i in range(n):
-            candidates = tuple(Candidate(self.names[t], float(ll[i, t])) for t in order[i])
-            if chosen[i] is not None:
-                name, w = self.names[chosen[i]], float(weights[i])
-                routes.append(Route(name, w, best=name, best_weight=w, candidates=candidates))
-            else:
-                best = self.names[order[i][0]] if order[i] else None
-                routes.append(Route(None, 0.0, best=best, best_weight=float(first[i]), candidates=candidates))
-        return routes
+            ll[rows, t], gate[rows, t] = self._likelihood_and_gate(t, f[rows], None if vocabulary_cos is None else vocabulary_cos[rows])
+        return [self._pick(cands[i], ll[i], gate[i], threshold) for i in range(n)]
+
+    def _pick(self, cands: list[int], ll: torch.Tensor, gate: torch.Tensor, threshold: float) -> Route:
+        """The most likely candidate, or with checks the most likely one that claims the image; its gate is the weight."""
+        order = sorted(cands, key=lambda t: -ll[t].item())
+        candidates = tuple(Candidate(self.names[t], float(ll[t])) for t in order)
+        if not order:
+            return NO_ROUTE
+        # without checks only the most likely task is asked; with them, each candidate in turn (0: "not claimed")
+        for t in order if self.checking else order[:1]:
+            w = float(gate[t])
+            if w >= threshold and (w > 0 or not self.checking):
+                return Route(self.names[t], w, best=self.names[t], best_weight=w, candidates=candidates)
+        return Route(None, 0.0, best=self.names[order[0]], best_weight=float(gate[order[0]]), candidates=candidates)

@@ -101,6 +101,10 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         0.01, ge=0, le=1, description="gate weights below this are treated as 0: frozen answer, no prompted pass"
     )
     poll_interval_s: float = Field(0.25, gt=0, le=60, description="how often each replica polls the store's change feed")
+    zero_shot_check: bool = Field(
+        True, description="a task claims an image only if it explains it better than the open vocabulary does, "
+        "calibrated per task on its own held-out images (no effect with vocabulary 'none' or tasks made before it)",
+    )
 
     # --- security and limits ---
     admin_token: SecretStr | None = Field(

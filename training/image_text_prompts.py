@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from backbone import Backbone
-from backbone.task_stats import ledoit_wolf
+from backbone.task_stats import fit_task_stats, ledoit_wolf
 from backbone.token_prompts import KIND, TokenPromptConfig, TokenPrompts, applied, class_text, class_tokens
 from prompts_store import TaskArtifact
 
@@ -59,7 +59,7 @@ class ImageTextPromptLearner:
     def recipe(self, task: TaskData) -> dict:
         return {"learner": self.kind, **asdict(self.settings), "prompts": self.settings.prompt_config().to_dict(),
                 "selection": "best validation epoch" if task.val is not None else "last epoch",
-                "stats": "class means and one Ledoit-Wolf covariance of the L2-normalised frozen image features"}
+                "stats": "class means and one Ledoit-Wolf covariance of the L2-normalised frozen image features, and the router's fingerprint"}
 
     def fit(self, task: TaskData, backbone: Backbone, run: RunContext | None = None) -> TaskArtifact:
         s, run = self.settings, run or RunContext()
@@ -136,5 +136,6 @@ def class_statistics(frozen: tuple[torch.Tensor, np.ndarray], task: TaskData) ->
     y = torch.as_tensor(labels)
     means = torch.stack([f[y == c].mean(0) for c in range(len(task.class_names))])
     covariance, _ = ledoit_wolf(f - means[y])
+    # plus the router's fingerprint: the service routes such a task like any other, gate and zero-shot check included
     return {"class_means": means.float().contiguous(), "covariance": covariance.float().contiguous(),
-            "class_counts": torch.bincount(y, minlength=len(task.class_names))}
+            "class_counts": torch.bincount(y, minlength=len(task.class_names)), **fit_task_stats(f, y).to_tensors()}

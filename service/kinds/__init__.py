@@ -41,6 +41,7 @@ class ServedKind:
     stats: TaskStats | None = None  # router fingerprint (FAISS keys, Gaussian, gate)
     identity_stats: Mapping[str, torch.Tensor] | None = None  # class means + covariance for the task-identity head
     all_or_nothing: bool = False  # prompts apply at weight 0 or 1 only
+    own_bytes: int = 0  # bytes of the tensors the kind holds itself (a head's weights), for memory accounting
 
 
 Loader = Callable[[TaskArtifact, object, str], ServedKind]  # (artifact, runtime, slot name) -> ServedKind

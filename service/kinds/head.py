@@ -36,11 +36,13 @@ def load_head(artifact: TaskArtifact, runtime, slot: str) -> ServedKind:
     check_dim(stats.keys.shape[-1], runtime)
     head = analytic_head(artifact, runtime.embed_dim)
     text_frozen, _ = class_text_pair(artifact, runtime, None)
-    return ServedKind(text_frozen, text_frozen, fused_logits(head, text_frozen, runtime.logit_scale()), stats=stats)
+    return ServedKind(text_frozen, text_frozen, fused_logits(head, text_frozen, runtime.logit_scale()), stats=stats,
+                      own_bytes=head.nbytes)
 
 
 @register_kind(PROMPTS_HEAD_KIND)
 def load_prompts_head(artifact: TaskArtifact, runtime, slot: str) -> ServedKind:
     head = analytic_head(artifact, runtime.embed_dim)
     stats, text_frozen, text_prompted = install(artifact, runtime, slot)
-    return ServedKind(text_frozen, text_prompted, fused_logits(head, text_prompted, runtime.logit_scale()), slot=slot, stats=stats)
+    return ServedKind(text_frozen, text_prompted, fused_logits(head, text_prompted, runtime.logit_scale()), slot=slot, stats=stats,
+                      own_bytes=head.nbytes)

@@ -1,9 +1,11 @@
-"""Kind "image-text-prompts" (the comparison learner, backbone/token_prompts.py): picked by the task-identity head
-for images no routed task claims; its prompt tokens apply in full or not at all."""
+"""Kind "image-text-prompts" (the comparison learner, backbone/token_prompts.py): its prompt tokens apply in full or
+not at all. Routed like every kind by its fingerprint (gate and zero-shot check); an artifact made before it kept one
+is picked by the task-identity head for images no routed task claims."""
 from __future__ import annotations
 
 import torch
 
+from backbone import TaskStats
 from backbone.token_prompts import KIND, TokenPromptConfig
 from prompts_store import TaskArtifact
 
@@ -43,5 +45,6 @@ def load_image_text_prompts(artifact: TaskArtifact, runtime, slot: str) -> Serve
     except Exception:
         runtime.delete_task(slot)
         raise
+    fingerprint = TaskStats.from_tensors(artifact.stats) if "mean" in artifact.stats else None
     return ServedKind(text_frozen, text_prompted, cosine_logits(text_prompted, runtime.logit_scale()), slot=slot,
-                      identity_stats=identity, all_or_nothing=True)
+                      stats=fingerprint, identity_stats=None if fingerprint else identity, all_or_nothing=True)

@@ -73,3 +73,20 @@ def test_bad_inputs_are_refused():
         fit_task_stats(torch.randn(8))
     with pytest.raises(ValueError, match="5 labels for 6 feature rows"):
         fit_task_stats(torch.randn(6, 8), torch.arange(5))
+
+
+def test_a_replica_holds_the_whitener_in_float32_blocks_and_measures_the_same_distances():
+    d = 96
+    stats = fit_task_stats(gaussian_cloud(400, d, seed=4, anisotropy=30.0), torch.arange(400) % 4)
+    served = TaskStats.from_tensors(stats.to_tensors())
+    square = stats.gaussian.whitener.square()
+    assert torch.equal(served.gaussian.whitener.square(), square.float().tril())  # the blocks hold the whole triangle
+    assert served.gaussian.whitener.nbytes <= 0.65 * d * d * 4  # not most of the square's zeros
+    probe = torch.cat([gaussian_cloud(16, d, seed=5), gaussian_cloud(16, d, seed=6, shift=0.3)])
+    f = F.normalize(probe.double(), dim=-1)
+    exact = ((f - stats.gaussian.mean) @ square.T).square().sum(-1)  # float64, the whole square
+    torch.testing.assert_close(served.mahalanobis_sq(probe).double(), exact, rtol=1e-6, atol=0)
+    ll, w = served.likelihood_and_weight(probe)  # one distance for both
+    torch.testing.assert_close(ll, served.log_likelihood(probe))
+    torch.testing.assert_close(w, served.weight(probe))
+    torch.testing.assert_close(w, stats.weight(probe), rtol=0, atol=1e-5)

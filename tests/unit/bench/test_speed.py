@@ -18,7 +18,7 @@ def run(tmp_path_factory):
     argv = ["--model", str(TINY), "--pretrained", "none", "--device", "cpu", "--data", str(tmp / "no-data"),
             "--threads", "1", "--per-domain", "4", "--batch-size", str(BATCH), "--seconds", "0.2", "--rounds", "1",
             "--tasks", *map(str, TASKS), "--classes-per-task", str(CLASSES), "--router-seconds", "0.05",
-            "--load-tasks", str(LOADED), "--head-images", "16", "--out", str(out)]
+            "--load-tasks", str(LOADED), "--head-images", "16", "--memory-model", str(TINY), "--out", str(out)]
     assert main(argv) == 0
     return json.loads(out.read_text()), out
 
@@ -49,10 +49,12 @@ def test_router_rows_per_task_count(run):
     rows = results["router"]
     assert [r["tasks"] for r in rows] == list(TASKS)
     for r in rows:
-        assert r["router_keys"] == r["tasks"] * CLASSES and r["build_s"] > 0
+        assert r["router_keys"] == r["tasks"] and r["build_s"] > 0  # one FAISS key per task
+        assert r["checked_tasks"] == r["tasks"]  # every task's zero-shot check is part of the measured routing
         assert set(r["route_us_per_image"]) == {"1", str(BATCH)} and min(r["route_us_per_image"].values()) > 0
         assert r["faiss_index_bytes"] >= r["router_keys"] * dim * 4  # float32 keys
-        assert r["stats_bytes"] == r["tasks"] * (dim * 8 + dim * dim * 8 + CLASSES * dim * 4)  # float64 mean, whitener
+        # float32 mean, a whitener in blocks of at most 0.65 d² floats, class keys, a float16 calibration sample
+        assert r["stats_bytes"] <= r["tasks"] * (dim * 4 + 0.65 * dim * dim * 4 + CLASSES * dim * 4 + 256 * (dim * 2 + 4))
 
 
 def test_memory_per_task_is_consistent_with_the_prompt_parameter_count(run):
@@ -69,9 +71,24 @@ def test_memory_per_task_is_consistent_with_the_prompt_parameter_count(run):
     assert m["artifact_bytes"] == sum(files.values())
     exact = m["exact_bytes_per_task"]
     assert exact["prompts"] == 4 * params and exact["text_features"] == 2 * CLASSES * cfg["embed_dim"] * 4
-    assert exact["total"] == exact["prompts"] + exact["text_features"] + exact["stats"]
+    assert exact["total"] == exact["prompts"] + exact["text_features"] + exact["stats"] + exact["zero_shot_check"] + exact["kind"]
     assert m["tasks_loaded"] == LOADED and m["load_s"] > 0
     assert m["rss_per_task_bytes"] == m["rss_delta_bytes"] / LOADED  # can be ~0 for tiny tasks: allocator pages
+
+
+def test_bytes_per_task_of_each_kind_on_the_memory_model(run):
+    results, out = run
+    at = results["memory_per_task_at"]
+    dim = json.loads(TINY.read_text())["embed_dim"]
+    assert at["dim"] == dim and set(at["bytes_per_task"]) == {"head", "prompts"}
+    head, prompts = at["bytes_per_task"]["head"], at["bytes_per_task"]["prompts"]
+    assert head["prompts"] == 0 and head["kind"] > 0 and prompts["prompts"] > 0 and prompts["kind"] == 0
+    for b in (head, prompts):
+        assert b["total"] == sum(v for k, v in b.items() if k != "total") and b["stats"] > 0
+    # the summary's 512-d figures come only from a 512-d memory model
+    assert "kib_per_task_512d" not in results["summary"]
+    assert set(results["summary"]) == {"engine_over_zero_shot_prompts", "engine_over_zero_shot_head"}
+    assert "bytes per loaded task" in out.with_suffix(".md").read_text()
 
 
 def test_report_records_the_machine_and_command_and_writes_markdown(run, capsys):
@@ -79,7 +96,7 @@ def test_report_records_the_machine_and_command_and_writes_markdown(run, capsys)
     assert results["command"].startswith("python -m bench.speed --model") and "--tasks 10 20" in results["command"]
     assert results["machine"]["cores"] >= 1 and results["machine"]["torch_threads"] == 1 and results["machine"]["torch"]
     table = out.with_suffix(".md").read_text()
-    assert "engine (prompt tasks) / zero-shot" in table and "engine (head tasks) / zero-shot" in table and "| 20 | 100 |" in table and "prompt parameters" in table
+    assert "engine (prompt tasks) / zero-shot" in table and "engine (head tasks) / zero-shot" in table and "| 20 | 20 |" in table and "prompt parameters" in table
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,5 +1,6 @@
 """The engine serves image-text prompt tasks (kind "image-text-prompts") beside residual-prompt tasks: the same
-features and classes as the learner's own inference, the task-identity head for images no residual task claims,
+features and classes as the learner's own inference, routed like every kind (the task-identity head only for
+artifacts made before they kept a fingerprint),
 weights other than 0 and 1 refused, and the ONNX runtime hands such tasks to torch."""
 import dataclasses
 
@@ -61,9 +62,30 @@ def test_an_explicit_task_gets_the_learners_features_and_classes(engine, store, 
     assert torch.equal(engine.embed_images([engine.preprocess(image)], task="red", weight=0.0)[0].embedding, frozen)
 
 
-def test_images_no_residual_task_claims_go_to_the_identity_heads_pick(engine, store, task_maker, learned):
+IDENTITY_STATS = ("class_means", "covariance", "class_counts")  # what an artifact made before the fingerprint holds
+
+
+def test_image_text_tasks_are_routed_like_every_kind_and_claim_no_unlearned_image(engine, store, task_maker, learned):
     for name in ("red", "green"):
         store.publish(learned[name])
+    store.publish(make_color_task(task_maker, "blue"))  # a residual-prompt task
+    engine.sync()
+    assert engine.state.identity is None and set(engine.state.router.names) == {"red", "green", "blue"}
+    batch = [engine.preprocess(pil(name, seed=30 + i)) for i, name in enumerate(["red", "green", "blue", "green", "red"])]
+    results = engine.classify(batch)
+    assert [r.task for r in results] == ["red", "green", "blue", "green", "red"]
+    assert [r.gate for r in results if r.task != "blue"] == [1.0] * 4 and 0 < results[2].gate <= 1  # tokens in full
+    explicit = engine.classify(batch[:2], task="red") + engine.classify(batch[1:2], task="green")
+    assert results[0].scores == explicit[0].scores and results[1].scores == explicit[2].scores
+    # an image of no learned domain: no task claims it, the frozen CLIP answer (issue 16)
+    [other] = engine.classify([engine.preprocess(pil("yellow"))])
+    assert other.task is None and other.gate == 0.0
+
+
+def test_artifacts_without_a_fingerprint_go_to_the_identity_heads_pick(engine, store, task_maker, learned):
+    for name in ("red", "green"):
+        old = learned[name]
+        store.publish(dataclasses.replace(old, stats={k: old.stats[k] for k in IDENTITY_STATS}))
     store.publish(make_color_task(task_maker, "blue"))  # a residual-prompt task, routed by the gate first
     engine.sync()
     assert engine.state.identity.names == ("green", "red") and set(engine.state.router.names) == {"blue"}
@@ -71,9 +93,7 @@ def test_images_no_residual_task_claims_go_to_the_identity_heads_pick(engine, st
     results = engine.classify(batch)
     assert [r.task for r in results] == ["red", "green", "blue", "green", "red"]
     assert [r.gate for r in results if r.task != "blue"] == [1.0] * 4 and 0 < results[2].gate <= 1
-    explicit = engine.classify(batch[:2], task="red") + engine.classify(batch[1:2], task="green")
-    assert results[0].scores == explicit[0].scores and results[1].scores == explicit[2].scores
-    # the head always names a task: an image of no learned domain gets one of them (documented; unlike the gate)
+    # the head always names a task: an image of no learned domain gets one of them (why new artifacts keep a fingerprint)
     assert engine.classify([engine.preprocess(pil("yellow"))])[0].task in {"red", "green"}
     # a new identity head only when the image-text tasks change
     head = engine.state.identity

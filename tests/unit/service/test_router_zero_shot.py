@@ -88,7 +88,10 @@ def test_an_image_the_most_likely_task_rejects_goes_to_the_next_candidate_that_c
         assert all(r.candidates[0].task == "diffuse" and len(r.candidates) == 2 for r in router.route(own_diffuse))
         diffuse, compact = router.names.index("diffuse"), router.names.index("compact")
         # stub the gates: the most likely task (diffuse) rejects every image, the other one claims it at 0.7
-        monkeypatch.setattr(router, "_gate", lambda t, f: torch.full((f.shape[0],), 0.7 if t == compact else 0.0))
+        def stub(t, f, vocabulary_cos, real=router._likelihood_and_gate):
+            return real(t, f, vocabulary_cos)[0], torch.full((f.shape[0],), 0.7 if t == compact else 0.0)
+
+        monkeypatch.setattr(router, "_likelihood_and_gate", stub)
         routes = router.route(own_diffuse)
         if checking:  # with checks, the next candidate is asked
             assert all(r.task == "compact" and r.weight == pytest.approx(0.7) for r in routes)
