@@ -10,19 +10,22 @@ from .loading import (
     sha256_file,
     sha256_tensors,
 )
+from .preprocessing import PixelPipeline, images_to_batch
 from .prompted_clip import PromptedCLIP, UnknownTask
 from .prompts import PromptConfig, PromptedAttention
-from .settings import BackboneSettings
+from .settings import DEFAULT_TEMPLATES, BackboneSettings
 from .task_stats import Gaussian, TaskStats, fit_task_stats
-from .zeroshot import image_features, images_to_batch, text_classifier
+from .zeroshot import image_features, text_classifier, zero_shot_classifier
 
 __all__ = [
+    "DEFAULT_TEMPLATES",
     "Backbone",
     "BackboneError",
     "BackboneFingerprint",
     "BackboneSettings",
     "Gate",
     "Gaussian",
+    "PixelPipeline",
     "PromptConfig",
     "PromptedAttention",
     "PromptedCLIP",
@@ -37,4 +40,5 @@ __all__ = [
     "sha256_file",
     "sha256_tensors",
     "text_classifier",
+    "zero_shot_classifier",
 ]

@@ -24,8 +24,8 @@ exactly 0 (and the finite fill keeps its softmax NaN-free, which `-inf` would no
 
 **How the graphs are built.** No copy of open_clip's code: for the export, each of the first `depth` blocks' `attn`
 is temporarily replaced (peft-style `setattr` on the parent block, restored afterwards) by `_FeedAttention`, the torch
-engine's `PromptedAttention` with its prompts read from the graph inputs: every sample goes through the same
-`fused_attention` the torch engine runs (`backbone/prompts.py`: one in-projection, the frozen attention plus
+engine's `PromptedAttention` with its prompts read from the graph inputs (handed over in a `ScopedValue`, the carrier
+of the torch engine's routing): every sample goes through the same `fused_attention` the torch engine runs (`backbone/prompts.py`: one in-projection, the frozen attention plus
 `w · softmax(q P_Kᵀ/√h + mask) P_V`, one output projection). The export modules then call open_clip's own
 `encode_image` / `encode_text`. The exporter is torch's TorchScript-based one (`dynamo=False`): it exports these
 towers in seconds with `dynamic_axes`, needs only the `onnx` package, and supports opsets down to 7 (so the opset is a
@@ -49,13 +49,14 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
 from .loading import Backbone, sha256_file
 from .prompts import PromptConfig, PromptedAttention, RoutingState, SamplePrompts
+from .scoped import ScopedValue
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +129,14 @@ def _context_length(backbone: Backbone) -> int:
 # ----------------------------------------------------------------------------- export-time modules
 
 
-class _PromptFeed:
-    """The prompt inputs of the running export forward, set by the tower module, read by every layer wrapper."""
+class _FeedInputs(NamedTuple):
+    """The prompt inputs of the running export forward: set by the tower module, read by every layer wrapper
+    (through a `ScopedValue`, the carrier of the torch engine's routing)."""
 
-    keys: torch.Tensor | None = None  # (B or 1, depth, n, D)
-    values: torch.Tensor | None = None
-    mask: torch.Tensor | None = None  # (B or 1, depth, n)
-    weight: torch.Tensor | None = None  # (B,) or (1,)
+    keys: torch.Tensor  # (B or 1, depth, n, D)
+    values: torch.Tensor
+    mask: torch.Tensor  # (B or 1, depth, n)
+    weight: torch.Tensor  # (B,) or (1,)
 
 
 class _FeedAttention(PromptedAttention):
@@ -142,18 +144,18 @@ class _FeedAttention(PromptedAttention):
     graph inputs instead of routed from task slots. Every sample goes through `fused_attention` (one without a task
     has zero prompts and w = 0), so the graph holds exactly the math the torch engine runs."""
 
-    def __init__(self, base: nn.Module, tower: str, layer: int, feed: _PromptFeed):
+    def __init__(self, base: nn.Module, tower: str, layer: int, feed: ScopedValue[_FeedInputs | None]):
         super().__init__(base, tower, RoutingState())
         self.layer = layer
         self.feed = feed
 
     def sample_prompts(self, batch: int) -> SamplePrompts:
-        f, i = self.feed, self.layer
+        f, i = self.feed.get(), self.layer
         return SamplePrompts(None, f.keys[:, i], f.values[:, i], f.mask[:, i], f.weight)
 
 
 @contextmanager
-def _export_mode(backbone: Backbone, feed: _PromptFeed | None, spec: GraphSpec) -> Iterator[None]:
+def _export_mode(backbone: Backbone, feed: ScopedValue[_FeedInputs | None] | None, spec: GraphSpec) -> Iterator[None]:
     """Inject the feed wrappers into the first `depth` blocks of each tower (restored on exit); MHA fast path off.
 
     The fast path (`torch._native_multi_head_attention`) has no ONNX export; the slow path is the same math. The
@@ -175,53 +177,25 @@ def _export_mode(backbone: Backbone, feed: _PromptFeed | None, spec: GraphSpec) 
         torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-class FrozenImageTower(nn.Module):
-    def __init__(self, clip: nn.Module):
+class TowerGraph(nn.Module):
+    """One graph's forward: open_clip's own `encode_image` / `encode_text`, L2-normalised. A prompted graph (with a
+    feed) takes the prompt inputs after the images or tokens and puts them where the layer wrappers read them."""
+
+    def __init__(self, clip: nn.Module, tower: str, feed: ScopedValue[_FeedInputs | None] | None = None):
         super().__init__()
         self.clip = clip
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_image(images, normalize=True)
-
-
-class PromptedImageTower(nn.Module):
-    def __init__(self, clip: nn.Module, feed: _PromptFeed):
-        super().__init__()
-        self.clip = clip
+        self.tower = tower
         self.feed = feed
 
-    def forward(self, images, prefix_keys, prefix_values, prefix_mask, weight):
-        f = self.feed
-        f.keys, f.values, f.mask, f.weight = prefix_keys, prefix_values, prefix_mask, weight
-        try:
-            return self.clip.encode_image(images, normalize=True)
-        finally:
-            f.keys = f.values = f.mask = f.weight = None
-
-
-class FrozenTextTower(nn.Module):
-    def __init__(self, clip: nn.Module):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.clip.encode_text(tokens, normalize=True)
-
-
-class PromptedTextTower(nn.Module):
-    def __init__(self, clip: nn.Module, feed: _PromptFeed):
-        super().__init__()
-        self.clip = clip
-        self.feed = feed
-
-    def forward(self, tokens, prefix_keys, prefix_values, prefix_mask, weight):
-        f = self.feed
-        # one task per call: a leading batch dim of 1 broadcasts over the N sequences
-        f.keys, f.values, f.mask, f.weight = prefix_keys[None], prefix_values[None], prefix_mask[None], weight
-        try:
-            return self.clip.encode_text(tokens, normalize=True)
-        finally:
-            f.keys = f.values = f.mask = f.weight = None
+    def forward(self, x: torch.Tensor, *prompts: torch.Tensor) -> torch.Tensor:
+        encode = self.clip.encode_image if self.tower == "visual" else self.clip.encode_text
+        if self.feed is None:
+            return encode(x, normalize=True)
+        keys, values, mask, weight = prompts
+        if self.tower == "text":  # one task per call: a leading batch dim of 1 broadcasts over the N sequences
+            keys, values, mask = keys[None], values[None], mask[None]
+        with self.feed.use(_FeedInputs(keys, values, mask, weight)):
+            return encode(x, normalize=True)
 
 
 # ----------------------------------------------------------------------------- export
@@ -264,14 +238,9 @@ def _unsupported_op(error: BaseException) -> str | None:
 
 def export_graph(backbone: Backbone, graph: str, spec: GraphSpec, path: str | os.PathLike) -> None:
     """Export one graph to `path` (TorchScript-based exporter, fp32, dynamic batch); OnnxExportError on failure."""
-    feed = _PromptFeed() if graph.endswith("prompted") else None
+    feed = ScopedValue(None) if graph.endswith("prompted") else None
     clip = backbone.model
-    module = {
-        "image_frozen": lambda: FrozenImageTower(clip),
-        "image_prompted": lambda: PromptedImageTower(clip, feed),
-        "text_frozen": lambda: FrozenTextTower(clip),
-        "text_prompted": lambda: PromptedTextTower(clip, feed),
-    }[graph]().eval()
+    module = TowerGraph(clip, "visual" if graph.startswith("image") else "text", feed).eval()
     inputs = example_inputs(graph, spec)
     device = next(clip.parameters()).device
     args = tuple(t.to(device) for t in inputs.values())

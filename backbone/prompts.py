@@ -20,14 +20,15 @@ wrapper returns what the base returns.
 from __future__ import annotations
 
 import inspect
-import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .scoped import ScopedValue
 
 MASKED_LOGIT = -1e9  # logit of a padded prefix slot: exp(-1e9 - max) == 0 exactly in fp32
 
@@ -68,22 +69,16 @@ class PromptGroup:
 
 
 class RoutingState:
-    """Which samples of the running forward use which task, per tower; thread-local so concurrent forwards don't mix."""
+    """Which samples of the running forward use which task, per tower (`ScopedValue`: concurrent forwards don't mix)."""
 
     def __init__(self):
-        self._local = threading.local()
+        self._towers: dict[str, ScopedValue[tuple[PromptGroup, ...]]] = {t: ScopedValue(()) for t in ("visual", "text")}
 
     def groups(self, tower: str) -> tuple[PromptGroup, ...]:
-        return getattr(self._local, tower, ())
+        return self._towers[tower].get()
 
-    @contextmanager
-    def use(self, tower: str, groups: tuple[PromptGroup, ...]) -> Iterator[None]:
-        previous = self.groups(tower)
-        setattr(self._local, tower, groups)
-        try:
-            yield
-        finally:
-            setattr(self._local, tower, previous)
+    def use(self, tower: str, groups: tuple[PromptGroup, ...]) -> AbstractContextManager[None]:
+        return self._towers[tower].use(groups)
 
 
 # ----------------------------------------------------------------------------- the math (torch and ONNX export)

@@ -3,6 +3,10 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The class text of a task that gives no templates (recorded in its artifact) and of the service's vocabulary. It
+# lives here, beside the other defaults, because this module imports no torch: `add-task --help` shows it.
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
 
 class BackboneSettings(BaseSettings):
     """Backbone selection, read from `KEEPCLIP_MODEL`, `KEEPCLIP_PRETRAINED`, `KEEPCLIP_DEVICE`."""

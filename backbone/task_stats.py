@@ -131,9 +131,10 @@ class TaskStats:
     def mahalanobis_sq(self, features: torch.Tensor) -> torch.Tensor:
         return self.gaussian.mahalanobis_sq(F.normalize(features.to(self.gaussian.mean.dtype), dim=-1))
 
-    def likelihood_and_weight(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) log-likelihood (float64) and (B,) gate w (float32), from one distance computation."""
-        d2 = self.mahalanobis_sq(features)
+    def likelihood_and_weight(self, features: torch.Tensor, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) log-likelihood (float64) and (B,) gate w (float32), from one distance computation; `normalized`: the
+        rows are L2-normalised already (the router's are)."""
+        d2 = self.gaussian.mahalanobis_sq(features) if normalized else self.mahalanobis_sq(features)
         return self.gaussian.log_likelihood_of(d2), self.gate(d2.double()).float()
 
     def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
@@ -230,14 +231,19 @@ def class_means(features: torch.Tensor, labels: torch.Tensor | None) -> torch.Te
     return F.normalize(torch.stack([features[labels == c].mean(0) for c in classes]), dim=-1)
 
 
-def cross_fitted_distances(features: torch.Tensor, n_folds: int = 5, seed: int = 0) -> torch.Tensor:
-    """d² of every sample under a Gaussian fitted on the other folds."""
-    n = features.shape[0]
+def folds(n: int, n_folds: int, seed: int):
+    """(held-out indices, mask of the rest) for each of `n_folds` seeded folds of n samples."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    d2 = torch.empty(n, dtype=torch.float64)
     for fold in order.chunk(min(n_folds, n)):
         rest = torch.ones(n, dtype=torch.bool)
         rest[fold] = False
+        yield fold, rest
+
+
+def cross_fitted_distances(features: torch.Tensor, n_folds: int = 5, seed: int = 0) -> torch.Tensor:
+    """d² of every sample under a Gaussian fitted on the other folds."""
+    d2 = torch.empty(features.shape[0], dtype=torch.float64)
+    for fold, rest in folds(features.shape[0], n_folds, seed):
         d2[fold] = Gaussian.fit(features[rest]).mahalanobis_sq(features[fold])
     return d2
 
@@ -246,12 +252,8 @@ def cross_fitted_key_cos(
     features: torch.Tensor, labels: torch.Tensor | None, n_folds: int = 5, seed: int = 0
 ) -> torch.Tensor:
     """Max cosine of every sample to the class means of the other folds (the same folds as `cross_fitted_distances`)."""
-    n = features.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    out = torch.empty(n, dtype=torch.float64)
-    for fold in order.chunk(min(n_folds, n)):
-        rest = torch.ones(n, dtype=torch.bool)
-        rest[fold] = False
+    out = torch.empty(features.shape[0], dtype=torch.float64)
+    for fold, rest in folds(features.shape[0], n_folds, seed):
         keys = class_means(features[rest], None if labels is None else labels[rest])
         out[fold] = (features[fold] @ keys.T).amax(-1).double()
     return out

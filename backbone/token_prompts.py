@@ -7,18 +7,19 @@
   of the `n_context` placeholders are replaced by shared learned vectors (initialised from "a photo of a").
 
 Both act through forward hooks, installed once per model, that do nothing unless a `with applied(clip, prompts):`
-block is active in the calling thread (a context variable): the backbone's weights are never modified, and outside
-the block, or in another thread at the same time, it is the frozen CLIP.
+block is active in the calling thread (a `ScopedValue`, as the residual prompts' routing): the backbone's weights are
+never modified, and outside the block, or in another thread at the same time, it is the frozen CLIP.
 """
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from .scoped import ScopedValue
 
 KIND = "image-text-prompts"  # the artifact kind of tasks made of these prompts
 PLACEHOLDER = "X"
@@ -100,24 +101,23 @@ def class_text(backbone, prompts: TokenPrompts, class_names: list[str]) -> torch
 @contextmanager
 def applied(clip, prompts: TokenPrompts | None):
     """Inside the block, `clip.encode_image` runs with the visual tokens and `clip.encode_text` (on `class_tokens`)
-    with the learned context; `prompts=None` is the frozen CLIP. Only the calling thread (context) sees the prompts:
+    with the learned context; `prompts=None` is the frozen CLIP. Only the calling thread sees the prompts:
     a pass of the same model in another thread, at the same time, stays frozen."""
     if prompts is not None:
         _install_hooks(clip)
-    token = _ACTIVE.set((id(clip), prompts) if prompts is not None else None)
-    try:
+    with _ACTIVE.use((id(clip), prompts) if prompts is not None else None):
         yield
-    finally:
-        _ACTIVE.reset(token)
 
 
-_ACTIVE: ContextVar[tuple[int, TokenPrompts] | None] = ContextVar("keepclip_token_prompts", default=None)
+# one carrier for all models, not one per model: the hooks take only their own model's prompts (by id), and a model
+# with hooks stays deep-copyable (a carrier on the model would not be: a thread-local cannot be copied)
+_ACTIVE: ScopedValue[tuple[int, TokenPrompts] | None] = ScopedValue(None)
 _INSTALL_LOCK = threading.Lock()
 
 
 def _install_hooks(clip) -> None:
     """Hooks on the image blocks and the token embedding, once per model; each does nothing unless `applied` set
-    prompts for this model in the current context (no change to the model's parameters or its frozen output)."""
+    prompts for this model in the calling thread (no change to the model's parameters or its frozen output)."""
     with _INSTALL_LOCK:
         blocks, owner = image_blocks(clip), id(clip)
         if getattr(clip, "_token_prompt_hooks", (None,))[0] == owner:  # (a deep copy carries inert hooks of another id)

@@ -1,21 +1,38 @@
-"""Zero-shot building blocks: images to a batch, class names to a text classifier, features in batches."""
+"""Zero-shot: class names and templates to a text classifier, and image features in batches.
+
+`zero_shot_classifier` is the one place where class names become a classifier, whatever encodes the text: the torch
+model (`text_classifier`), the ONNX graphs (`service/runtime_onnx.py`) and the prompt learner's training step
+(`training/learner.py`, through `template_texts` and `mean_over_templates` on its cached tokens).
+"""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
+from .preprocessing import images_to_batch
 from .prompted_clip import PromptedCLIP
+from .settings import DEFAULT_TEMPLATES
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)  # class text when a task gives no templates
+
+def template_texts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every class name in every template, class by class: text `c * T + t` is class c in template t."""
+    return [t.format(name) for name in class_names for t in templates]
 
 
-def images_to_batch(images: Iterable[np.ndarray | Image.Image], preprocess: Callable) -> torch.Tensor:
-    """uint8 HWC arrays or PIL images -> (N, 3, H, W) through open_clip's eval transform."""
-    pil = (im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images)
-    return torch.stack([preprocess(im.convert("RGB")) for im in pil])
+def mean_over_templates(features: torch.Tensor) -> torch.Tensor:
+    """(C, T, D) L2-normalised features of `template_texts` -> (C, D): each class's mean, re-normalised."""
+    return F.normalize(features.mean(1), dim=-1)
+
+
+def zero_shot_classifier(
+    encode_texts: Callable[[list[str]], torch.Tensor], class_names: Sequence[str], templates: Sequence[str]
+) -> torch.Tensor:
+    """(C, D) class embeddings; `encode_texts` maps strings to their (N, D) L2-normalised text features."""
+    features = encode_texts(template_texts(class_names, templates))  # (C * T, D)
+    return mean_over_templates(features.view(len(class_names), len(templates), -1))
 
 
 @torch.no_grad()
@@ -26,11 +43,13 @@ def text_classifier(
     task: str | None = None,
     weight: float = 1.0,
 ) -> torch.Tensor:
-    """(C, D) class embeddings: the mean of each class's normalised template embeddings, re-normalised."""
-    tokens = model.backbone.tokenizer([t.format(name) for name in class_names for t in templates])
-    feats = model.encode_text(tokens.to(model.backbone.device), task=task, weight=weight, normalize=True)
-    feats = feats.view(len(class_names), len(templates), -1).mean(1)  # (C, D)
-    return feats / feats.norm(dim=-1, keepdim=True)
+    """`zero_shot_classifier` on the torch model, through `task`'s prompts scaled by `weight` (None: frozen)."""
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        tokens = model.backbone.tokenizer(texts).to(model.backbone.device)
+        return model.encode_text(tokens, task=task, weight=weight, normalize=True)
+
+    return zero_shot_classifier(encode, class_names, templates)
 
 
 @torch.no_grad()

@@ -46,7 +46,8 @@ def keepclip_command() -> list[str]:
 
 
 def start_stand_in_service() -> tuple[ThreadingHTTPServer, str]:
-    routes = {("POST", "/v1/classify"): CLASSIFIED, ("GET", "/v1/tasks"): TASK_LIST}
+    routes = {("POST", "/v1/classify"): {"results": [CLASSIFIED, CLASSIFIED]},  # the CLI sends its 2 images in one request
+              ("GET", "/v1/tasks"): TASK_LIST}
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self):

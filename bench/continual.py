@@ -126,6 +126,7 @@ def find_split(folder: Path, split: str) -> Path:
 
 def load_task(folder: Path, pipeline, limit_train: int | None, limit_test: int | None, val_fraction: float, seed: int):
     """One task of the sequence as `TaskData` (train/val split as add-task makes it), decoded once."""
+    from backbone import DEFAULT_TEMPLATES
     from training.data import decode, read_class_names, read_templates, scan, split_train_val
     from training.learner import TaskData
 
@@ -136,7 +137,7 @@ def load_task(folder: Path, pipeline, limit_train: int | None, limit_test: int |
     train_source = scan(find_split(folder, "train"), names, str(names_file) if names else None)
     test_source = scan(find_split(folder, "test"), reference=train_source, option="test")
     templates_file = folder / "templates.json"
-    templates = read_templates(templates_file) if templates_file.is_file() else TEMPLATES.get(folder.name, ["a photo of a {}."])
+    templates = read_templates(templates_file) if templates_file.is_file() else TEMPLATES.get(folder.name, list(DEFAULT_TEMPLATES))
     images, _ = decode(train_source, pipeline, progress=False)
     test, _ = decode(test_source, pipeline, option="test", progress=False)
     images = images.subset(subsample_index(images.labels, limit_train, every_class=True, seed=seed))
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.continual")
 
 
 def run(args, argv) -> int:
-    from training.data import PixelPipeline
+    from backbone import PixelPipeline
     from training.settings import ResidualPromptSettings
 
     from .continual_learners import BackboneSpec

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbone import PromptConfig, PromptedCLIP, TaskStats, text_classifier
+from backbone import PixelPipeline, PromptConfig, PromptedCLIP, TaskStats, text_classifier
 from prompts_store import StoreError, TaskArtifact, TaskStore
 from service.router import Router, Vocabulary
 from backbone.token_prompts import TokenPromptConfig, TokenPrompts, class_text
-from training.data import ImageSet, PixelPipeline
+from training.data import ImageSet
 from training.continual_pretraining import ContinualPretrainer, ContinualPretrainingSettings
 from training.image_text_prompts import ImageTextPromptLearner, ImageTextPromptSettings, prompted_images
 from training.errors import InputError

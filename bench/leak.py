@@ -65,6 +65,7 @@ def parse_args(argv):
 
 def mixed_task(tasks: dict):
     """A diffuse task: the first classes of several domains, relabelled one after another."""
+    from backbone import DEFAULT_TEMPLATES
     from training.data import ImageSet
     from training.learner import TaskData
 
@@ -79,7 +80,7 @@ def mixed_task(tasks: dict):
             parts[split].append(ImageSet(images.pixels[keep], images.labels[keep] + offset))
         offset += count
     train, val = (ImageSet.concat(*parts[s]) for s in ("train", "val"))
-    return TaskData("mix", names, ["a photo of a {}."], train, val, None, {"mix": MIX})
+    return TaskData("mix", names, list(DEFAULT_TEMPLATES), train, val, None, {"mix": MIX})
 
 
 def leak_row(learner, name: str, tests: list[EvalTask], threshold: float, vocabulary=None, class_names=()) -> list[dict]:
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
+    from backbone import PixelPipeline
     from prompts_store import open_store
-    from training.data import PixelPipeline
     from training.learners import RecipeSettings
 
     from .continual_learners import KindLearner

@@ -163,9 +163,10 @@ def evaluate_from_store(proxy: Path, artifacts: dict, out: Path, subsampled: boo
 
     from PIL import Image
 
+    from backbone import PixelPipeline
     from service.kinds import load_kind
     from service.runtime import TorchRuntime
-    from training.data import ImageSet, PixelPipeline
+    from training.data import ImageSet
     from training.runtime import load_frozen_backbone
 
     backbone = load_frozen_backbone(str(proxy / "proxy-clip.json"), str(proxy / "proxy-clip.safetensors"), "cpu")

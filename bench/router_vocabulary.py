@@ -36,8 +36,8 @@ def vocabulary_names(spec: str, data_root: Path, model: str = "") -> tuple[str, 
 
 def open_vocabulary(spec, names: list[str]):
     """The router's Vocabulary exactly as the engine builds it: frozen text over the default template, model scale."""
+    from backbone import DEFAULT_TEMPLATES
     from backbone.gate import Vocabulary
-    from backbone.zeroshot import DEFAULT_TEMPLATES
     from service.runtime import TorchRuntime
 
     if not names:

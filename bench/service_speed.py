@@ -4,16 +4,23 @@
         --model ../shared/models/proxy-clip/proxy-clip.json --pretrained ../shared/models/proxy-clip/proxy-clip.safetensors
 
 The store must already hold learned tasks (the six shared domains for the reference run). Measured, all with the
-same backbone, batch size and torch threads:
+same backbone and batch size:
 
-1. baseline: plain open_clip zero-shot in this process — decode + preprocess + image tower + logits against the union
-   of every task's class names, in batches of --batch-size;
-2. engine: the keepclip engine in this process, no HTTP (frozen pass, routing, prompted pass, logits) — task-agnostic;
-3. service: task-agnostic POST /v1/classify on a local Ray Serve deployment, with enough concurrent clients to fill
-   the dynamic batches; images/s and the ratio to (1);
-4. latency p50/p99 of /v1/classify with 1 and with 8 concurrent clients;
-5. publish-to-live: a copy of a learned task is published under a new name while 8 clients keep the service busy;
+1. baseline: plain open_clip zero-shot in this process — decode + preprocess + image tower + logits against the
+   union of every task's class names, in batches of --batch-size; with 1 and with --threads torch threads, before
+   and after the HTTP runs. The HTTP figures are divided by the faster thread count's mean of before and after (other
+   jobs on a shared machine drift, and two threads on two busy cores can run at a third of one thread's speed);
+2. engine: the keepclip engine in this process, no HTTP (frozen pass, routing, prompted pass, logits) — task-agnostic,
+   with the replica's torch threads;
+3. service: task-agnostic POST /v1/classify on a local Ray Serve deployment (the replica with --replica-threads,
+   default the service's own default: 1 on CPU), with 1, 8 and --clients concurrent clients sending one image per
+   request, and 8 clients sending --images-per-request images per request: images/s, the ratio to (1), latency
+   p50/p99 per request, and the mean dynamic batch of each run (from the replica's keepclip_batch_size metric);
+4. publish-to-live: a copy of a learned task is published under a new name while 8 clients keep the service busy;
    seconds until the replica lists it as served and until a request for it succeeds.
+
+The JSON output has a top-level "summary" (mean_batch_8_clients, http_over_zero_shot_8_clients, ...) for other
+benchmarks to pick up.
 
 A local store is copied to a temporary directory first, so the probe publishes never touch it. Test images are the
 domains' test splits (`--data`, ../shared/data by default). `--fill-hand-made` first publishes hand-made tasks
@@ -25,6 +32,7 @@ import argparse
 import concurrent.futures as cf
 import io
 import json
+import math
 import os
 import shutil
 import statistics
@@ -126,8 +134,10 @@ def _loop_images_per_s(run, pngs, batch_size: int, min_s: float, latencies: list
 
 
 # ----------------------------------------------------------------------------- over HTTP
-def http_load(url: str, pngs: list[bytes], clients: int, seconds: float, stop: threading.Event | None = None):
-    """`clients` threads posting task-agnostic /v1/classify for `seconds` -> (images/s, latencies, failures)."""
+def http_load(url: str, pngs: list[bytes], clients: int, seconds: float, stop: threading.Event | None = None,
+              per_request: int = 1):
+    """`clients` threads posting task-agnostic /v1/classify for `seconds`, `per_request` images in each request
+    (several: repeated `file` parts) -> (images/s, per-request latencies, failures)."""
     import httpx
 
     latencies: list[float] = []
@@ -138,18 +148,19 @@ def http_load(url: str, pngs: list[bytes], clients: int, seconds: float, stop: t
     def worker(w: int):
         mine, bad = [], []
         with httpx.Client(base_url=url, timeout=60) as c:
-            i = w
+            i = w * per_request
             while time.perf_counter() < deadline and not (stop and stop.is_set()):
+                files = [("file", ("x.png", pngs[(i + j) % len(pngs)], "image/png")) for j in range(per_request)]
                 t = time.perf_counter()
                 try:
-                    r = c.post("/v1/classify", files={"file": ("x.png", pngs[i % len(pngs)], "image/png")})
+                    r = c.post("/v1/classify", files=files)
                     if r.status_code == 200:
                         mine.append(time.perf_counter() - t)
                     else:
                         bad.append(f"{r.status_code}: {r.text[:120]}")
                 except httpx.HTTPError as e:
                     bad.append(repr(e))
-                i += clients
+                i += clients * per_request
         with lock:
             latencies.extend(mine)
             failures.extend(bad)
@@ -157,7 +168,39 @@ def http_load(url: str, pngs: list[bytes], clients: int, seconds: float, stop: t
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
         list(pool.map(worker, range(clients)))
-    return len(latencies) / (time.perf_counter() - start), latencies, failures
+    return per_request * len(latencies) / (time.perf_counter() - start), latencies, failures
+
+
+def replica_totals(url: str) -> dict[str, float]:
+    """Counters of the replica's /metrics so far: engine batches and their images (keepclip_batch_size), and the
+    classify requests and their seconds inside the replica's app (keepclip_request_latency_seconds)."""
+    import httpx
+
+    lines = httpx.get(f"{url}/metrics", timeout=60).text.splitlines()
+
+    def total(prefix: str) -> float:
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix) and
+                   ("{" not in prefix or 'status="200"' in line))
+
+    classify = 'keepclip_request_latency_seconds_{}{{endpoint="/v1/classify",method="POST"'
+    return {"batches": total("keepclip_batch_size_count"), "images": total("keepclip_batch_size_sum"),
+            "requests": total(classify.format("count")), "seconds": total(classify.format("sum"))}
+
+
+def http_run(url: str, pngs: list[bytes], clients: int, seconds: float, per_request: int = 1) -> dict:
+    """One load run: images/s, latency per request (at the client, and inside the replica's app), failures and the
+    mean dynamic batch the engine ran meanwhile."""
+    before = replica_totals(url)
+    rate, lat, failed = http_load(url, pngs, clients, seconds, per_request=per_request)
+    after = replica_totals(url)
+    ran = {k: after[k] - before[k] for k in after}
+    return {
+        "clients": clients, "images_per_request": per_request, "images_per_s": rate, "requests": len(lat),
+        "failures": len(failed), "first_failures": failed[:3],
+        "latency_ms": {"p50": 1000 * percentile(lat, 50), "p99": 1000 * percentile(lat, 99)} if lat else None,
+        "in_replica_mean_ms": 1000 * ran["seconds"] / ran["requests"] if ran["requests"] else None,
+        "batches": int(ran["batches"]), "mean_batch": ran["images"] / ran["batches"] if ran["batches"] else None,
+    }
 
 
 def publish_to_live(url: str, store, pngs: list[bytes], rounds: int, clients: int = 8) -> list[dict]:
@@ -199,6 +242,45 @@ def publish_to_live(url: str, store, pngs: list[bytes], rounds: int, clients: in
     return results
 
 
+def baselines(settings, pngs: list[bytes], batch_size: int, class_names: list[str], min_s: float, threads: list[int]) -> dict[int, float]:
+    """Plain zero-shot images/s per torch thread count (this process's count is restored afterwards)."""
+    import torch
+
+    before, rates = torch.get_num_threads(), {}
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            rates[n] = baseline_images_per_s(settings, pngs, batch_size, class_names, min_s)
+            print(f"baseline open_clip zero-shot, {n} torch thread(s): {rates[n]:.1f} images/s", flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return rates
+
+
+def summarise(results: dict) -> dict:
+    """The figures other benchmarks pick up: 8 clients, one image per request (and several, when measured), against
+    plain zero-shot in-process (the faster thread count, mean of its measurements before and after the HTTP runs)."""
+    zero_shot = results["baseline_images_per_s"]
+    one = next(r for r in results["http"] if r["clients"] == 8 and r["images_per_request"] == 1)
+    summary = {
+        "zero_shot_images_per_s": zero_shot,
+        "zero_shot_threads": results["baseline_threads"],
+        "engine_over_zero_shot": results["engine_images_per_s"] / zero_shot,
+        "http_images_per_s_8_clients": one["images_per_s"],
+        "http_over_zero_shot_8_clients": one["images_per_s"] / zero_shot,
+        "mean_batch_8_clients": one["mean_batch"],
+        "replica_threads": results["replica_threads"],
+    }
+    multi = next((r for r in results["http"] if r["clients"] == 8 and r["images_per_request"] > 1), None)
+    if multi is not None:
+        summary.update({
+            "images_per_request_multi": multi["images_per_request"],
+            "http_over_zero_shot_8_clients_multi": multi["images_per_s"] / zero_shot,
+            "mean_batch_8_clients_multi": multi["mean_batch"],
+        })
+    return summary
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     from service.settings import ServiceSettings
@@ -213,9 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domains", default=",".join(DOMAINS))
     p.add_argument("--per-domain", type=int, default=100, help="test images per domain")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, baseline and replica alike")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the in-process baseline (measured with 1 and with this many; the faster counts)")
+    p.add_argument("--replica-threads", type=int, default=None,
+                   help="torch threads of the replica (default: the service's default, KEEPCLIP_TORCH_THREADS or 1 on CPU)")
+    p.add_argument("--batch-wait-s", type=float, default=None,
+                   help="the replica's batch_wait_timeout_s (default: the service's default, continuous batching)")
     p.add_argument("--seconds", type=float, default=15.0, help="duration of each measurement")
-    p.add_argument("--clients", type=int, default=0, help="clients for the throughput run (default 2 x batch size)")
+    p.add_argument("--clients", type=int, default=8, help="clients of an extra throughput run (besides 1 and 8)")
+    p.add_argument("--images-per-request", type=int, default=8, help="images per request of the multi-image run at 8 clients (1: skip it)")
     p.add_argument("--probe-rounds", type=int, default=3, help="publish-to-live rounds (0: skip)")
     p.add_argument("--fill-hand-made", action="store_true", help="empty store: publish hand-made tasks first (dry runs only)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -237,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     store = open_store(store_url)
     settings = ServiceSettings(
         model=args.model, pretrained=args.pretrained, device=args.device, store=store_url,
-        max_batch_size=args.batch_size, torch_threads=args.threads, replica_cpus=1, ui=False, poll_interval_s=0.1,
+        max_batch_size=args.batch_size, replica_cpus=1, ui=False, poll_interval_s=0.1,
+        **({"torch_threads": args.replica_threads} if args.replica_threads else {}),
+        **({"batch_wait_timeout_s": args.batch_wait_s} if args.batch_wait_s is not None else {}),
     )
     if args.fill_hand_made and not store.list():
         from backbone import PromptedCLIP, load_backbone
@@ -251,15 +340,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"store {args.store} holds no tasks (use --fill-hand-made for a dry run)")
     class_names = [c for t in tasks for c in store.get(t.name).class_names]
     pngs = load_test_images(args.data, domains, args.per_domain)
+    from service.app import replica_torch_threads
+
+    replica_threads = replica_torch_threads(settings)
     print(f"{len(tasks)} tasks ({', '.join(t.name for t in tasks)}), {len(class_names)} classes, {len(pngs)} test images, "
-          f"batch {args.batch_size}, {args.threads} torch threads", flush=True)
+          f"batch {args.batch_size}, {args.threads} torch threads in-process, {replica_threads or 'default'} in the replica", flush=True)
 
     results: dict = {"tasks": [t.name for t in tasks], "classes": len(class_names), "batch_size": args.batch_size,
-                     "threads": args.threads, "images": len(pngs), "model": args.model}
-    results["baseline_images_per_s"] = baseline_images_per_s(settings, pngs, args.batch_size, class_names, args.seconds)
-    print(f"baseline open_clip zero-shot: {results['baseline_images_per_s']:.1f} images/s", flush=True)
+                     "threads": args.threads, "replica_threads": replica_threads, "batch_wait_s": settings.batch_wait_timeout_s,
+                     "images": len(pngs), "model": args.model}
+    thread_counts = sorted({1, args.threads})
+    first = baselines(settings, pngs, args.batch_size, class_names, args.seconds, thread_counts)
+    torch.set_num_threads(replica_threads or args.threads)  # the engine as a replica runs it, without HTTP
     results["engine_images_per_s"], results["engine_routing"] = engine_images_per_s(settings, pngs, args.batch_size, args.seconds)
-    print(f"keepclip engine (no HTTP):    {results['engine_images_per_s']:.1f} images/s", flush=True)
+    torch.set_num_threads(args.threads)
+    print(f"keepclip engine (no HTTP), {replica_threads or args.threads} torch thread(s): {results['engine_images_per_s']:.1f} images/s", flush=True)
 
     import ray
     from ray import serve
@@ -274,22 +369,17 @@ def main(argv: list[str] | None = None) -> int:
         url = f"http://127.0.0.1:{port}"
         serve.run(build_app(settings), name="keepclip-bench", route_prefix="/")
         http_load(url, pngs, 4, 3.0)  # warm-up
-        clients = args.clients or 2 * args.batch_size
-        rate, lat, failed = http_load(url, pngs, clients, args.seconds)
-        results["service_images_per_s"], results["service_clients"], results["service_failures"] = rate, clients, len(failed)
-        results["ratio_service_to_baseline"] = rate / results["baseline_images_per_s"]
-        results["ratio_engine_to_baseline"] = results["engine_images_per_s"] / results["baseline_images_per_s"]
-        print(f"service /v1/classify, {clients} clients: {rate:.1f} images/s = {results['ratio_service_to_baseline']:.2f} x baseline", flush=True)
-        for n in (1, 8):
-            _, lat, failed = http_load(url, pngs, n, args.seconds)
-            results[f"latency_{n}_clients_ms"] = {"p50": 1000 * percentile(lat, 50), "p99": 1000 * percentile(lat, 99), "requests": len(lat), "failures": len(failed)}
-            print(f"latency with {n} client(s): p50 {results[f'latency_{n}_clients_ms']['p50']:.1f} ms, p99 {results[f'latency_{n}_clients_ms']['p99']:.1f} ms", flush=True)
-        import httpx
-
-        metrics = httpx.get(f"{url}/metrics").text
-        count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("keepclip_batch_size_count")))
-        total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("keepclip_batch_size_sum")))
-        results["mean_dynamic_batch"] = total / count if count else None
+        runs = [(n, 1) for n in sorted({1, 8, args.clients})]
+        if args.images_per_request > 1:
+            runs.append((8, args.images_per_request))
+        results["http"] = []
+        for clients, per_request in runs:
+            run = http_run(url, pngs, clients, args.seconds, per_request)
+            results["http"].append(run)
+            lat = run["latency_ms"] or {"p50": math.nan, "p99": math.nan}
+            print(f"service /v1/classify, {clients} client(s), {per_request} image(s) per request: {run['images_per_s']:.1f} "
+                  f"images/s, mean batch {run['mean_batch'] or 0:.2f}, latency p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, "
+                  f"{run['failures']} failures", flush=True)
         if args.probe_rounds:
             probes = publish_to_live(url, store, pngs, args.probe_rounds)
             results["publish_to_live"] = probes
@@ -303,6 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+    again = baselines(settings, pngs, args.batch_size, class_names, args.seconds, thread_counts)
+    results["baseline_by_threads"] = {str(n): {"before": first[n], "after": again[n]} for n in thread_counts}
+    mean = {n: (first[n] + again[n]) / 2 for n in thread_counts}
+    results["baseline_threads"] = max(mean, key=mean.get)
+    results["baseline_images_per_s"] = mean[results["baseline_threads"]]
+    results["summary"] = summarise(results)
+    print("summary: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in results["summary"].items()), flush=True)
     text = json.dumps(results, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

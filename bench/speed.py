@@ -21,16 +21,19 @@ and one number of torch threads; the engine runs on torch eager like the baselin
    each colour task): images routed to them are answered from the frozen pass, so the engine should run close to
    zero-shot;
 2. **router vs number of tasks**: for each count in --tasks, synthetic fingerprints (random `TaskStats` of the
-   backbone's embedding dimension, float64 as the engine holds them, --classes-per-task router keys) fed to
-   `service.router.Router`: build seconds, µs per image of `route()` at batch 1 and at --batch-size, FAISS index
-   bytes, bytes of the stats' tensors;
+   backbone's embedding dimension, float32 as a replica holds them, --classes-per-task class keys, a calibration
+   sample) fed to `service.router.Router` with a 1,000-name vocabulary, as the engine builds it: build and calibration
+   seconds, µs per image of `route()` at batch 1 and at --batch-size, FAISS index bytes, bytes of the stats' tensors;
 3. **memory per task**: one default-recipe task (`PromptConfig()` prompts, a real fingerprint, --classes-per-task
    classes) published to a temporary store: its files' bytes and its prompt parameters; then --load-tasks copies
    loaded into an engine already serving one: resident memory added per task (RSS delta / N, free heap pages given
    back to the OS before and after, so it counts what the tasks keep) and the exact bytes one loaded task holds
    (prompt tensors, cached text features, stats).
 
-Writes --out (JSON with the machine and the command line) and a Markdown table beside it (.md), and prints the table.
+4. **bytes per task at 512-d** (--memory-model, default a random-init ViT-B-16): a head task and a prompt task loaded
+   into an engine, the exact bytes of each part.
+
+Writes --out (JSON with the machine, the command line and a top-level "summary" of the headline numbers) and a Markdown table beside it (.md), and prints the table.
 On a shared machine only the ratios within one run mean much.
 """
 from __future__ import annotations
@@ -234,9 +237,10 @@ def head_store(args, maker, work: Path):
 
     from PIL import Image
 
+    from backbone import DEFAULT_TEMPLATES, PixelPipeline
     from prompts_store import open_store
     from service.testing import color_task_data
-    from training.data import ImageSet, PixelPipeline, split_train_val
+    from training.data import ImageSet, split_train_val
     from training.head_learner import HeadLearner
     from training.learner import RunContext, TaskData
 
@@ -252,7 +256,7 @@ def head_store(args, maker, work: Path):
             images, labels, class_names = color_task_data(maker, name, n=args.head_images)
         pixels = np.stack([pipeline.pixels(Image.fromarray(im)) for im in images])
         train, val = split_train_val(labels, 0.1, 0)
-        task = TaskData(name, class_names, ["a photo of a {}."], ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val]))
+        task = TaskData(name, class_names, list(DEFAULT_TEMPLATES), ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val]))
         store.publish(HeadLearner().fit(task, maker.backbone, RunContext(progress=False)))
     log.info("learned %d head tasks", len(domains or COLOR_TASKS))
     return store
@@ -462,11 +466,12 @@ def bench_memory_at(args, work: Path) -> dict:
     issue's memory target is stated at): a head task (the default kind) and a default-recipe prompt task, each of
     --classes-per-task classes, loaded into an engine."""
     from backbone import PromptConfig
+    from backbone import DEFAULT_TEMPLATES, PixelPipeline
     from prompts_store import open_store
     from service.engine import Engine
     from service.settings import ServiceSettings
     from service.testing import color_task_data, make_task
-    from training.data import ImageSet, PixelPipeline, split_train_val
+    from training.data import ImageSet, split_train_val
     from training.head_learner import HeadLearner
     from training.learner import RunContext, TaskData
 
@@ -482,7 +487,7 @@ def bench_memory_at(args, work: Path) -> dict:
     pixels = np.stack([PixelPipeline(maker.backbone.preprocess).pixels(Image.fromarray(im)) for im in images])
     store = open_store(folder / "store")
     train, val = split_train_val(labels, 0.25, 0)
-    task = TaskData("head", names, ["a photo of a {}."], ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val]))
+    task = TaskData("head", names, list(DEFAULT_TEMPLATES), ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val]))
     store.publish(HeadLearner().fit(task, maker.backbone, RunContext(progress=False)))
     store.publish(make_task(maker, "prompts", list(images), list(labels), names, config=PromptConfig(), prompt_scale=0.02))
     settings = ServiceSettings(model=args.memory_model, pretrained=pretrained, device=args.device, store=store.url, ui=False)

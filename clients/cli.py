@@ -10,7 +10,7 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, NoReturn, Optional
+from typing import Iterable, Iterator, List, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
@@ -110,6 +110,9 @@ def _failures_reported() -> Iterator[None]:
 UrlOpt = typer.Option(_client.url, "--url", help="service URL [KEEPCLIP_URL]")
 # refusals about one image: report it and go on with the next; any other refusal is the same for every image
 _IMAGE_ERRORS = frozenset({"invalid_image", "empty_image", "image_too_large", "payload_too_large"})
+# images go in requests of at most this many (and bytes): they join the service's dynamic batch together
+IMAGES_PER_REQUEST = 16
+BYTES_PER_REQUEST = 4 * 2**20
 
 
 @app.command()
@@ -123,31 +126,73 @@ def classify(
 ) -> None:
     """Classify images through a running service: task-agnostic by default, or --task NAME, or --labels L1,L2,...
 
-    Exit code 1 when the service refuses or cannot be reached, or any image could not be classified.
+    The images go in one request (up to 16 per request), each still routed on its own. Exit code 1 when the service
+    refuses or cannot be reached, or any image could not be classified.
     """
     if task and labels:
         _fail("give --task or --labels, not both", USAGE)
     label_list = [part.strip() for part in labels.split(",") if part.strip()] if labels is not None else None
     with _failures_reported(), KeepclipClient(url) as client:
-        failures = sum(not _classify_one(client, path, task, label_list, top_k, as_json) for path in images)
+        failures = 0
+        for chunk in _chunks(images):
+            failures += _classify_chunk(client, chunk, task, label_list, top_k, as_json)
     if failures:
         raise typer.Exit(FAILED)
 
 
-def _classify_one(client: KeepclipClient, path: Path, task, labels, top_k: int, as_json: bool) -> bool:
+def _chunks(paths: Iterable[Path]) -> Iterator[list[tuple[Path, bytes | None]]]:
+    """(path, bytes; None when unreadable) in requests of at most IMAGES_PER_REQUEST images and BYTES_PER_REQUEST,
+    read as they are sent."""
+    chunk: list[tuple[Path, bytes | None]] = []
+    size = 0
+    for path in paths:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            typer.echo(f"error: {path}: cannot read it ({e.strerror or e})", err=True)
+            data = None
+        if chunk and (len(chunk) == IMAGES_PER_REQUEST or size + len(data or b"") > BYTES_PER_REQUEST):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((path, data))
+        size += len(data or b"")
+    if chunk:
+        yield chunk
+
+
+def _classify_chunk(client: KeepclipClient, chunk: list[tuple[Path, bytes | None]], task, labels, top_k: int, as_json: bool) -> int:
+    """Print the answers of one request's images; returns how many images failed. When the service refuses one
+    image of the request (or the request is too large), each image is sent on its own, to say which one."""
+    readable = [(path, data) for path, data in chunk if data is not None]
+    failures = len(chunk) - len(readable)
+    if not readable:
+        return failures
+    try:
+        results = client.classify_many([data for _, data in readable], task=task, labels=labels, top_k=top_k)
+    except KeepclipError as e:
+        if e.code not in _IMAGE_ERRORS | {"too_many_images"}:
+            raise
+        return failures + sum(not _classify_one(client, path, data, task, labels, top_k, as_json) for path, data in readable)
+    for (path, _), result in zip(readable, results):
+        _print_classification(path, result, as_json)
+    return failures
+
+
+def _classify_one(client: KeepclipClient, path: Path, data: bytes, task, labels, top_k: int, as_json: bool) -> bool:
     """Print one image's answer; False (after an `error: PATH: ...` line) when that image alone was refused."""
     try:
-        result = client.classify(path, task=task, labels=labels, top_k=top_k)
+        result = client.classify(data, task=task, labels=labels, top_k=top_k)
     except KeepclipError as e:
         if e.code not in _IMAGE_ERRORS:
             raise
         typer.echo(f"error: {path}: {_describe(e)}", err=True)
         return False
-    except OSError as e:
-        typer.echo(f"error: {path}: cannot read it ({e.strerror or e})", err=True)
-        return False
-    typer.echo(json.dumps({"image": str(path), **result.model_dump()}) if as_json else _classification_line(path, result))
+    _print_classification(path, result, as_json)
     return True
+
+
+def _print_classification(path: Path, result: Classification, as_json: bool) -> None:
+    typer.echo(json.dumps({"image": str(path), **result.model_dump()}) if as_json else _classification_line(path, result))
 
 
 def _classification_line(path: Path, result: Classification) -> str:

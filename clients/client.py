@@ -4,6 +4,7 @@
     with KeepclipClient("http://127.0.0.1:8000") as kc:
         result = kc.classify("cat.jpg")                    # task-agnostic: routed task, gate, scores
         result.task, result.gate, result.scores[0].label
+        kc.classify_many(["cat.jpg", "dog.jpg"])            # several images in one request: a list, in order
         kc.classify("cat.jpg", labels=["cat", "dog"])       # open vocabulary
         kc.tasks().tasks                                    # live tasks
         KeepclipClient(token="...").delete_task("cifar10")  # admin (KEEPCLIP_ADMIN_TOKEN)
@@ -85,6 +86,10 @@ class Classification(_Model):
     generation: int = 0
 
 
+class Classifications(_Model):
+    results: list[Classification]
+
+
 class Embeddings(_Model):
     kind: str
     embeddings: list[list[float]]
@@ -161,6 +166,20 @@ class Health(_Model):
 
 
 # ----------------------------------------------------------------------------- the client
+def _labels_need_json(labels: Sequence[str] | None) -> bool:
+    """One multipart `labels` value is split at commas by the service: such labels (or a single one) go as JSON."""
+    return labels is not None and (len(labels) < 2 or any("," in label for label in labels))
+
+
+def _classify_form(task: str | None, labels: Sequence[str] | None, top_k: int) -> dict[str, Any]:
+    form: dict[str, Any] = {"top_k": str(top_k)}
+    if task is not None:
+        form["task"] = task
+    if labels is not None:
+        form["labels"] = list(labels)
+    return form
+
+
 def image_bytes(image: ImageLike) -> tuple[str, bytes]:
     """(file name, encoded bytes) of a path, raw bytes, a PIL image or an HWC uint8 array (PNG-encoded)."""
     if isinstance(image, (bytes, bytearray)):
@@ -211,16 +230,28 @@ class KeepclipClient:
         self, image: ImageLike, task: str | None = None, labels: Sequence[str] | None = None, top_k: int = 5
     ) -> Classification:
         name, data = image_bytes(image)
-        if labels is not None and (len(labels) < 2 or any("," in label for label in labels)):
-            # one multipart `labels` value is split at commas by the service: send JSON instead
+        if _labels_need_json(labels):
             body = {"image": base64.b64encode(data).decode(), "task": task, "labels": list(labels), "top_k": top_k}
             return Classification.model_validate(self._request("POST", "/v1/classify", json=body))
-        form: dict[str, Any] = {"top_k": str(top_k)}
-        if task is not None:
-            form["task"] = task
-        if labels is not None:
-            form["labels"] = list(labels)
+        form = _classify_form(task, labels, top_k)
         return Classification.model_validate(self._request("POST", "/v1/classify", data=form, files={"file": (name, data)}))
+
+    def classify_many(
+        self, images: Sequence[ImageLike], task: str | None = None, labels: Sequence[str] | None = None, top_k: int = 5
+    ) -> list[Classification]:
+        """Several images in one request, results in the same order: the images join the service's dynamic batch
+        together and are still routed each on its own. At most the service's `max_images_per_request` (64 by
+        default) and `max_body_bytes` (16 MiB) per call."""
+        encoded = [image_bytes(image) for image in images]
+        if not encoded:
+            return []
+        if _labels_need_json(labels):
+            body = {"images": [base64.b64encode(data).decode() for _, data in encoded], "task": task, "labels": list(labels), "top_k": top_k}
+            answer = self._request("POST", "/v1/classify", json=body)
+        else:
+            files = [("images", (name, data)) for name, data in encoded]  # `images`: the answer is a list even for one
+            answer = self._request("POST", "/v1/classify", data=_classify_form(task, labels, top_k), files=files)
+        return Classifications.model_validate(answer).results
 
     def embed_image(self, image: ImageLike, task: str | None = None, weight: float = 1.0) -> Embeddings:
         name, data = image_bytes(image)

@@ -1,7 +1,7 @@
 """The HTTP API as a FastAPI app factory, usable in-process (tests, notebooks) or as the Serve ingress.
 
-    app = create_app(ServiceSettings(...))                 # builds and starts its own Engine
-    app = create_app(settings, engine=engine, submit=f)    # the Serve deployment passes its engine and @serve.batch
+    app = create_app(ServiceSettings(...))                           # builds and starts its own Engine
+    app = create_app(settings, engine=engine, batcher=b, executor=x)   # the Serve deployment passes its own
 
 Every refusal is `{"error": {"code": ..., "message": ...}}` with a 4xx status; FastAPI's own validation errors and
 Starlette's HTTP errors are reshaped the same way. A 500 only ever means a bug: hostile bodies (deep nesting, lone
@@ -17,7 +17,6 @@ import re
 import secrets
 import time
 import traceback
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,12 +48,13 @@ from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-Submit = Callable[[Any], Awaitable[Any]]
 MAX_TEXT_CHARS = 2000
 # Most entries of any JSON array or object within the depth our models read (more is refused before validation:
 # pydantic would build one error per entry, ~30 s and 4 GB for 4 M of them). Raised to the label and image limits.
 MAX_JSON_ENTRIES = 4096
 UPLOAD_FIELDS = ("file", "image")  # the multipart field of one image: README's `curl -F image=@cat.png` works too
+# classify also takes several images: repeated `file`/`image` parts, or `images` (plural: the answer is always a list)
+CLASSIFY_UPLOAD_FIELDS = (*UPLOAD_FIELDS, "images")
 GALLERY_UPLOAD_FIELDS = ("files", "file", "images", "image")
 _FORM_INT = re.compile(r"[+-]?[0-9]{1,18}")
 ERRORS = {s: {"model": S.ErrorResponse} for s in (400, 404, 413, 415, 422)}
@@ -76,6 +76,10 @@ def _body_doc(model: type[BaseModel], multipart: dict) -> dict:
 
 _FILE = {"type": "string", "format": "binary"}
 _ONE_UPLOAD = "the image in `file` or `image` (either name, one image)"
+_CLASSIFY_UPLOADS = (
+    "one image in `file` or `image` (answer: one result); several images as repeated `file` or `image` parts, or "
+    "any number as `images` parts (answer: `{results: [...]}`, in order); at most `max_images_per_request`"
+)
 _STRS = {"type": "array", "items": {"type": "string"}}
 
 
@@ -150,12 +154,12 @@ def _endpoint(scope) -> str:
 def create_app(
     settings: ServiceSettings | None = None,
     engine: Engine | None = None,
-    submit: Submit | None = None,
+    batcher: MicroBatcher | None = None,
     executor: ThreadPoolExecutor | None = None,
     metrics: ServiceMetrics | None = None,
 ) -> FastAPI:
     """The FastAPI app. Without `engine`, one is built from `settings` and started (and closed on shutdown);
-    without `submit`, an in-process micro-batcher feeds `engine.run_batch`."""
+    without `batcher`, one is made that feeds `engine.run_batch` on `executor` (a one-thread pool by default)."""
     settings = settings or ServiceSettings()
     metrics = metrics or (engine.metrics if engine is not None and isinstance(engine.metrics, ServiceMetrics) else ServiceMetrics())
     own_engine = engine is None
@@ -163,10 +167,9 @@ def create_app(
         engine = Engine.from_settings(settings, metrics=metrics).start()
     own_executor = executor is None
     executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepclip-engine")
-    batcher = None
-    if submit is None:
+    if batcher is None:
         batcher = MicroBatcher(engine.run_batch, executor, settings.max_batch_size, settings.batch_wait_timeout_s)
-        submit = batcher.submit
+    submit, submit_many = batcher.submit, batcher.submit_many
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -219,7 +222,12 @@ def create_app(
         if ctype == "application/json" or ctype.endswith("+json"):
             return json_body(await request.body()), {}, True
         if ctype == "multipart/form-data":
-            form = await request.form(max_files=settings.max_images_per_request, max_fields=1000, max_part_size=settings.max_body_bytes)
+            try:
+                form = await request.form(max_files=settings.max_images_per_request, max_fields=1000, max_part_size=settings.max_body_bytes)
+            except StarletteHTTPException as e:
+                if "too many files" in str(e.detail).lower():  # Starlette's 400: answer like a JSON list that is too long
+                    raise too_many_images(f"more than {settings.max_images_per_request}") from None
+                raise
             fields: dict[str, list[Any]] = {}
             files: dict[str, list[tuple[str, bytes]]] = {}
             for key, value in form.multi_items():
@@ -270,6 +278,38 @@ def create_app(
             raise ApiError(422, "validation_error", f"send one image, in 'file' or 'image' (got {len(got)})")
         return got[0][1] if got else None
 
+    def classify_uploads(fields: dict, files: dict) -> tuple[list[tuple[str, bytes]], bool]:
+        """(images as [(field label, bytes)], is a list answered) of a multipart classify request."""
+        no_text(fields, CLASSIFY_UPLOAD_FIELDS)
+        used = [name for name in CLASSIFY_UPLOAD_FIELDS if name in files]
+        if len(used) > 1:
+            raise ApiError(422, "validation_error", "send one image in 'file' or 'image', or several in one of 'file', "
+                           f"'image', 'images'; not in {' and '.join(used)}")
+        if not used:
+            raise ApiError(422, "validation_error", "multipart body needs an image in the 'file' (or 'image') field")
+        field, got = used[0], files[used[0]]
+        many = field == "images" or len(got) > 1
+        return [(f"{field}[{n}]" if many else "image", data) for n, (_, data) in enumerate(got)], many
+
+    def json_images(req: S.ClassifyRequest) -> tuple[list[tuple[str, bytes]], bool]:
+        """(images as [(field label, bytes)], is a list answered) of a JSON classify request."""
+        if (req.image is None) == (req.images is None):
+            raise ApiError(422, "validation_error", "give 'image' (one base64 image) or 'images' (a list of them), not both or neither")
+        if req.image is not None:
+            return [("image", decode_base64(req.image))], False
+        if not req.images:
+            raise ApiError(422, "validation_error", "'images' must hold at least one image")
+        check_image_count(len(req.images))
+        return [(f"images[{n}]", decode_base64(image, f"images[{n}]")) for n, image in enumerate(req.images)], True
+
+    def check_image_count(count: int) -> None:
+        if count > settings.max_images_per_request:
+            raise too_many_images(str(count))
+
+    def too_many_images(count: str) -> ApiError:
+        return ApiError(422, "too_many_images", f"too many images: {count}; at most {settings.max_images_per_request} "
+                        "per request (KEEPCLIP_MAX_IMAGES_PER_REQUEST)")
+
     def uploads(fields: dict, files: dict) -> tuple[str, list[tuple[str, bytes]]]:
         """(field, [(file name, bytes)]) of a gallery request: any one of the upload field names will do."""
         no_text(fields, GALLERY_UPLOAD_FIELDS)
@@ -283,8 +323,13 @@ def create_app(
         return None if task is None else task_name(task)
 
     async def image_tensor(data: bytes, field: str = "image"):
+        [image] = await image_tensors([(field, data)])
+        return image
+
+    async def image_tensors(items: list[tuple[str, bytes]]) -> list[torch.Tensor]:
+        """Decoded and preprocessed off the event loop, all of a request's images in one worker-thread call."""
         def load():
-            return engine.preprocess(decode_image(data, settings.max_image_pixels, field))
+            return [engine.preprocess(decode_image(data, settings.max_image_pixels, field)) for field, data in items]
 
         return await run_in_threadpool(load)
 
@@ -329,37 +374,43 @@ def create_app(
     # ------------------------------------------------------------------ inference endpoints
     @app.post(
         "/v1/classify",
-        response_model=S.ClassifyResponse,
+        response_model=S.ClassifyResponse | S.ClassifyManyResponse,
         responses=ERRORS,
-        summary="Classify one image (by task, by free labels, or task-agnostic)",
+        summary="Classify one image or several (by task, by free labels, or task-agnostic)",
         openapi_extra=_body_doc(
             S.ClassifyRequest,
-            {"type": "object", "description": _ONE_UPLOAD, "properties": {"file": _FILE, "image": _FILE, "task": {"type": "string"}, "labels": _STRS, "top_k": {"type": "integer", "default": 5}}},
+            {"type": "object", "description": _CLASSIFY_UPLOADS, "properties": {
+                "file": _FILE, "image": _FILE, "images": {"type": "array", "items": _FILE}, "task": {"type": "string"},
+                "labels": _STRS, "top_k": {"type": "integer", "default": 5}}},
         ),
     )
-    async def classify(request: Request) -> S.ClassifyResponse:
+    async def classify(request: Request) -> S.ClassifyResponse | S.ClassifyManyResponse:
         """Modes: `task` (that task's classes, its prompts at w = 1), `labels` (open vocabulary; the routed task's
         prompts still apply, weighted by its gate), or neither (task-agnostic: the routed task's classes). Without
         task or labels, an image that matches no learned task gets `task: null` and the frozen CLIP answer over the
-        service's open vocabulary (setting `vocabulary`, default ImageNet-1k class names), with a `message` saying so."""
+        service's open vocabulary (setting `vocabulary`, default ImageNet-1k class names), with a `message` saying so.
+
+        Several images (JSON `images`, or several multipart parts) share the request's fields, are routed each on
+        its own, and come back as `{results: [...]}` in the order sent; one image (`image`) gets one result."""
         fields, files, is_json = await parse(request)
         if is_json:
             req = _validate(S.ClassifyRequest, fields)
-            data = decode_base64(req.image)
+            images, many = json_images(req)
         else:
-            data = upload(fields, files)
-            if data is None:
-                raise ApiError(422, "validation_error", "multipart body needs an image in the 'file' (or 'image') field")
+            images, many = classify_uploads(fields, files)
+            check_image_count(len(images))
             labels = form_labels(fields.pop("labels", None))
-            values = {"image": "-", "task": one(fields, "task"), "labels": labels, "top_k": _form_int(one(fields, "top_k"), "top_k")}
-            no_extra(fields, files, UPLOAD_FIELDS)
+            values = {"task": one(fields, "task"), "labels": labels, "top_k": _form_int(one(fields, "top_k"), "top_k")}
+            no_extra(fields, files, CLASSIFY_UPLOAD_FIELDS)
             req = _validate(S.ClassifyRequest, {k: v for k, v in values.items() if v is not None})
         if req.task is not None and req.labels is not None:
             raise ApiError(422, "validation_error", "give either 'task' or 'labels', not both")
         task, labels, top_k = served_task(req.task), check_labels(req.labels), check_top_k(req.top_k)
-        image = await image_tensor(data)
-        result: ClassifyResult = raise_task_error(await submit(ClassifyJob(image, task, labels, top_k)))
-        return _classify_response(result)
+        tensors = await image_tensors(images)
+        # the images join the dynamic batch together (each routed on its own); a refusal of any fails the request
+        results = await submit_many([ClassifyJob(image, task, labels, top_k) for image in tensors])
+        answers = [_classify_response(raise_task_error(r)) for r in results]
+        return S.ClassifyManyResponse(results=answers) if many else answers[0]
 
     @app.post(
         "/v1/embed",
@@ -435,8 +486,8 @@ def create_app(
         ids = [i for i, _ in items]
         if len(set(ids)) != len(ids):
             raise ApiError(422, "validation_error", "ids must be distinct")
-        images = [await image_tensor(data, f"image '{echo(i, 40)}'") for i, data in items]
-        results = await asyncio.gather(*(submit(EmbedJob(im)) for im in images))  # they share dynamic batches
+        images = await image_tensors([(f"image '{echo(i, 40)}'", data) for i, data in items])
+        results = await submit_many([EmbedJob(im) for im in images])  # they share dynamic batches
         feats = torch.stack([raise_task_error(r).embedding for r in results])
         try:
             size = engine.gallery.add(ids, feats)
@@ -713,8 +764,9 @@ if __name__ == "__main__":  # python -m service.api > service/openapi.json  (the
     class _NoEngine:  # the schema needs no model: build the app around a stand-in that is never called
         metrics = None
         state = None
+        run_batch = None
 
     _settings = ServiceSettings(ui=False)
-    _app = create_app(_settings, engine=_NoEngine(), submit=lambda job: None)  # type: ignore[arg-type]
+    _app = create_app(_settings, engine=_NoEngine())  # type: ignore[arg-type]
     json.dump(_app.openapi(), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")

@@ -1,5 +1,6 @@
-"""The Ray Serve application: one ingress deployment that owns the engine, batches with `@serve.batch`, and builds
-its FastAPI + Gradio app on the replica (`__serve_build_asgi_app__`; a mounted Gradio app cannot be pickled).
+"""The Ray Serve application: one ingress deployment that owns the engine, batches with `service.batching.MicroBatcher`
+(continuous batching rather than `@serve.batch`: see service/batching.py), and builds its FastAPI + Gradio app on the
+replica (`__serve_build_asgi_app__`; a mounted Gradio app cannot be pickled).
 
     from service.app import build_app
     serve.run(build_app(ServiceSettings(store="./keepclip-store")), name="keepclip", route_prefix="/")
@@ -13,7 +14,7 @@ or, from a Serve config file (also KubeRay's `serveConfigV2`; see service/serve_
         args: {store: s3://bucket/keepclip-store, model: ViT-B-16, pretrained: openai}
         deployments:
           - name: KeepclipDeployment
-            user_config: {max_batch_size: 16, batch_wait_timeout_s: 0.005, gate_threshold: 0.01}
+            user_config: {max_batch_size: 16, batch_wait_timeout_s: 0.0, gate_threshold: 0.01}
 
 Updates to tasks never go through `serve.run`/`serve deploy` (which restart replicas): every replica follows the
 store's change feed itself. Runtime knobs (batch size and wait, gate threshold, router top-k, poll interval) arrive
@@ -21,7 +22,6 @@ through `user_config` -> `reconfigure` without a restart.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import signal
 import threading
@@ -45,30 +45,27 @@ class KeepclipDeployment:
     def __init__(self, settings: ServiceSettings):
         import torch
 
+        from .batching import MicroBatcher
         from .engine import Engine
         from .metrics import ServiceMetrics
 
         logging.getLogger("service").setLevel(logging.INFO)
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        threads = replica_torch_threads(settings)
+        if threads:
+            torch.set_num_threads(threads)  # before the engine: ONNX Runtime takes torch's count too
         self.settings = settings
         self.metrics = ServiceMetrics()
         self.engine = Engine.from_settings(settings, metrics=self.metrics).start()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepclip-engine")
-
-        async def run_batch(jobs: list) -> list:  # one queue per replica (a closure, not a class attribute)
-            return await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.run_batch, jobs)
-
-        self._batched = serve.batch(
-            max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_timeout_s
-        )(run_batch)
-        log.info("keepclip replica up: %s, store %s, %d tasks", self.engine.fingerprint["name"], settings.store, len(self.engine.state.tasks))
+        self.batcher = MicroBatcher(self.engine.run_batch, self.executor, settings.max_batch_size, settings.batch_wait_timeout_s)
+        log.info("keepclip replica up: %s, store %s, %d tasks, %d torch threads", self.engine.fingerprint["name"],
+                 settings.store, len(self.engine.state.tasks), torch.get_num_threads())
 
     def __serve_build_asgi_app__(self):
         from .api import create_app
         from .limits import SlowClientGuard
 
-        app = create_app(self.settings, engine=self.engine, submit=self._batched, executor=self.executor, metrics=self.metrics)
+        app = create_app(self.settings, engine=self.engine, batcher=self.batcher, executor=self.executor, metrics=self.metrics)
         # outermost: Serve hands over a request before its body arrives, so a slow sender holds a replica slot
         app.add_middleware(SlowClientGuard, body_timeout_s=self.settings.body_timeout_s, max_body_reads=self.settings.max_body_reads)
         return app
@@ -80,9 +77,9 @@ class KeepclipDeployment:
             raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: {list(RUNTIME_KNOBS)}")
         knobs = {k: v for k, v in (user_config or {}).items() if v is not None}
         if "max_batch_size" in knobs:
-            self._batched.set_max_batch_size(int(knobs["max_batch_size"]))
+            self.batcher.set_max_batch_size(int(knobs["max_batch_size"]))
         if "batch_wait_timeout_s" in knobs:
-            self._batched.set_batch_wait_timeout_s(float(knobs["batch_wait_timeout_s"]))
+            self.batcher.set_batch_wait_timeout_s(float(knobs["batch_wait_timeout_s"]))
         self.engine.reconfigure(**knobs)
         self.settings = self.settings.model_copy(update=knobs)
         log.info("reconfigured: %s", knobs)
@@ -115,6 +112,17 @@ class PrimaryFirstRouter(FIFOMixin, RequestRouter):
         if self._primary not in by_id:
             self._primary = min(by_id, key=lambda rid: rid.unique_id)  # the same first choice in every proxy
         return [[by_id[self._primary]], [r for rid, r in by_id.items() if rid != self._primary]]  # ranks
+
+
+def replica_torch_threads(settings: ServiceSettings) -> int | None:
+    """torch intra-op threads of a replica: `torch_threads` when set; else 1 on CPU, so that the replica's other
+    work (Serve's proxy, HTTP and multipart parsing, image decoding, which run beside each batch) keeps a core instead
+    of waiting behind the model's threads; else (GPU) torch's default."""
+    if settings.torch_threads:
+        return settings.torch_threads
+    from backbone.loading import resolve_device
+
+    return 1 if resolve_device(settings.device).type == "cpu" else None
 
 
 def resolve_replicas(settings: ServiceSettings) -> int:

@@ -1,24 +1,43 @@
-"""Dynamic batching for the in-process app (no Ray). Under Ray Serve the deployment uses `@serve.batch` instead;
-both hand a list of jobs to `Engine.run_batch` on one worker thread and give each caller its own result."""
+"""Dynamic batching of the service, in-process and under Ray Serve alike: every request's images go through one
+`MicroBatcher`, which hands lists of jobs to `Engine.run_batch` on one worker thread and gives each caller its own
+results.
+
+Continuous batching: the batch runs as soon as the engine is free, with every job queued by then (up to
+`max_batch_size`). A request that finds the engine idle runs at once, alone; requests that arrive while a batch runs
+form the next one. (Serve's `@serve.batch` cuts the next batch `batch_wait_timeout_s` after its first request even
+while the engine is still busy, then queues it on a semaphore: under load the queue is cut into batches of one or two.)
+"""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
 
 class MicroBatcher:
-    """`await batcher.submit(job)`: waits up to `wait_s` for up to `max_batch_size` jobs, runs them as one batch."""
+    """`await batcher.submit(job)` or `await batcher.submit_many(jobs)` -> results in order.
 
-    def __init__(self, run: Callable[[Sequence[Any]], list[Any]], executor: Executor, max_batch_size: int = 16, wait_s: float = 0.005):
+    `wait_s` applies only under load: a batch formed right after another one (jobs were waiting when the engine
+    became free) waits up to `wait_s` for more jobs, until `max_batch_size`, so that clients whose answers just went
+    out can join it. A job that finds the engine idle never waits.
+    """
+
+    def __init__(self, run: Callable[[Sequence[Any]], list[Any]], executor: Executor, max_batch_size: int = 16, wait_s: float = 0.0):
         self.run = run
         self.executor = executor
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
-        self._queue: asyncio.Queue | None = None
+        self._pending: deque[tuple[Any, asyncio.Future]] = deque()
+        self._wake: asyncio.Event | None = None  # set whenever jobs are queued
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task | None = None
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for the next batch."""
+        return len(self._pending)
 
     def set_max_batch_size(self, n: int) -> None:
         self.max_batch_size = int(n)
@@ -27,43 +46,65 @@ class MicroBatcher:
         self.wait_s = float(s)
 
     async def submit(self, job: Any) -> Any:
+        [result] = await self.submit_many([job])
+        return result
+
+    async def submit_many(self, jobs: Sequence[Any]) -> list[Any]:
+        """Queues the jobs together (a several-image request enters the batch as its images; more than
+        `max_batch_size` of them spill into the next batch) and waits for all their results."""
+        loop = self._started()
+        futures = [loop.create_future() for _ in jobs]
+        self._pending.extend(zip(jobs, futures))
+        self._wake.set()
+        return list(await asyncio.gather(*futures))  # cancelled (client gone): the worker skips its jobs
+
+    def _started(self) -> asyncio.AbstractEventLoop:
+        """The worker on the running loop (a new one when the app moves to another loop, as TestClients do)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._worker is None or self._worker.done():
-            self._loop, self._queue = loop, asyncio.Queue()
+            self._loop, self._pending, self._wake = loop, deque(), asyncio.Event()
             self._worker = loop.create_task(self._work())
-        future = loop.create_future()
-        await self._queue.put((job, future))
-        return await future
+        return loop
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
-        queue = self._queue
+        busy = False  # did jobs queue up while the last batch ran?
         while True:
-            batch = [await queue.get()]
-            deadline = loop.time() + self.wait_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    batch.append(queue.get_nowait())
-                    continue
-                except asyncio.QueueEmpty:
-                    pass
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(queue.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
-            live = [(job, f) for job, f in batch if not f.cancelled()]
-            if not live:
-                continue
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            elif busy and self.wait_s > 0:
+                await self._top_up(loop)
+            batch = self._take()
+            if batch:
+                await self._run(loop, batch)
+            busy = bool(self._pending)
+
+    async def _top_up(self, loop: asyncio.AbstractEventLoop) -> None:
+        deadline = loop.time() + self.wait_s
+        while len(self._pending) < self.max_batch_size and (left := deadline - loop.time()) > 0:
+            self._wake.clear()
             try:
-                results = await loop.run_in_executor(self.executor, self.run, [job for job, _ in live])
-            except Exception as e:  # the whole batch failed (a bug, not bad input): every caller gets it
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(e)
-                continue
-            for (_, f), r in zip(live, results):
-                if not f.done():
-                    f.set_result(r)
+                await asyncio.wait_for(self._wake.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[tuple[Any, asyncio.Future]]:
+        batch = []
+        while self._pending and len(batch) < self.max_batch_size:
+            job, future = self._pending.popleft()
+            if not future.done():  # cancelled: its request is gone
+                batch.append((job, future))
+        return batch
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        try:
+            results = await loop.run_in_executor(self.executor, self.run, [job for job, _ in batch])
+        except Exception as e:  # the whole batch failed (a bug, not bad input): every caller gets it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e)
+            return
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)

@@ -38,9 +38,8 @@ from typing import Any
 
 import torch
 
-from backbone import TaskStats
+from backbone import DEFAULT_TEMPLATES, TaskStats
 from backbone.task_identity import TaskIdentityHead
-from backbone.zeroshot import DEFAULT_TEMPLATES
 from prompts_store import StoreError, TaskArtifact, TaskNotFound, TaskStore, open_store
 
 from .gallery import Gallery

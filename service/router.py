@@ -116,20 +116,16 @@ class Router:
 
     def gate(self, name: str, features: torch.Tensor) -> torch.Tensor:
         """(B,) the weight task `name` gives each image: its distance gate, 0 where it does not claim the image."""
-        f = F.normalize(features.detach().cpu().float(), dim=-1)
-        return self._likelihood_and_gate(self.names.index(name), f, self._vocabulary_cos(f))[1]
+        t, f = self.names.index(name), F.normalize(features.detach().cpu().float(), dim=-1)
+        w = self.stats[name].likelihood_and_weight(f)[1]
+        check = self._check(t)
+        if check is None:
+            return w
+        return torch.where(check(f, self._vocabulary_cos(f)) & (w >= CLAIM), w, torch.zeros_like(w))
 
     def _vocabulary_cos(self, f: torch.Tensor) -> torch.Tensor | None:
         """(B, V) cosines of normalised features with the vocabulary's text: one product, shared by every task's check."""
         return f @ self.vocabulary.text.T if self.checking else None
-
-    def _likelihood_and_gate(self, t: int, f: torch.Tensor, vocabulary_cos: torch.Tensor | None):
-        """Task t's log-likelihood and weight for normalised rows f, from one distance; weight 0 where it does not claim."""
-        ll, w = self.stats[self.names[t]].likelihood_and_weight(f)
-        check = self._check(t)
-        if check is not None:
-            w = torch.where(check(f, vocabulary_cos) & (w >= CLAIM), w, torch.zeros_like(w))
-        return ll, w
 
     def candidates(self, features: torch.Tensor, top_k: int | None = None) -> list[list[int]]:
         """Up to `top_k` task indices per image, nearest task mean first."""
@@ -148,25 +144,46 @@ class Router:
             return []
         if self.index is None:
             return [NO_ROUTE] * n
-        cands = self.candidates(features, top_k)
         f = F.normalize(features.detach().cpu().float(), dim=-1)
-        vocabulary_cos = self._vocabulary_cos(f)
+        cands = self.candidates(f, top_k)
         ll = torch.full((n, len(self.names)), float("-inf"), dtype=torch.float64)
-        gate = torch.zeros(n, len(self.names))
-        for t in sorted({t for c in cands for t in c}):  # one exact pass per candidate task, over its images
+        gate = torch.zeros(n, len(self.names))  # the distance gates
+        for t in sorted({t for c in cands for t in c}):  # one distance per candidate task and image: likelihood and gate
             rows = torch.tensor([i for i, c in enumerate(cands) if t in c])
-            ll[rows, t], gate[rows, t] = self._likelihood_and_gate(t, f[rows], None if vocabulary_cos is None else vocabulary_cos[rows])
-        return [self._pick(cands[i], ll[i], gate[i], threshold) for i in range(n)]
+            ll[rows, t], gate[rows, t] = self.stats[self.names[t]].likelihood_and_weight(f[rows], normalized=True)
+        orders = [sorted(c, key=lambda t: -ll[i, t].item()) for i, c in enumerate(cands)]
+        chosen = self._claims(orders, f, gate, threshold)
+        return [self._route(orders[i], ll[i], gate[i], chosen.get(i)) for i in range(n)]
 
-    def _pick(self, cands: list[int], ll: torch.Tensor, gate: torch.Tensor, threshold: float) -> Route:
-        """The most likely candidate, or with checks the most likely one that claims the image; its gate is the weight."""
-        order = sorted(cands, key=lambda t: -ll[t].item())
-        candidates = tuple(Candidate(self.names[t], float(ll[t])) for t in order)
+    def _claims(self, orders: list[list[int]], f: torch.Tensor, gate: torch.Tensor, threshold: float) -> dict[int, int]:
+        """image -> the task that takes it: without checks the most likely candidate if its gate reaches the threshold;
+        with them the most likely candidate that claims it. A check runs only where the distance gate already reaches
+        0.5, candidates in likelihood order, so most images cost one check or none."""
+        vocabulary_cos = self._vocabulary_cos(f)
+        chosen: dict[int, int] = {}
+        pending = [i for i, order in enumerate(orders) if order]
+        for rank in range(max(map(len, orders), default=0) if self.checking else 1):
+            asked: dict[int, list[int]] = {}  # task -> images whose rank-th candidate it is and may claim them
+            for i in pending:
+                if rank < len(orders[i]):
+                    t = orders[i][rank]
+                    has_check = self._check(t) is not None
+                    if gate[i, t] >= threshold and (not has_check or gate[i, t] >= CLAIM):
+                        asked.setdefault(t, []).append(i)
+            for t, rows in asked.items():
+                check = self._check(t)
+                passed = [True] * len(rows) if check is None else check(f[rows], vocabulary_cos[rows]).tolist()
+                chosen.update((i, t) for i, ok in zip(rows, passed) if ok)
+            pending = [i for i in pending if i not in chosen]
+        return chosen
+
+    def _route(self, order: list[int], ll: torch.Tensor, gate: torch.Tensor, task: int | None) -> Route:
         if not order:
             return NO_ROUTE
-        # without checks only the most likely task is asked; with them, each candidate in turn (0: "not claimed")
-        for t in order if self.checking else order[:1]:
-            w = float(gate[t])
-            if w >= threshold and (w > 0 or not self.checking):
-                return Route(self.names[t], w, best=self.names[t], best_weight=w, candidates=candidates)
-        return Route(None, 0.0, best=self.names[order[0]], best_weight=float(gate[order[0]]), candidates=candidates)
+        candidates = tuple(Candidate(self.names[t], float(ll[t])) for t in order)
+        if task is not None:
+            name, w = self.names[task], float(gate[task])
+            return Route(name, w, best=name, best_weight=w, candidates=candidates)
+        best = order[0]  # unclaimed: with a check the best task's weight is 0 (it did not claim the image)
+        w = float(gate[best]) if self._check(best) is None else 0.0
+        return Route(None, 0.0, best=self.names[best], best_weight=w, candidates=candidates)

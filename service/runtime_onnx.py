@@ -30,6 +30,7 @@ import torch
 
 from backbone import Backbone, PromptConfig, UnknownTask, load_backbone
 from backbone.onnx_export import DEFAULT_OPSET, GRAPHS, CachedGraphs, GraphSpec, OnnxCache
+from backbone.zeroshot import zero_shot_classifier
 
 from .runtime import Runtime, TorchRuntime
 
@@ -230,10 +231,7 @@ class OnnxRuntime:
     def class_text(self, class_names, templates, task=None, weight=1.0) -> torch.Tensor:
         if task is not None and weight != 0 and task in self._torch_tasks:
             return self.torch.class_text(class_names, templates, task, weight)
-        class_names, templates = list(class_names), list(templates)
-        feats = self.encode_text([t.format(c) for c in class_names for t in templates], task, weight)
-        feats = feats.view(len(class_names), len(templates), -1).mean(1)  # (C, D)
-        return feats / feats.norm(dim=-1, keepdim=True)
+        return zero_shot_classifier(lambda texts: self.encode_text(texts, task, weight), list(class_names), list(templates))
 
     def logit_scale(self) -> float:
         return self._scale

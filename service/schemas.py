@@ -25,9 +25,15 @@ class ErrorResponse(BaseModel):
 
 # ----------------------------------------------------------------------------- classify
 class ClassifyRequest(_Request):
-    """JSON form of POST /v1/classify (multipart/form-data takes the same fields, with `file` or `image` for the upload)."""
+    """JSON form of POST /v1/classify (multipart/form-data takes the same fields, with `file` or `image` for the upload,
+    repeated for several images, or `images`). Give `image` (answer: one ClassifyResponse) or `images` (answer: a
+    ClassifyManyResponse, results in order)."""
 
-    image: str = Field(description="the image file, base64 (a data: URL prefix is accepted)")
+    image: str | None = Field(None, description="the image file, base64 (a data: URL prefix is accepted)")
+    images: list[str] | None = Field(
+        None, description="several image files, base64, classified alike and each routed on its own; at most "
+        "`max_images_per_request` (64 by default)",
+    )
     task: str | None = Field(None, description="classify within this task's classes (its prompts at w = 1)")
     labels: list[str] | None = Field(
         None, description="open-vocabulary labels; routing still applies the matching task's prompts, weighted"
@@ -63,6 +69,12 @@ class ClassifyResponse(BaseModel):
     scores: list[Score]
     message: str | None = None
     generation: int = Field(description="store generation the replica served this request from")
+
+
+class ClassifyManyResponse(BaseModel):
+    """The answer to several images (JSON `images`, or several multipart parts)."""
+
+    results: list[ClassifyResponse] = Field(description="one result per image, in the order sent")
 
 
 # ----------------------------------------------------------------------------- embed

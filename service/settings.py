@@ -77,7 +77,8 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     replica_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved per replica")
     replica_gpus: float = Field(0.0, ge=0, description="Ray GPUs per replica (set 1 with --device cuda)")
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads per replica (None: Ray's default, = replica_cpus)"
+        None, ge=1, description="torch intra-op threads per replica (None: 1 on CPU, so that HTTP parsing, image "
+        "decoding and Serve's proxy keep a core beside the model; torch's default on GPU)",
     )
     max_ongoing_requests: int = Field(
         256, ge=1, description="requests one replica holds at once, those still receiving their body included "
@@ -95,7 +96,11 @@ class ServiceSettings(BackboneSettings, StoreSettings):
 
     # --- batching and routing (runtime knobs, see RUNTIME_KNOBS) ---
     max_batch_size: int = Field(16, ge=1, le=1024, description="largest dynamic batch of images")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, le=10, description="under load only: how long a batch formed right after the previous one waits "
+        "for more images (up to max_batch_size); an image that finds the engine idle never waits. 0: continuous "
+        "batching (a batch takes what queued while the previous one ran), measured the fastest",
+    )
     router_top_k: int = Field(3, ge=1, le=64, description="candidate tasks FAISS hands to the exact Gaussian check")
     gate_threshold: float = Field(
         0.01, ge=0, le=1, description="gate weights below this are treated as 0: frozen answer, no prompted pass"
@@ -126,7 +131,7 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     max_label_chars: int = Field(200, ge=1, description="longest label")
     max_top_k: int = Field(100, ge=1, description="largest top_k a request may ask for")
     max_gallery_items: int = Field(100_000, ge=1, description="gallery capacity per replica")
-    max_images_per_request: int = Field(64, ge=1, description="most images in one gallery request")
+    max_images_per_request: int = Field(64, ge=1, description="most images in one classify or gallery request")
 
     # --- answers for images no task claims ---
     vocabulary: str = Field(

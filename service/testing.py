@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from backbone import Backbone, PromptConfig, PromptedCLIP, fit_task_stats, image_features
+from backbone import DEFAULT_TEMPLATES, Backbone, PixelPipeline, PromptConfig, PromptedCLIP, fit_task_stats, image_features
 
 
 def free_port() -> int:
@@ -61,7 +61,7 @@ def make_task(
     images: np.ndarray,
     labels: Sequence[int],
     class_names: Sequence[str],
-    templates: Sequence[str] = ("a photo of a {}.",),
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
     config: PromptConfig = PromptConfig(depth=2, n_prefix=4),
     prompt_scale: float = 0.05,
     seed: int = 0,
@@ -132,14 +132,14 @@ def make_image_text_task(model: PromptedCLIP, name: str, n: int = 32, epochs: in
     real learner (`training/image_text_prompts.py`), small prompts, on the model's frozen backbone."""
     from PIL import Image
 
-    from training.data import ImageSet, PixelPipeline
+    from training.data import ImageSet
     from training.image_text_prompts import ImageTextPromptLearner, ImageTextPromptSettings
     from training.learner import RunContext, TaskData
 
     images, labels, class_names = color_task_data(model, name, n=n, seed=seed)
     pipeline = PixelPipeline(model.backbone.preprocess)
     pixels = np.stack([pipeline.pixels(Image.fromarray(im)) for im in images])
-    task = TaskData(name, class_names, ["a photo of a {}."], ImageSet(pixels, labels))
+    task = TaskData(name, class_names, list(DEFAULT_TEMPLATES), ImageSet(pixels, labels))
     settings = ImageTextPromptSettings(visual_tokens=2, text_context=2, epochs=epochs, batch_size=16, seed=seed)
     return ImageTextPromptLearner(settings).fit(task, model.backbone, RunContext(progress=False))
 

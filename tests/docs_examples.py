@@ -373,6 +373,7 @@ PYTHON_MODULES = {
     "bench.learn_domains": parse_learn_domains,
     "bench.service_speed": _inline("bench.service_speed"),
     "bench.onnx_speed": _inline("bench.onnx_speed"),
+    "bench.leak": _module_parser("bench.leak"),
 }
 
 

@@ -139,6 +139,7 @@ def test_parses_with_the_real_parser(command, tmp_path, monkeypatch):
     ("python -m bench.onnx_speed --jsn x", "unrecognized arguments: --jsn x"),
     ("python -m bench.service_speed --stroe x", "unrecognized arguments: --stroe x"),
     ("python -m bench.learn_domains --knid head", "unrecognized arguments: --knid head"),
+    ("python -m bench.leak --vocabluary none", "unrecognized arguments: --vocabluary none"),
     ("python k8s/render.py rayjob t --data d --epoch x", "do not parse"),
 ])
 def test_a_drifted_flag_fails(text, message, tmp_path, monkeypatch):

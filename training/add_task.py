@@ -17,26 +17,38 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 from .errors import InputError, TrainingDiverged, TrainingStopped
-from .settings import HeadSettings, ResidualPromptSettings
+from .settings import HeadSettings, ResidualPromptSettings, SplitSettings
+
+if TYPE_CHECKING:  # imported where used: --help must not wait for torch
+    from backbone import Backbone
+    from prompts_store import TaskArtifact, TaskStore
+
+    from .data import LabeledSource
+    from .learner import TaskData
+    from .learners import RecipeSettings
+    from .ray_train import WorkerConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 DEFAULT_CHECKPOINT_DIR = "./keepclip-checkpoints"
 _RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+log = logging.getLogger("training.add_task")  # not __name__: that is "__main__" under `python -m`
 
 
-# ---------------------------------------------------------------- settings
-def _load_settings(package: str, cls: str):
-    """`BackboneSettings()` / `StoreSettings()`, the one source of the backbone and store defaults (KEEPCLIP_*).
+# ---------------------------------------------------------------- options
+def _settings_module(package: str):
+    """`backbone.settings` / `prompts_store.settings`: the one source of the backbone and store defaults (KEEPCLIP_*).
 
-    Their modules need only pydantic-settings, but importing them through their packages imports torch and
+    These modules need only pydantic-settings, but importing them through their packages imports torch and
     open_clip (seconds); so, unless the package is already imported, the module file is loaded on its own.
     """
     if package not in sys.modules:
@@ -50,10 +62,10 @@ def _load_settings(package: str, cls: str):
                 module = importlib.util.module_from_spec(module_spec)
                 sys.modules[name] = module
                 module_spec.loader.exec_module(module)
-            return getattr(module, cls)()
+            return module
         except Exception:  # anything unusual: take the ordinary (slower) import
             sys.modules.pop(f"_keepclip_light_settings_{package}", None)
-    return getattr(importlib.import_module(f"{package}.settings"), cls)()
+    return importlib.import_module(f"{package}.settings")
 
 
 def _default_prog() -> str:
@@ -61,11 +73,19 @@ def _default_prog() -> str:
     return "python -m training.add_task" if launched in ("add_task.py", "-m", "__main__.py") else "keepclip add-task"
 
 
+# the prompts recipe's options in --help order, each a field of ResidualPromptSettings, with its metavar
+_PROMPT_OPTIONS = {
+    "epochs": "N", "lr": "X", "lr_reference_logit_scale": "S", "key_init": "X", "batch_size": "N", "depth": "N",
+    "n_prefix": "N", "momentum": "X", "weight_decay": "X", "warmup_steps": "N", "final_lr_ratio": "X",
+    "text_templates": None, "augment": None, "crop_scale": "X", "seed": "N", "eval_batch_size": "N",
+}
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The arguments of `keepclip add-task` and `python -m training.add_task` (DESIGN §7)."""
-    backbone_defaults = _load_settings("backbone", "BackboneSettings")
-    store_defaults = _load_settings("prompts_store", "StoreSettings")
-    recipe, head = ResidualPromptSettings(), HeadSettings()
+    backbone_settings = _settings_module("backbone")
+    backbone_defaults = backbone_settings.BackboneSettings()
+    store_defaults = _settings_module("prompts_store").StoreSettings()
     parser = argparse.ArgumentParser(
         prog=prog or _default_prog(),
         description=(
@@ -92,37 +112,22 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "prompts+head: the head on prompted features; auto: all three, keeps the best on validation [head]")
     kind.add_argument("--update", action="store_true", help="add --data (more images, new classes) to the live head task NAME in "
                       "closed form, from the features its artifact keeps (no old images needed); publishes a new version")
-    kind.add_argument("--head-width", type=int, default=head.width, metavar="N", help=f"head: random features per image [{head.width}]")
+    _recipe_option(kind, HeadSettings, "width", "N", flag="--head-width")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, metavar="PATH", help="training data: a folder per class, a .jsonl/.csv manifest, or an .npz")
     names = data.add_mutually_exclusive_group()
     names.add_argument("--classnames", metavar="FILE", help="class names: a JSON list (label order), a JSON object {folder: name}, or one name per line")
     names.add_argument("--class-names", metavar="A,B,...", help="class names inline, comma-separated, in label order")
-    data.add_argument("--templates", metavar="FILE", help="prompt templates with {} for the class name: a JSON list or one per line [default: 'a photo of a {}.']")
+    default_templates = ", ".join(repr(t) for t in backbone_settings.DEFAULT_TEMPLATES)
+    data.add_argument("--templates", metavar="FILE", help=f"prompt templates with {{}} for the class name: a JSON list or one per line [default: {default_templates}]")
     data.add_argument("--test", metavar="PATH", help="optional held-out test data in any layout, same classes; its accuracy goes into the metrics")
-    data.add_argument("--val-fraction", type=float, default=recipe.val_fraction, metavar="F", help=f"stratified validation hold-out that picks the best epoch; 0 keeps the last epoch [{recipe.val_fraction}]")
+    _recipe_option(data, SplitSettings, "val_fraction", "F")
     data.add_argument("--skip-unreadable", action="store_true", help="leave out images that cannot be read (default: fail and list them)")
 
     train = parser.add_argument_group("prompts recipe (--kind prompts, prompts+head, auto; defaults: the reference recipe)")
-    train.add_argument("--epochs", type=int, default=recipe.epochs, metavar="N", help=f"[{recipe.epochs}]")
-    train.add_argument("--lr", type=float, default=recipe.lr, metavar="X", help=f"SGD learning rate, cosine-decayed per step [{recipe.lr}]")
-    train.add_argument("--lr-reference-logit-scale", type=_optional_float, default=recipe.lr_reference_logit_scale, metavar="S",
-                       help=f"lr is meant at this logit scale (CLIP's); the step applied is lr x S / the backbone's logit scale; 'none': lr as is [{recipe.lr_reference_logit_scale}]")
-    train.add_argument("--key-init", type=_optional_float, default=recipe.key_init, metavar="X",
-                       help="prefix keys ~ U(-X, X); default: matched to the spread of each block's own keys")
-    train.add_argument("--batch-size", type=int, default=recipe.batch_size, metavar="N", help=f"global batch, split across workers [{recipe.batch_size}]")
-    train.add_argument("--depth", type=int, default=recipe.depth, metavar="N", help=f"prompted blocks per tower [{recipe.depth}]")
-    train.add_argument("--n-prefix", type=int, default=recipe.n_prefix, metavar="N", help=f"prefix tokens per prompted block [{recipe.n_prefix}]")
-    train.add_argument("--momentum", type=float, default=recipe.momentum, metavar="X", help=f"SGD momentum [{recipe.momentum}]")
-    train.add_argument("--weight-decay", type=float, default=recipe.weight_decay, metavar="X", help=f"[{recipe.weight_decay}]")
-    train.add_argument("--warmup-steps", type=int, default=recipe.warmup_steps, metavar="N", help=f"linear warm-up steps before the cosine [{recipe.warmup_steps}]")
-    train.add_argument("--final-lr-ratio", type=float, default=recipe.final_lr_ratio, metavar="X", help=f"the cosine ends at lr x this [{recipe.final_lr_ratio}]")
-    train.add_argument("--text-templates", choices=("mean", "sample"), default=recipe.text_templates, help=f"class text features per training step: the mean over all templates (what is evaluated and served), or one random template per class (cheaper) [{recipe.text_templates}]")
-    train.add_argument("--augment", choices=("none", "random-crop"), default=recipe.augment, help=f"training images only: 'random-crop' takes a random crop of each image at every step (no flips) [{recipe.augment}]")
-    train.add_argument("--crop-scale", type=float, default=recipe.crop_scale, metavar="X", help=f"random-crop: the smallest crop as a fraction of the image area [{recipe.crop_scale}]")
-    train.add_argument("--seed", type=int, default=recipe.seed, metavar="N", help=f"split, data order, templates, prompt init [{recipe.seed}]")
-    train.add_argument("--eval-batch-size", type=int, default=recipe.eval_batch_size, metavar="N", help=f"[{recipe.eval_batch_size}]")
+    for name, metavar in _PROMPT_OPTIONS.items():
+        _recipe_option(train, ResidualPromptSettings, name, metavar)
 
     where = parser.add_argument_group("backbone and store (defaults from KEEPCLIP_* environment variables)")
     where.add_argument("--model", default=backbone_defaults.model, help=f"open_clip model name, or path to a model-config JSON [KEEPCLIP_MODEL: {backbone_defaults.model}]")
@@ -147,28 +152,31 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _recipe_option(group, settings: type, name: str, metavar: str | None, flag: str | None = None) -> None:
+    """The option of the recipe field `name`: its default, help text and type (or choices) come from the field."""
+    spec = next(f for f in fields(settings) if f.name == name)
+    hint = get_type_hints(settings)[name]
+    if get_origin(hint) is Literal:
+        typed = {"choices": get_args(hint)}
+    else:  # int, float, or float | None (written 'none')
+        typed = {"type": _optional_float if hint == float | None else hint, "metavar": metavar}
+    shown = "none" if spec.default is None else spec.default
+    group.add_argument(flag or f"--{name.replace('_', '-')}", default=spec.default, help=f"{spec.metadata['help']} [{shown}]", **typed)
+
+
 def _optional_float(text: str) -> float | None:
     return None if text.strip().lower() in ("none", "") else float(text)
 
 
-def recipe_settings(args: argparse.Namespace):
-    """Both recipes from the arguments (the head's only when --kind uses it: it needs a validation split)."""
+def recipe_settings(args: argparse.Namespace) -> RecipeSettings:
+    """Both recipes from the options (the head's only when --kind uses it: it needs a validation split)."""
     from .learners import RecipeSettings
 
-    head = HeadSettings() if args.kind == "prompts" else HeadSettings(
-        width=args.head_width, val_fraction=args.val_fraction, seed=args.seed, eval_batch_size=args.eval_batch_size)
-    return RecipeSettings(prompt_settings(args), head)
+    def options(settings: type) -> dict[str, Any]:
+        return {f.name: getattr(args, f.name) for f in fields(settings)}
 
-
-def prompt_settings(args: argparse.Namespace) -> ResidualPromptSettings:
-    return ResidualPromptSettings(
-        depth=args.depth, n_prefix=args.n_prefix, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        lr_reference_logit_scale=args.lr_reference_logit_scale, key_init=args.key_init,
-        momentum=args.momentum, weight_decay=args.weight_decay, final_lr_ratio=args.final_lr_ratio,
-        warmup_steps=args.warmup_steps, val_fraction=args.val_fraction, seed=args.seed,
-        text_templates=args.text_templates, eval_batch_size=args.eval_batch_size, augment=args.augment,
-        crop_scale=args.crop_scale,
-    )
+    head = HeadSettings() if args.kind == "prompts" else HeadSettings(width=args.head_width, **options(SplitSettings))
+    return RecipeSettings(ResidualPromptSettings(**options(ResidualPromptSettings)), head)
 
 
 # ---------------------------------------------------------------- entry point
@@ -184,8 +192,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from backbone import BackboneError
     from prompts_store import StoreError
 
+    plan = None
     try:
-        return add_task(args)
+        plan = check_arguments(args)
+        return add_task(args, plan)
     except (InputError, StoreError, BackboneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -193,37 +203,46 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: training failed: {e}; nothing was published", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"error: interrupted; nothing was published (resume from the last epoch with --resume {getattr(args, '_run_name', 'RUN')})", file=sys.stderr)
+        run_name = plan.run_name if plan is not None else "RUN"
+        print(f"error: interrupted; nothing was published (resume from the last epoch with --resume {run_name})", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
-def add_task(args: argparse.Namespace) -> int:
-    import logging
+@dataclass(frozen=True)
+class Plan:
+    """The arguments, checked before any data is read."""
 
-    from prompts_store import open_store, validate_task_name
+    name: str  # the task's name, as the store accepts it
+    recipes: RecipeSettings
+    class_names: list[str] | dict[str, str] | None  # from --classnames / --class-names; None: from the data
+    names_from: str | None  # where they came from, for error messages
+    templates: list[str]
+    run_name: str
+    run_dir: str | Path  # DIR/RUN of --checkpoint-dir; a URL for Ray Train on object storage
 
-    from .checkpoint import check_resumable, latest_local, load_state
-    from .data import DEFAULT_TEMPLATES, PixelPipeline, check_no_empty_class, decode, parse_class_names, read_class_names, read_templates, scan, split_train_val
-    from .learner import TaskData
-    from .learners import make_learner
-    from .publish_check import check_publishable, live_metrics
 
-    log = logging.getLogger("training.add_task")
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class Target:
+    """Where the task goes and what it is learnt on."""
 
-    # -- settings: everything that can be checked without reading data
+    store: TaskStore
+    store_url: str  # absolute, so that Ray workers find the same store
+    backbone: Backbone  # frozen
+    model: str  # --model and --pretrained, absolute where they are files (for Ray workers)
+    pretrained: str | None
+    previous: TaskArtifact | None  # --update: the live version, with its update state
+
+
+def check_arguments(args: argparse.Namespace) -> Plan:
+    """Everything that can be checked without reading data."""
+    from backbone import DEFAULT_TEMPLATES
+    from prompts_store import validate_task_name
+
+    from .data import parse_class_names, read_class_names, read_templates
+
     recipes = recipe_settings(args)
-    settings = recipes.prompts
     name = validate_task_name(args.name)
-    if args.workers < 0:
-        raise InputError(f"--workers must be >= 0, got {args.workers}")
-    epochs_apply = args.kind != "head"
-    if args.stop_after_epoch is not None and not (epochs_apply and 1 <= args.stop_after_epoch <= settings.epochs):
-        raise InputError(f"--stop-after-epoch must be in 1..--epochs ({settings.epochs}) with a kind that trains prompts, got {args.stop_after_epoch} with --kind {args.kind}")
-    if args.resume and not epochs_apply:
-        raise InputError("--resume: a head is solved in one step, there is no run to resume; run add-task again")
-    if args.update and args.kind != "head":
-        raise InputError(f"--update adds to a head task in closed form; it does not apply to --kind {args.kind}")
+    _check_run_options(args, recipes.prompts.epochs)
     class_names, names_from = None, None
     if args.classnames:
         class_names, names_from = read_class_names(args.classnames), f"--classnames {args.classnames}"
@@ -231,20 +250,60 @@ def add_task(args: argparse.Namespace) -> int:
         class_names, names_from = parse_class_names(args.class_names), "--class-names"
     templates = read_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
     run_name, run_dir = _run_location(args, name)
-    args._run_name = run_name
+    return Plan(name, recipes, class_names, names_from, templates, run_name, run_dir)
 
-    # -- data: layout, labels and class names (nothing decoded yet)
-    train_source = scan(args.data, class_names, names_from)
+
+def _check_run_options(args: argparse.Namespace, epochs: int) -> None:
+    trains_prompts = args.kind != "head"
+    if args.workers < 0:
+        raise InputError(f"--workers must be >= 0, got {args.workers}")
+    if args.stop_after_epoch is not None and not (trains_prompts and 1 <= args.stop_after_epoch <= epochs):
+        raise InputError(f"--stop-after-epoch must be in 1..--epochs ({epochs}) with a kind that trains prompts, got {args.stop_after_epoch} with --kind {args.kind}")
+    if args.resume and not trains_prompts:
+        raise InputError("--resume: a head is solved in one step, there is no run to resume; run add-task again")
+    if args.update and args.kind != "head":
+        raise InputError(f"--update adds to a head task in closed form; it does not apply to --kind {args.kind}")
+
+
+def add_task(args: argparse.Namespace, plan: Plan) -> int:
+    """Data → store and backbone → the learner of --kind → publish (here or on Ray Train)."""
+    from .data import scan
+    from .learners import make_learner
+
+    started = time.perf_counter()
+    train_source = scan(args.data, plan.class_names, plan.names_from)  # layout, labels, class names: nothing decoded yet
     test_source = scan(args.test, reference=train_source, option="--test") if args.test else None
+    target = open_target(args, plan.name)
+    task = load_task(args, plan, target, train_source, test_source)
+    learner = make_learner(args.kind, plan.recipes)
+    runner = "ray-train" if args.workers else "local"
+    if args.resume and "://" not in str(plan.run_dir):  # fail fast, before Ray or the fingerprint pass start
+        _check_local_resume(learner, task, target.backbone, runner, plan)
+    _log_start(args, plan, target, task, train_source)
+    try:
+        if args.workers:
+            version, summary = _fit_on_ray(task, _worker_config(args, plan, target, task), _ray_run(args, plan))
+        else:
+            version, summary = _fit_here(args, plan, target, task, learner, runner)
+    except TrainingStopped as stopped:
+        print(f"{stopped}; nothing was published. Continue with the same arguments and --resume {plan.run_name} "
+              f"(checkpoints in {plan.run_dir})", file=sys.stderr)
+        return EXIT_OK
+    _print_summary(plan.name, version, target.store.url, task, summary, time.perf_counter() - started)
+    return EXIT_OK
 
-    # -- store and backbone: the new task must fit the store's backbone
+
+def open_target(args: argparse.Namespace, name: str) -> Target:
+    """The store and the frozen backbone: the new task must fit the store's backbone (and --update its live version)."""
+    from prompts_store import open_store
+
+    from .runtime import load_frozen_backbone
+
     store_url = _absolute_url(args.store)
     store = open_store(store_url)
     live = store.list()
-    model_arg, pretrained_arg = _absolute_if_file(args.model), _absolute_if_file(args.pretrained)
-    from .runtime import load_frozen_backbone
-
-    backbone = load_frozen_backbone(model_arg, pretrained_arg, "cpu" if args.workers else args.device)
+    model, pretrained = _absolute_if_file(args.model), _absolute_if_file(args.pretrained)
+    backbone = load_frozen_backbone(model, pretrained, "cpu" if args.workers else args.device)
     fingerprint = backbone.fingerprint.to_dict()
     previous = _live_head(store, name, fingerprint, backbone) if args.update else None
     for info in live:
@@ -254,80 +313,120 @@ def add_task(args: argparse.Namespace) -> int:
                 f"but --model {args.model} --pretrained {args.pretrained} is {fingerprint}; a store serves one backbone: "
                 "use the store's backbone, or another --store"
             )
+    return Target(store, store_url, backbone, model, pretrained, previous)
 
-    # -- decode every image once (the backbone's own transform), then split
-    pipeline = PixelPipeline(backbone.preprocess)
-    progress = not (args.no_progress or args.quiet)
+
+def load_task(
+    args: argparse.Namespace, plan: Plan, target: Target, train_source: LabeledSource, test_source: LabeledSource | None
+) -> TaskData:
+    """Every image decoded once (the backbone's own transform), then split: the task's `TaskData`."""
+    from backbone import PixelPipeline
+    from backbone.task_stats import MIN_IMAGES
+
+    from .data import check_no_empty_class, decode, split_train_val
+    from .learner import TaskData
+
+    pipeline, progress = PixelPipeline(target.backbone.preprocess), _shows_progress(args)
     images, skipped = decode(train_source, pipeline, args.skip_unreadable, "--data", progress)
     if skipped:
         check_no_empty_class(train_source, "--data", labels=images.labels, after=" left after skipping unreadable files")
     test_images, test_skipped = (decode(test_source, pipeline, args.skip_unreadable, "--test", progress) if test_source else (None, []))
     if args.kind != "prompts":
         _check_val_split(images.labels, train_source)
-    class_names, templates = train_source.class_names, templates
-    if previous is not None:  # known classes keep their labels, new ones are appended
-        class_names, templates, images, test_images = _onto_previous(previous, train_source, templates, images, test_images, args)
-    train_index, val_index = split_train_val(images.labels, settings.val_fraction, settings.seed)
-    from backbone.task_stats import MIN_IMAGES
-
+    class_names, templates = train_source.class_names, plan.templates
+    if target.previous is not None:  # known classes keep their labels, new ones are appended
+        class_names, templates = _onto_previous(target.previous, train_source, args.templates, plan.templates, images, test_images)
+    split = plan.recipes.prompts
+    train_index, val_index = split_train_val(images.labels, split.val_fraction, split.seed)
     if len(images) < MIN_IMAGES:
         raise InputError(f"--data {train_source.path}: {len(images)} readable images; a task needs at least {MIN_IMAGES}")
     source = {
         "train": {**train_source.describe(), "n_decoded": len(images), "skipped_unreadable": skipped[:100], "n_skipped": len(skipped)},
         "test": None if test_source is None else {**test_source.describe(), "n_decoded": len(test_images), "n_skipped": len(test_skipped)},
     }
-    task = TaskData(
-        name=name,
-        class_names=class_names,
-        templates=templates,
-        train=images.subset(train_index),
-        val=images.subset(val_index) if len(val_index) else None,
-        test=test_images,
-        source=source,
+    return TaskData(
+        name=plan.name, class_names=class_names, templates=templates, train=images.subset(train_index),
+        val=images.subset(val_index) if len(val_index) else None, test=test_images, source=source,
     )
-    learner = make_learner(args.kind, recipes)
-    runner = "ray-train" if args.workers else "local"
-    if args.resume and "://" not in str(run_dir):  # fail fast, before Ray or the fingerprint pass start
-        found = latest_local(run_dir)
-        state = load_state(found)
-        check_resumable(state.info, learner.recipe(task), learner.identity(task, backbone, runner), f"{found}")
-        log.info("resuming run %s after epoch %d of %d", run_name, state.epoch, settings.epochs)
+
+
+def _check_local_resume(learner, task: TaskData, backbone: Backbone, runner: str, plan: Plan) -> None:
+    """The checkpoint of --resume must describe this task and recipe (checked again when the learner loads it)."""
+    from .checkpoint import check_resumable, latest_local, load_state
+
+    found = latest_local(plan.run_dir)
+    state = load_state(found)
+    check_resumable(state.info, learner.recipe(task), learner.identity(task, backbone, runner), f"{found}")
+    log.info("resuming run %s after epoch %d of %d", plan.run_name, state.epoch, plan.recipes.prompts.epochs)
+
+
+def _log_start(args: argparse.Namespace, plan: Plan, target: Target, task: TaskData, train_source: LabeledSource) -> None:
+    update = f", update of version {target.previous.version}" if target.previous is not None else ""
     log.info(
         "task %s (kind %s%s): %d classes (names from %s), %d train / %d val images%s%s",
-        name, args.kind, f", update of version {previous.version}" if previous is not None else "", len(task.class_names),
-        train_source.class_names_from, len(task.train), len(val_index),
-        f", {len(test_images)} test images" if test_images is not None else "",
-        f"; run {run_name}, checkpoints in {run_dir}" if epochs_apply else "",
+        plan.name, args.kind, update, len(task.class_names), train_source.class_names_from, len(task.train),
+        len(task.val) if task.val is not None else 0,
+        f", {len(task.test)} test images" if task.test is not None else "",
+        f"; run {plan.run_name}, checkpoints in {plan.run_dir}" if args.kind != "head" else "",
     )
 
-    # -- learn and publish
-    try:
-        if args.workers == 0:
-            from .checkpoint import LocalCheckpoints
-            from .learner import RunContext
 
-            run = RunContext(
-                checkpoints=LocalCheckpoints(run_dir), resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch,
-                progress=progress, runner=runner, extra_metrics={"workers": 0, "device": str(backbone.device)},
-            )
-            artifact = learner.fit(task, backbone, run, previous=previous) if previous is not None else learner.fit(task, backbone, run)
-            check_publishable(artifact.metrics, live_metrics(store, name), args.force)
-            version = store.publish(artifact)
-            summary = {k: v for k, v in artifact.metrics.items() if k != "history"}
-        else:
-            result = _fit_on_ray(args, task, recipes, backbone, fingerprint, store_url, model_arg, pretrained_arg, run_name, run_dir, progress,
-                                 previous.version if previous is not None else None)
-            if result.get("stopped_after_epoch"):
-                raise TrainingStopped(int(result["stopped_after_epoch"]))
-            version, summary = result.get("published_version"), result.get("summary", {})
-            if version is None:
-                raise RuntimeError(f"the Ray Train run ended without publishing (last report: {result})")
-    except TrainingStopped as stopped:
-        print(f"{stopped}; nothing was published. Continue with the same arguments and --resume {run_name} "
-              f"(checkpoints in {run_dir})", file=sys.stderr)
-        return EXIT_OK
-    _print_summary(name, version, store.url, task, summary, time.perf_counter() - started)
-    return EXIT_OK
+def _shows_progress(args: argparse.Namespace) -> bool:
+    return not (args.no_progress or args.quiet)
+
+
+# ---------------------------------------------------------------- learning and publishing
+def _fit_here(args: argparse.Namespace, plan: Plan, target: Target, task: TaskData, learner, runner: str) -> tuple[int, dict[str, Any]]:
+    """Learn in this process, check and publish. -> (version, metrics without the history)."""
+    from .checkpoint import LocalCheckpoints
+    from .learner import RunContext
+    from .publish_check import check_publishable, live_metrics
+
+    run = RunContext(
+        checkpoints=LocalCheckpoints(plan.run_dir), resume=bool(args.resume), stop_after_epoch=args.stop_after_epoch,
+        progress=_shows_progress(args), runner=runner, extra_metrics={"workers": 0, "device": str(target.backbone.device)},
+    )
+    if target.previous is not None:
+        artifact = learner.fit(task, target.backbone, run, previous=target.previous)
+    else:
+        artifact = learner.fit(task, target.backbone, run)
+    check_publishable(artifact.metrics, live_metrics(target.store, plan.name), args.force)
+    version = target.store.publish(artifact)
+    return version, {k: v for k, v in artifact.metrics.items() if k != "history"}
+
+
+@dataclass(frozen=True)
+class RayRun:
+    """Where and how a Ray Train run goes (--workers N)."""
+
+    workers: int
+    address: str | None  # --address; None: RAY_ADDRESS, else a new local Ray
+    device: str  # --device: cuda, or auto on a cluster with GPUs, trains on GPUs
+    max_failures: int
+    run_name: str
+    run_dir: str | Path
+
+    @property
+    def storage_path(self) -> str:
+        """RunConfig's storage_path: the folder (or URL) that holds the run's folder."""
+        run_dir = str(self.run_dir)
+        return str(Path(run_dir).parent) if "://" not in run_dir else run_dir.rsplit("/", 1)[0]
+
+
+def _ray_run(args: argparse.Namespace, plan: Plan) -> RayRun:
+    return RayRun(args.workers, args.address, args.device, args.max_failures, plan.run_name, plan.run_dir)
+
+
+def _worker_config(args: argparse.Namespace, plan: Plan, target: Target, task: TaskData) -> WorkerConfig:
+    from .ray_train import WorkerConfig
+
+    return WorkerConfig(
+        task=task.name, class_names=task.class_names, templates=task.templates, source=task.source, kind=args.kind,
+        settings=plan.recipes.to_dict(), model=target.model, pretrained=target.pretrained,
+        backbone=target.backbone.fingerprint.to_dict(), store=target.store_url, resume=bool(args.resume),
+        stop_after_epoch=args.stop_after_epoch, update_from=target.previous.version if target.previous is not None else None,
+        force=args.force, progress=_shows_progress(args), verbose=args.verbose, quiet=args.quiet,
+    )
 
 
 def _connect_ray(ray, address: str | None) -> None:
@@ -343,33 +442,20 @@ def _connect_ray(ray, address: str | None) -> None:
     ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
 
 
-def _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_arg, pretrained_arg, run_name, run_dir, progress,
-                update_from: int | None = None) -> dict[str, Any]:
+def _fit_on_ray(task: TaskData, job: WorkerConfig, where: RayRun) -> tuple[int, dict[str, Any]]:
+    """Learn on Ray Train workers; rank 0 checks and publishes. -> (version, metrics without the history)."""
     import ray
 
     from .ray_train import fit_on_ray, unwrap_worker_error
 
     if not ray.is_initialized():
-        _connect_ray(ray, args.address)
-    use_gpu = args.device == "cuda" or (args.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
-
-    def arrays(prefix, images):
-        return {f"{prefix}_pixels": None if images is None else images.pixels, f"{prefix}_labels": None if images is None else images.labels}
-
-    images = {**arrays("train", task.train), **arrays("val", task.val), **arrays("test", task.test)}
-    config = {
-        "task": task.name, "class_names": task.class_names, "templates": task.templates, "source": task.source,
-        "settings": settings.to_dict(), "model": model_arg, "pretrained": pretrained_arg, "backbone": fingerprint,
-        "store": store_url, "resume": bool(args.resume), "stop_after_epoch": args.stop_after_epoch,
-        "progress": progress, "verbose": args.verbose, "quiet": args.quiet, "extra_metrics": {},
-        "kind": args.kind, "update_from": update_from, "force": args.force,
-    }
+        _connect_ray(ray, where.address)
+    use_gpu = where.device == "cuda" or (where.device == "auto" and ray.cluster_resources().get("GPU", 0) >= 1)
+    images = {f"{split}_{part}": None if subset is None else getattr(subset, part)
+              for split, subset in (("train", task.train), ("val", task.val), ("test", task.test)) for part in ("pixels", "labels")}
     try:
-        return fit_on_ray(
-            config, images, workers=args.workers, use_gpu=use_gpu, run_name=run_name,
-            storage_path=str(Path(run_dir).parent) if "://" not in str(run_dir) else str(run_dir).rsplit("/", 1)[0],
-            max_failures=args.max_failures,
-        )
+        result = fit_on_ray(job, images, workers=where.workers, use_gpu=use_gpu, run_name=where.run_name,
+                            storage_path=where.storage_path, max_failures=where.max_failures)
     except Exception as e:
         from ray.train import TrainingFailedError
 
@@ -379,8 +465,14 @@ def _fit_on_ray(args, task, settings, backbone, fingerprint, store_url, model_ar
         if isinstance(cause, (InputError, TrainingDiverged)):
             raise cause from None
         raise
+    if result.get("stopped_after_epoch"):
+        raise TrainingStopped(int(result["stopped_after_epoch"]))
+    if result.get("published_version") is None:
+        raise RuntimeError(f"the Ray Train run ended without publishing (last report: {result})")
+    return result["published_version"], result.get("summary", {})
 
 
+# ---------------------------------------------------------------- checks and helpers
 def _live_head(store, name: str, fingerprint: dict, backbone):
     """The live version of the head task `--update` adds to, with its update state; refused by name otherwise."""
     from prompts_store import TaskNotFound
@@ -395,21 +487,22 @@ def _live_head(store, name: str, fingerprint: dict, backbone):
     return previous
 
 
-def _onto_previous(previous, source, templates, images, test_images, args):
-    """Class names, templates and labels of the new data mapped onto the live version's."""
+def _onto_previous(previous, source, templates_file: str | None, templates, images, test_images) -> tuple[list[str], list[str]]:
+    """-> the class names and templates of the live version; the labels of `images` and `test_images` are mapped
+    onto its classes in place (known classes keep their labels, new ones are appended)."""
     import numpy as np
 
     from .head_learner import merge_class_names
 
-    if args.templates and list(templates) != list(previous.templates):
-        raise InputError(f"--templates {args.templates}: task {previous.name!r} was learnt with templates {previous.templates}; "
+    if templates_file and list(templates) != list(previous.templates):
+        raise InputError(f"--templates {templates_file}: task {previous.name!r} was learnt with templates {previous.templates}; "
                          "an update keeps them (leave out --templates)")
     names, mapping = merge_class_names(list(previous.class_names), list(source.class_names), f"--data {source.path}")
     mapping = np.asarray(mapping, dtype=np.int64)
     images.labels = mapping[images.labels]
     if test_images is not None:
         test_images.labels = mapping[test_images.labels]
-    return names, list(previous.templates), images, test_images
+    return names, list(previous.templates)
 
 
 def _check_val_split(labels, source) -> None:

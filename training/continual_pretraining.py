@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from backbone import PixelPipeline
 from prompts_store import TaskArtifact
 
-from .data import PixelPipeline
 from .errors import InputError
-from .learner import TaskData, _progress
+from .learner import TaskData, _progress, tokens_for
 
 KIND = "continual-pretraining"
 
@@ -99,8 +99,7 @@ class ContinualPretrainer:
         steps = s.epochs * math.ceil(n / s.batch_size)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, s.warmup_steps))
                                                      * 0.5 * (1 + math.cos(math.pi * i / steps)))
-        captions = self.backbone.tokenizer([t.format(name) for name in task.class_names for t in task.templates])
-        captions = captions.view(len(task.class_names), len(task.templates), -1)
+        captions = tokens_for(self.backbone, task.class_names, task.templates)  # (C, T, L)
         scale = momentum.logit_scale.exp().detach()
         bar = _progress(steps, f"continual pretraining {task.name}", progress)
         for epoch in range(s.epochs):

@@ -13,8 +13,8 @@ list, a JSON object {folder: name} for folders, or one name per line), else from
 label strings of a manifest (sorted), `classnames.json` beside the .npz, or a `class_names` array inside it.
 
 Everything is checked before any image is decoded, and every image is decoded before training starts; each error
-names the file, line or field. Decoding runs the backbone's own eval transform once per image: its PIL part (resize,
-crop, RGB) is cached as uint8, and ToTensor's /255 and Normalize run per batch (bit-identical, 4x less memory).
+names the file, line or field. Decoding runs the PIL part of the backbone's own eval transform once per image
+(`backbone.preprocessing.PixelPipeline`); the uint8 pixels are kept, and the rest of the transform runs per batch.
 """
 from __future__ import annotations
 
@@ -27,17 +27,18 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputError
 
+if TYPE_CHECKING:
+    from backbone.preprocessing import PixelPipeline
+
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)  # used when no templates are given; recorded in the artifact
 NPZ_CLASSNAMES = "classnames.json"  # looked for beside an .npz (the layout of ../shared/data)
 MANIFEST_SUFFIXES = {".jsonl": "jsonl", ".csv": "csv"}
 SHOW_AT_MOST = 10  # file names listed in one error message
@@ -433,46 +434,11 @@ def _check_labels_in_range(path: Path, labels: np.ndarray, n_names: int, names_f
 
 
 # ---------------------------------------------------------------- decoded images
-class PixelPipeline:
-    """open_clip's eval transform split at ToTensor: `pixels` (PIL part, once per image) and `to_batch` (per batch).
-
-    `to_batch(stack of pixels(img))` equals `stack(preprocess(img))` bit for bit. A transform without a ToTensor step
-    cannot be split; then `pixels` returns the full float tensor and `to_batch` only stacks.
-    """
-
-    def __init__(self, preprocess: Callable):
-        from torchvision.transforms import Compose, ToTensor
-
-        steps = list(getattr(preprocess, "transforms", []))
-        cut = next((i for i, step in enumerate(steps) if isinstance(step, ToTensor)), None)
-        self.split = cut is not None
-        self.pil_part = Compose(steps[:cut]) if self.split else preprocess
-        self.tensor_part = Compose(steps[cut + 1 :]) if self.split else None
-
-    def pixels(self, image: Image.Image) -> np.ndarray:
-        """(3, H, W) uint8 after resize/crop (or float32 after the whole transform when it cannot be split)."""
-        if not self.split:
-            return self.pil_part(image.convert("RGB")).numpy()
-        out = self.pil_part(image.convert("RGB"))
-        if not isinstance(out, Image.Image):
-            raise TypeError(f"the transform before ToTensor returned {type(out).__name__}, not a PIL image")
-        return np.ascontiguousarray(np.asarray(out.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
-
-    def to_batch(self, pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(B, 3, H, W) float model input."""
-        if not pixels.flags.writeable:  # a view of Ray's read-only object store: torch wants its own copy
-            pixels = pixels.copy()
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
-        if not self.split:
-            return x
-        return self.tensor_part(x.to(torch.get_default_dtype()).div(255))  # exactly what ToTensor does to uint8
-
-
 @dataclass
 class ImageSet:
     """Decoded images ready for batching, with their labels."""
 
-    pixels: np.ndarray  # (N, 3, H, W) uint8 — PixelPipeline.pixels of each image
+    pixels: np.ndarray  # (N, 3, H, W) uint8 — backbone.PixelPipeline.pixels of each image
     labels: np.ndarray  # (N,) int64
 
     def __len__(self) -> int:

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import torch
 
-from backbone import PromptedCLIP
+from backbone import PixelPipeline, PromptedCLIP
 
 from .comm import Comm
-from .data import ImageSet, PixelPipeline
+from .data import ImageSet
 
 
 @torch.no_grad()

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbone import Backbone, PromptedCLIP, fit_task_stats, text_classifier
+from backbone import Backbone, PixelPipeline, PromptedCLIP, fit_task_stats, text_classifier
 from backbone.analytic_head import AnalyticHead, RandomFeatures
 from prompts_store import TaskArtifact
 
-from .data import ImageSet, PixelPipeline
+from .data import ImageSet
 from .errors import InputError
 from .features import sharded_features
 from .learner import RunContext, TaskData, _pct

@@ -24,12 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbone import Backbone
+from backbone import Backbone, PixelPipeline
 from backbone.task_stats import fit_task_stats, ledoit_wolf
 from backbone.token_prompts import KIND, TokenPromptConfig, TokenPrompts, applied, class_text, class_tokens
 from prompts_store import TaskArtifact
 
-from .data import PixelPipeline
 from .learner import RunContext, TaskData, _progress, _pct
 
 log = logging.getLogger(__name__)

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbone import Backbone, PromptConfig, PromptedCLIP, fit_task_stats, text_classifier
+from backbone import Backbone, PixelPipeline, PromptConfig, PromptedCLIP, fit_task_stats, text_classifier
+from backbone.zeroshot import mean_over_templates, template_texts
 from prompts_store import TaskArtifact
 
 from .augment import crop_boxes, random_resized_crop
 from .checkpoint import Checkpoints, TrainState, check_resumable
 from .comm import Comm
-from .data import ImageSet, PixelPipeline
+from .data import ImageSet
 from .errors import InputError, TrainingDiverged, TrainingStopped
 from .features import sharded_features
 from .settings import ResidualPromptSettings
@@ -131,196 +132,17 @@ class ResidualPromptLearner:
         }
 
     def fit(self, task: TaskData, backbone: Backbone, run: RunContext | None = None) -> TaskArtifact:
-        s, run = self.settings, run or RunContext()
-        comm, device = run.comm, backbone.device
-        say = log.info if comm.is_main else log.debug
-        has_val = task.val is not None and len(task.val) > 0
-        recipe, identity = self.recipe(task), self.identity(task, backbone, run.runner)
-        pipeline = PixelPipeline(backbone.preprocess)
-        model = PromptedCLIP(backbone)
-        names, templates = task.class_names, task.templates
-
-        # -- resume? (a checkpoint of this run, if any, must describe the same task and recipe)
-        state = run.checkpoints.latest() if run.checkpoints is not None else None
-        if state is None and run.resume:
-            raise InputError("--resume: the run has no checkpoint to resume from")
-        if state is not None:
-            check_resumable(state.info, recipe, identity, f"the checkpoint of epoch {state.epoch}")
-            say("resuming %s after epoch %d of %d", task.name, state.epoch, s.epochs)
-
-        # -- fingerprint (frozen image tower, no prompts, every task image once) and frozen zero-shot accuracy
-        if state is not None:
-            stats, info = state.stats, state.info
-            zero_shot_metrics, fingerprint_seconds = info["zero_shot"], info["fingerprint_seconds"]
-        else:
+        training = _Training(self, task, backbone, run or RunContext())
+        state = training.checkpoint_to_resume()  # None: a fresh run
+        frozen = training.frozen_pass() if state is None else _FrozenPass.restore(state)
+        prompts = training.new_prompts(fresh=state is None)
+        progress = training.resume(prompts, state) if state is not None else training.start(prompts, frozen)
+        for epoch in range(progress.epochs_done, self.settings.epochs):
             started = time.perf_counter()
-            zero_shot = text_classifier(model, names, templates)  # (C, D) frozen text features, mean over templates
-            everything = ImageSet.concat(task.train, task.val)
-            frozen = self._features(model, pipeline, everything, None, comm)  # (N, D), every rank gets all rows
-            stats = fit_task_stats(frozen, torch.from_numpy(everything.labels), seed=s.seed).to_tensors()
-            zero_shot_metrics = {"val": None, "test": None}
-            if has_val:
-                val_rows = frozen[len(task.train) :]
-                zero_shot_metrics["val"] = _accuracy(val_rows @ zero_shot.cpu().T, task.val.labels)
-            if task.test is not None:
-                zero_shot_metrics["test"] = self._accuracy(model, pipeline, task.test, zero_shot, None, comm)
-            fingerprint_seconds = time.perf_counter() - started
-            say("fingerprint of %d images and zero-shot evaluation: %.1f s", len(everything), fingerprint_seconds)
-
-        # -- the new task's prompts: the only trainable tensors
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(s.seed)
-            model.add_task(task.name, self.prompt_config())
-        if s.key_init is None and state is None:
-            self._init_keys(model, task, pipeline, tokens_for(backbone, names, templates))
-        model.set_trainable(task.name)
-        keys = list(model.task_state(task.name))
-        params = model.prompt_parameters(task.name)  # same order as task_state's keys
-        assert len(keys) == len(params) and all(tuple(p.shape) == model.task_state(task.name)[k].shape for k, p in zip(keys, params))
-        base_lr = self.applied_lr(model)
-        optimizer = torch.optim.SGD(params, lr=base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
-        say(
-            "task %s: %s trainable prompt parameters (depth %d, %d prefix tokens), %s frozen; %d train / %d val images, "
-            "%d classes; SGD peak lr %.3g (lr %g at logit scale %s; this backbone's is %.1f)",
-            task.name, f"{sum(p.numel() for p in params):,}", s.depth, s.n_prefix,
-            f"{sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params):,}",
-            len(task.train), len(task.val) if has_val else 0, len(names), base_lr, s.lr,
-            s.lr_reference_logit_scale, float(model.logit_scale()),
-        )
-
-        if state is not None:
-            _copy_into(params, [state.prompts[k] for k in keys])
-            for key, param in zip(keys, params):
-                if key in state.momentum:
-                    optimizer.state[param]["momentum_buffer"] = state.momentum[key].to(param).clone()
-            best = {k: v.clone() for k, v in state.best.items()}
-            start_epoch, info = state.epoch, state.info
-            history, train_seconds = list(info["history"]), info["train_seconds"]
-            best_epoch, best_val = info["best_epoch"], info["best_val_accuracy"]
-        else:
-            _copy_into(params, [comm.broadcast(p.detach()) for p in params])  # identical start on every rank
-            # epoch 0 (P_V = 0: the frozen answer) is a candidate too, so a task never ships worse than zero-shot on val
-            best, start_epoch, history, train_seconds = model.task_state(task.name), 0, [], 0.0
-            best_epoch, best_val = 0, zero_shot_metrics["val"]
-
-        # -- the loop
-        n_train = len(task.train)
-        steps_per_epoch = math.ceil(n_train / s.batch_size)
-        total_steps = s.epochs * steps_per_epoch
-        tokens = tokens_for(backbone, names, templates).to(device)  # (C, T, L)
-        scale = model.logit_scale()
-        labels = torch.as_tensor(np.array(task.train.labels, dtype=np.int64))  # a copy: Ray hands out read-only arrays
-        for epoch in range(start_epoch, s.epochs):
-            started = time.perf_counter()
-            order = np.random.default_rng([s.seed, epoch]).permutation(n_train)
-            totals = torch.zeros(3, dtype=torch.float64)  # sum of loss, correct, images
-            bar = _progress(steps_per_epoch, f"{task.name} epoch {epoch + 1}/{s.epochs}", run.progress and comm.is_main)
-            for step in range(steps_per_epoch):
-                global_step = epoch * steps_per_epoch + step
-                lr = self._lr(global_step, total_steps, base_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                global_batch = order[step * s.batch_size : (step + 1) * s.batch_size]
-                batch = global_batch[comm.rank :: comm.world_size]
-                pixels = self._augmented(task.train.pixels[batch], len(global_batch), (s.seed, epoch, step), comm)
-                optimizer.zero_grad(set_to_none=False)
-                loss_value = 0.0
-                if len(batch):
-                    text = self._text_features(model, tokens, task.name, (s.seed, epoch, step))  # (C, D), prompted
-                    images = pipeline.to_batch(pixels, device)
-                    features = model.encode_image(images, tasks=task.name, normalize=True)  # (b, D), prompted
-                    logits = scale * features @ text.T  # (b, C)
-                    target = labels[batch].to(device)
-                    loss = F.cross_entropy(logits, target)
-                    loss.backward()
-                    loss_value = loss.item()
-                    correct = (logits.argmax(-1) == target).sum().item()
-                    totals += torch.tensor([loss_value * len(batch), correct, len(batch)], dtype=torch.float64)
-                self._average_gradients(params, len(batch), math.isfinite(loss_value), comm, epoch, step, lr)
-                optimizer.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.3g}", refresh=False)
-            bar.close()
-            totals = comm.all_reduce_sum(totals)
-            train_seconds += time.perf_counter() - started
-            val_accuracy = None
-            if has_val:
-                with torch.no_grad():
-                    classifier = text_classifier(model, names, templates, task=task.name)
-                val_accuracy = self._accuracy(model, pipeline, task.val, classifier, task.name, comm)
-            if not has_val or best_val is None or val_accuracy > best_val:
-                best, best_epoch, best_val = model.task_state(task.name), epoch + 1, val_accuracy
-            record = {
-                "epoch": epoch + 1,
-                "train_loss": totals[0].item() / max(totals[2].item(), 1),
-                "train_accuracy": totals[1].item() / max(totals[2].item(), 1),
-                "val_accuracy": val_accuracy,
-                "lr": lr,
-                "seconds": time.perf_counter() - started,
-            }
-            history.append(record)
-            say(
-                "%s epoch %d/%d  loss %.4f  train acc %.1f%%  val acc %s  (best %s @ epoch %d)  lr %.3g  %.1f s",
-                task.name, epoch + 1, s.epochs, record["train_loss"], 100 * record["train_accuracy"], _pct(val_accuracy),
-                _pct(best_val), best_epoch, lr, record["seconds"],
-            )
-
-            def snapshot(epoch=epoch) -> TrainState:
-                info = {
-                    "identity": identity, "recipe": recipe, "history": history, "best_epoch": best_epoch,
-                    "best_val_accuracy": best_val, "train_seconds": train_seconds,
-                    "fingerprint_seconds": fingerprint_seconds, "zero_shot": zero_shot_metrics,
-                }
-                momentum = {k: optimizer.state[p]["momentum_buffer"] for k, p in zip(keys, params)
-                            if optimizer.state.get(p, {}).get("momentum_buffer") is not None}
-                return TrainState(epoch + 1, info, model.task_state(task.name), best, momentum, stats)
-
-            if run.checkpoints is not None:
-                run.checkpoints.save(epoch + 1, snapshot, record)
-            if run.stop_after_epoch == epoch + 1 and epoch + 1 < s.epochs:
-                raise TrainingStopped(epoch + 1)
-
-        # -- evaluate the kept epoch
-        _copy_into(params, [best[k] for k in keys])
-        model.set_trainable(None)
-        with torch.no_grad():
-            classifier = text_classifier(model, names, templates, task=task.name)
-        test_accuracy = self._accuracy(model, pipeline, task.test, classifier, task.name, comm) if task.test is not None else None
-        last = history[-1]
-        metrics = {
-            "val_accuracy": best_val,
-            "val_zero_shot_accuracy": zero_shot_metrics["val"],
-            "test_accuracy": test_accuracy,
-            "test_zero_shot_accuracy": zero_shot_metrics["test"],
-            "best_epoch": best_epoch,
-            "epochs": s.epochs,
-            "peak_lr_applied": base_lr,
-            "train_loss": last["train_loss"],
-            "train_accuracy": last["train_accuracy"],
-            "train_seconds": round(train_seconds, 3),
-            "fingerprint_seconds": round(fingerprint_seconds, 3),
-            "n_train": len(task.train),
-            "n_val": len(task.val) if has_val else 0,
-            "n_test": len(task.test) if task.test is not None else 0,
-            "resumed_after_epoch": state.epoch if state is not None else None,
-            "history": history,
-            **run.extra_metrics,
-        }
-        say(
-            "%s: kept epoch %d; val acc %s (frozen zero-shot %s); test acc %s (frozen zero-shot %s)",
-            task.name, best_epoch, _pct(best_val), _pct(zero_shot_metrics["val"]), _pct(test_accuracy), _pct(zero_shot_metrics["test"]),
-        )
-        return TaskArtifact(
-            name=task.name,
-            kind=self.kind,
-            class_names=list(names),
-            templates=list(templates),
-            backbone=backbone.fingerprint.to_dict(),
-            recipe=recipe,
-            metrics=metrics,
-            prompts=model.task_state(task.name),
-            stats=stats,
-        )
+            totals, lr = training.train_epoch(prompts, epoch)
+            record = training.validate(progress, epoch, totals, lr, started)
+            training.checkpoint(prompts, progress, frozen, record)
+        return training.artifact(prompts, progress, frozen, state)
 
     # ------------------------------------------------------------ pieces of the loop
     def applied_lr(self, model: PromptedCLIP) -> float:
@@ -389,7 +211,7 @@ class ResidualPromptLearner:
             pick = torch.from_numpy(np.random.default_rng(list(seed)).integers(n_templates, size=n_classes))
             return model.encode_text(tokens[torch.arange(n_classes), pick.to(tokens.device)], task=task, normalize=True)
         features = model.encode_text(tokens.view(-1, length), task=task, normalize=True)
-        return F.normalize(features.view(n_classes, n_templates, -1).mean(1), dim=-1)
+        return mean_over_templates(features.view(n_classes, n_templates, -1))  # the classifier that is served
 
     def _average_gradients(self, params, n_local: int, finite: bool, comm: Comm, epoch: int, step: int, lr: float) -> None:
         """One all_reduce: sum over ranks of (gradient x local images), plus image and non-finite counts."""
@@ -423,10 +245,245 @@ class ResidualPromptLearner:
         return counts[0].item() / max(counts[1].item(), 1)
 
 
+# ---------------------------------------------------------------- one fit, step by step
+@dataclass
+class _FrozenPass:
+    """The frozen image tower's one pass over the task: its fingerprint and the frozen zero-shot accuracies."""
+
+    stats: dict[str, torch.Tensor]  # fit_task_stats(...).to_tensors()
+    zero_shot: dict[str, float | None]  # accuracy on "val" and "test" (None: no such split)
+    seconds: float
+
+    @classmethod
+    def restore(cls, state: TrainState) -> "_FrozenPass":
+        return cls(state.stats, state.info["zero_shot"], state.info["fingerprint_seconds"])
+
+
+@dataclass
+class _Prompts:
+    """The new task's prompts, the only tensors with gradients, and their optimizer."""
+
+    keys: list[str]  # task_state's keys, in the order of `params`
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.SGD
+    peak_lr: float  # lr as applied on this backbone (see `applied_lr`)
+
+    def momentum(self) -> dict[str, torch.Tensor]:
+        state = self.optimizer.state
+        return {k: state[p]["momentum_buffer"] for k, p in zip(self.keys, self.params)
+                if state.get(p, {}).get("momentum_buffer") is not None}
+
+
+@dataclass
+class _Progress:
+    """What carries over from epoch to epoch, and through a checkpoint."""
+
+    epochs_done: int
+    best: dict[str, torch.Tensor]  # the prompts of the best epoch so far: what is published
+    best_epoch: int
+    best_val: float | None
+    history: list[dict[str, Any]]  # one record per epoch
+    train_seconds: float
+
+
+class _Training:
+    """One `ResidualPromptLearner.fit`: the learner holds the recipe, this the task, the model and the run."""
+
+    def __init__(self, learner: ResidualPromptLearner, task: TaskData, backbone: Backbone, run: RunContext):
+        self.learner, self.s = learner, learner.settings
+        self.task, self.backbone, self.run, self.comm = task, backbone, run, run.comm
+        self.say = log.info if run.comm.is_main else log.debug
+        self.has_val = task.val is not None and len(task.val) > 0
+        self.recipe, self.identity = learner.recipe(task), learner.identity(task, backbone, run.runner)
+        self.pipeline = PixelPipeline(backbone.preprocess)
+        self.model = PromptedCLIP(backbone)
+        self.tokens = tokens_for(backbone, task.class_names, task.templates).to(backbone.device)  # (C, T, L)
+        self.labels = torch.as_tensor(np.array(task.train.labels, dtype=np.int64))  # a copy: Ray hands out read-only arrays
+
+    def checkpoint_to_resume(self) -> TrainState | None:
+        """The latest checkpoint of this run, if any; it must describe the same task and recipe."""
+        state = self.run.checkpoints.latest() if self.run.checkpoints is not None else None
+        if state is None and self.run.resume:
+            raise InputError("--resume: the run has no checkpoint to resume from")
+        if state is not None:
+            check_resumable(state.info, self.recipe, self.identity, f"the checkpoint of epoch {state.epoch}")
+            self.say("resuming %s after epoch %d of %d", self.task.name, state.epoch, self.s.epochs)
+        return state
+
+    def frozen_pass(self) -> _FrozenPass:
+        """Every task image once through the frozen image tower (no prompts): the fingerprint, and zero-shot accuracy."""
+        task, model, comm = self.task, self.model, self.comm
+        started = time.perf_counter()
+        zero_shot = text_classifier(model, task.class_names, task.templates)  # (C, D) frozen, mean over templates
+        everything = ImageSet.concat(task.train, task.val)
+        frozen = self.learner._features(model, self.pipeline, everything, None, comm)  # (N, D), every rank gets all rows
+        stats = fit_task_stats(frozen, torch.from_numpy(everything.labels), seed=self.s.seed).to_tensors()
+        accuracy = {"val": None, "test": None}
+        if self.has_val:
+            accuracy["val"] = _accuracy(frozen[len(task.train) :] @ zero_shot.cpu().T, task.val.labels)
+        if task.test is not None:
+            accuracy["test"] = self.learner._accuracy(model, self.pipeline, task.test, zero_shot, None, comm)
+        seconds = time.perf_counter() - started
+        self.say("fingerprint of %d images and zero-shot evaluation: %.1f s", len(everything), seconds)
+        return _FrozenPass(stats, accuracy, seconds)
+
+    def new_prompts(self, fresh: bool) -> _Prompts:
+        """The task's fresh prompts (P_V = 0: the frozen answer), made trainable, and SGD over them."""
+        s, model, name = self.s, self.model, self.task.name
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed)
+            model.add_task(name, self.learner.prompt_config())
+        if s.key_init is None and fresh:
+            self.learner._init_keys(model, self.task, self.pipeline, self.tokens)
+        model.set_trainable(name)
+        keys, params = list(model.task_state(name)), model.prompt_parameters(name)  # the same order
+        assert len(keys) == len(params) and all(tuple(p.shape) == model.task_state(name)[k].shape for k, p in zip(keys, params))
+        peak_lr = self.learner.applied_lr(model)
+        optimizer = torch.optim.SGD(params, lr=peak_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        trainable = sum(p.numel() for p in params)
+        self.say(
+            "task %s: %s trainable prompt parameters (depth %d, %d prefix tokens), %s frozen; %d train / %d val images, "
+            "%d classes; SGD peak lr %.3g (lr %g at logit scale %s; this backbone's is %.1f)",
+            name, f"{trainable:,}", s.depth, s.n_prefix, f"{sum(p.numel() for p in model.parameters()) - trainable:,}",
+            len(self.task.train), len(self.task.val) if self.has_val else 0, len(self.task.class_names), peak_lr, s.lr,
+            s.lr_reference_logit_scale, float(model.logit_scale()),
+        )
+        return _Prompts(keys, params, optimizer, peak_lr)
+
+    def start(self, prompts: _Prompts, frozen: _FrozenPass) -> _Progress:
+        _copy_into(prompts.params, [self.comm.broadcast(p.detach()) for p in prompts.params])  # the same start on every rank
+        # epoch 0 (P_V = 0: the frozen answer) is a candidate too, so a task never ships worse than zero-shot on val
+        return _Progress(0, self.model.task_state(self.task.name), 0, frozen.zero_shot["val"], [], 0.0)
+
+    def resume(self, prompts: _Prompts, state: TrainState) -> _Progress:
+        _copy_into(prompts.params, [state.prompts[k] for k in prompts.keys])
+        for key, param in zip(prompts.keys, prompts.params):
+            if key in state.momentum:
+                prompts.optimizer.state[param]["momentum_buffer"] = state.momentum[key].to(param).clone()
+        info = state.info
+        return _Progress(state.epoch, {k: v.clone() for k, v in state.best.items()}, info["best_epoch"],
+                         info["best_val_accuracy"], list(info["history"]), info["train_seconds"])
+
+    def train_epoch(self, prompts: _Prompts, epoch: int) -> tuple[torch.Tensor, float]:
+        """One pass over the training images in global batches -> (loss sum, correct, images over all ranks; last lr)."""
+        s, comm, n_train = self.s, self.comm, len(self.task.train)
+        steps = math.ceil(n_train / s.batch_size)
+        order = np.random.default_rng([s.seed, epoch]).permutation(n_train)
+        totals = torch.zeros(3, dtype=torch.float64)  # sum of loss, correct, images
+        bar = _progress(steps, f"{self.task.name} epoch {epoch + 1}/{s.epochs}", self.run.progress and comm.is_main)
+        for step in range(steps):
+            lr = self.learner._lr(epoch * steps + step, s.epochs * steps, prompts.peak_lr)
+            for group in prompts.optimizer.param_groups:
+                group["lr"] = lr
+            global_batch = order[step * s.batch_size : (step + 1) * s.batch_size]
+            prompts.optimizer.zero_grad(set_to_none=False)
+            loss, correct, n_local = self._loss(global_batch, (s.seed, epoch, step))
+            totals += torch.tensor([loss * n_local, correct, n_local], dtype=torch.float64)
+            self.learner._average_gradients(prompts.params, n_local, math.isfinite(loss), comm, epoch, step, lr)
+            prompts.optimizer.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.3g}", refresh=False)
+        bar.close()
+        return comm.all_reduce_sum(totals), lr
+
+    def _loss(self, global_batch: np.ndarray, seed: tuple[int, ...]) -> tuple[float, int, int]:
+        """Cross-entropy on this rank's share of the batch, backpropagated -> (loss, correct, images)."""
+        batch = global_batch[self.comm.rank :: self.comm.world_size]
+        pixels = self.learner._augmented(self.task.train.pixels[batch], len(global_batch), seed, self.comm)
+        if not len(batch):
+            return 0.0, 0, 0
+        device = self.backbone.device
+        text = self.learner._text_features(self.model, self.tokens, self.task.name, seed)  # (C, D), prompted
+        features = self.model.encode_image(self.pipeline.to_batch(pixels, device), tasks=self.task.name, normalize=True)
+        logits = self.model.logit_scale() * features @ text.T  # (b, C)
+        target = self.labels[batch].to(device)
+        loss = F.cross_entropy(logits, target)
+        loss.backward()
+        return loss.item(), (logits.argmax(-1) == target).sum().item(), len(batch)
+
+    def validate(self, progress: _Progress, epoch: int, totals: torch.Tensor, lr: float, started: float) -> dict[str, Any]:
+        """Validation accuracy of the prompts after `epoch`; kept when better. -> the epoch's record, logged."""
+        progress.train_seconds += time.perf_counter() - started
+        val_accuracy = self._prompted_accuracy(self.task.val) if self.has_val else None
+        if not self.has_val or progress.best_val is None or val_accuracy > progress.best_val:
+            progress.best, progress.best_epoch, progress.best_val = self.model.task_state(self.task.name), epoch + 1, val_accuracy
+        progress.epochs_done = epoch + 1
+        images = max(totals[2].item(), 1)
+        record = {"epoch": epoch + 1, "train_loss": totals[0].item() / images, "train_accuracy": totals[1].item() / images,
+                  "val_accuracy": val_accuracy, "lr": lr, "seconds": time.perf_counter() - started}
+        progress.history.append(record)
+        self.say(
+            "%s epoch %d/%d  loss %.4f  train acc %.1f%%  val acc %s  (best %s @ epoch %d)  lr %.3g  %.1f s",
+            self.task.name, epoch + 1, self.s.epochs, record["train_loss"], 100 * record["train_accuracy"],
+            _pct(val_accuracy), _pct(progress.best_val), progress.best_epoch, lr, record["seconds"],
+        )
+        return record
+
+    def checkpoint(self, prompts: _Prompts, progress: _Progress, frozen: _FrozenPass, record: dict[str, Any]) -> None:
+        """The state after the epoch, if the run keeps checkpoints; then stop there if asked to."""
+        epoch, name = progress.epochs_done, self.task.name
+
+        def snapshot() -> TrainState:
+            info = {
+                "identity": self.identity, "recipe": self.recipe, "history": progress.history,
+                "best_epoch": progress.best_epoch, "best_val_accuracy": progress.best_val,
+                "train_seconds": progress.train_seconds, "fingerprint_seconds": frozen.seconds, "zero_shot": frozen.zero_shot,
+            }
+            return TrainState(epoch, info, self.model.task_state(name), progress.best, prompts.momentum(), frozen.stats)
+
+        if self.run.checkpoints is not None:
+            self.run.checkpoints.save(epoch, snapshot, record)
+        if self.run.stop_after_epoch == epoch and epoch < self.s.epochs:
+            raise TrainingStopped(epoch)
+
+    def artifact(self, prompts: _Prompts, progress: _Progress, frozen: _FrozenPass, state: TrainState | None) -> TaskArtifact:
+        """The kept epoch's prompts, evaluated on the test split, as the task's artifact."""
+        task = self.task
+        _copy_into(prompts.params, [progress.best[k] for k in prompts.keys])
+        self.model.set_trainable(None)
+        test_accuracy = self._prompted_accuracy(task.test) if task.test is not None else None
+        last = progress.history[-1]
+        metrics = {
+            "val_accuracy": progress.best_val,
+            "val_zero_shot_accuracy": frozen.zero_shot["val"],
+            "test_accuracy": test_accuracy,
+            "test_zero_shot_accuracy": frozen.zero_shot["test"],
+            "best_epoch": progress.best_epoch,
+            "epochs": self.s.epochs,
+            "peak_lr_applied": prompts.peak_lr,
+            "train_loss": last["train_loss"],
+            "train_accuracy": last["train_accuracy"],
+            "train_seconds": round(progress.train_seconds, 3),
+            "fingerprint_seconds": round(frozen.seconds, 3),
+            "n_train": len(task.train),
+            "n_val": len(task.val) if self.has_val else 0,
+            "n_test": len(task.test) if task.test is not None else 0,
+            "resumed_after_epoch": state.epoch if state is not None else None,
+            "history": progress.history,
+            **self.run.extra_metrics,
+        }
+        self.say(
+            "%s: kept epoch %d; val acc %s (frozen zero-shot %s); test acc %s (frozen zero-shot %s)", task.name,
+            progress.best_epoch, _pct(progress.best_val), _pct(frozen.zero_shot["val"]), _pct(test_accuracy),
+            _pct(frozen.zero_shot["test"]),
+        )
+        return TaskArtifact(
+            name=task.name, kind=self.learner.kind, class_names=list(task.class_names), templates=list(task.templates),
+            backbone=self.backbone.fingerprint.to_dict(), recipe=self.recipe, metrics=metrics,
+            prompts=self.model.task_state(task.name), stats=frozen.stats,
+        )
+
+    def _prompted_accuracy(self, images: ImageSet) -> float:
+        """Top-1 accuracy with the task's prompts in both towers (the classifier the service builds)."""
+        with torch.no_grad():
+            classifier = text_classifier(self.model, self.task.class_names, self.task.templates, task=self.task.name)
+        return self.learner._accuracy(self.model, self.pipeline, images, classifier, self.task.name, self.comm)
+
+
 # ---------------------------------------------------------------- helpers
 def tokens_for(backbone: Backbone, names: list[str], templates: list[str]) -> torch.Tensor:
-    """(C, T, L) tokens of every class name in every template."""
-    return backbone.tokenizer([t.format(n) for n in names for t in templates]).view(len(names), len(templates), -1)
+    """(C, T, L) tokens of every class name in every template (tokenised once: the text tower runs every step)."""
+    return backbone.tokenizer(template_texts(names, templates)).view(len(names), len(templates), -1)
 
 
 def _data_sha256(*sets: ImageSet | None) -> str:

@@ -15,10 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from backbone import Backbone, PromptConfig, PromptedCLIP, text_classifier
+from backbone import Backbone, PixelPipeline, PromptConfig, PromptedCLIP, text_classifier
 from prompts_store import TaskArtifact
 
-from .data import PixelPipeline
 from .head_learner import HeadLearner
 from .learner import ResidualPromptLearner, RunContext, TaskData
 from .settings import HeadSettings, ResidualPromptSettings

@@ -11,6 +11,7 @@ name continues from its last epoch (`ray.train.get_checkpoint()`). Rank 0 publis
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .checkpoint import TrainState, epoch_dir_name, load_state, save_state, temporary_directory
@@ -47,6 +48,34 @@ class RayCheckpoints:
             )
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker needs besides the images. It travels in `train_loop_config` as a plain dict (`asdict`)."""
+
+    task: str
+    class_names: list[str]
+    templates: list[str]
+    source: dict[str, Any]  # the data's provenance, recorded in the recipe
+    kind: str  # add-task --kind
+    settings: dict[str, Any]  # learners.RecipeSettings.to_dict()
+    model: str
+    pretrained: str | None
+    backbone: dict[str, str]  # the driver's fingerprint: a worker that loads another backbone refuses to train
+    store: str
+    resume: bool = False
+    stop_after_epoch: int | None = None
+    update_from: int | None = None  # --update: the live version the driver checked
+    force: bool = False  # publish even below the live version or zero-shot
+    progress: bool = True
+    verbose: bool = False
+    quiet: bool = False
+    extra_metrics: dict[str, Any] = field(default_factory=dict)  # added to the artifact's metrics
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "WorkerConfig":
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
 def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     """`train_loop_per_worker` of the TorchTrainer; rank 0's return value reaches the driver (`Result.return_value`)."""
     import ray
@@ -62,16 +91,16 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     from .learners import RecipeSettings, make_learner
     from .runtime import configure_logging, load_frozen_backbone
 
-    comm = TorchComm()
-    configure_logging(verbose=config["verbose"], quiet=config["quiet"] or not comm.is_main)
-    if not config["verbose"]:
+    job, comm = WorkerConfig.from_dict(config), TorchComm()
+    configure_logging(verbose=job.verbose, quiet=job.quiet or not comm.is_main)
+    if not job.verbose:
         logging.getLogger().setLevel(logging.WARNING)  # open_clip logs every loading step on the root logger
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    backbone = load_frozen_backbone(config["model"], config["pretrained"], str(device))
-    if backbone.fingerprint.to_dict() != config["backbone"]:
+    backbone = load_frozen_backbone(job.model, job.pretrained, str(device))
+    if backbone.fingerprint.to_dict() != job.backbone:
         raise RuntimeError(
             f"worker {comm.rank} loaded backbone {backbone.fingerprint.to_dict()}, but the driver loaded "
-            f"{config['backbone']}: every node needs the same model config and weights ({config['model']}, {config['pretrained']})"
+            f"{job.backbone}: every node needs the same model config and weights ({job.model}, {job.pretrained})"
         )
     arrays = ray.get(config["images"])
 
@@ -79,23 +108,23 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
         return None if arrays.get(f"{split}_labels") is None else ImageSet(arrays[f"{split}_pixels"], arrays[f"{split}_labels"])
 
     task = TaskData(
-        name=config["task"], class_names=config["class_names"], templates=config["templates"],
-        train=image_set("train"), val=image_set("val"), test=image_set("test"), source=config["source"],
+        name=job.task, class_names=job.class_names, templates=job.templates,
+        train=image_set("train"), val=image_set("val"), test=image_set("test"), source=job.source,
     )
     run = RunContext(
         comm=comm,
         checkpoints=RayCheckpoints(comm),
-        resume=config["resume"],
-        stop_after_epoch=config["stop_after_epoch"],
-        progress=config["progress"],
+        resume=job.resume,
+        stop_after_epoch=job.stop_after_epoch,
+        progress=job.progress,
         runner="ray-train",
-        extra_metrics={"workers": comm.world_size, "device": str(device), **config["extra_metrics"]},
+        extra_metrics={"workers": comm.world_size, "device": str(device), **job.extra_metrics},
     )
-    learner = make_learner(config.get("kind", "prompts"), RecipeSettings.from_dict(config["settings"]))
-    store = open_store(config["store"])
+    learner = make_learner(job.kind, RecipeSettings.from_dict(job.settings))
+    store = open_store(job.store)
     try:
-        if config.get("update_from") is not None:  # --update: the same live version the driver checked
-            previous = store.get(task.name, config["update_from"], backbone=config["backbone"], with_update_state=True)
+        if job.update_from is not None:  # --update: the same live version the driver checked
+            previous = store.get(task.name, job.update_from, backbone=job.backbone, with_update_state=True)
             artifact = learner.fit(task, backbone, run, previous=previous)
         else:
             artifact = learner.fit(task, backbone, run)
@@ -106,13 +135,13 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     if comm.is_main:
         from .publish_check import check_publishable, live_metrics
 
-        check_publishable(artifact.metrics, live_metrics(store, task.name), config.get("force", False))
+        check_publishable(artifact.metrics, live_metrics(store, task.name), job.force)
         version = store.publish(artifact)
     return {"published_version": version, "summary": {k: v for k, v in artifact.metrics.items() if k != "history"}}
 
 
 def fit_on_ray(
-    config: dict[str, Any],
+    job: WorkerConfig,
     images: dict[str, Any],
     *,
     workers: int,
@@ -128,14 +157,14 @@ def fit_on_ray(
 
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={**config, "images": ray.put(images), "use_gpu": use_gpu},
+        train_loop_config={**asdict(job), "images": ray.put(images), "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=max_failures),
-            logging_config=LoggingConfig(log_level="INFO" if config["verbose"] else "WARNING"),
+            logging_config=LoggingConfig(log_level="INFO" if job.verbose else "WARNING"),
         ),
     )
     return trainer.fit().return_value or {}

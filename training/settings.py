@@ -1,40 +1,60 @@
-"""The residual-prompt recipe as typed settings: the one source of the defaults of `add-task` and the Python API.
+"""The recipes as typed settings: the one source of their defaults and help texts, for `add-task` (its options read
+both from the fields: `--epochs` is `epochs`), the Ray Train workers and the Python API.
 
-Kept free of torch imports so that `python -m training.add_task --help` is fast.
+Kept free of torch imports so that `python -m training.add_task --help` is fast. The checks raise `InputError`
+naming the option, so that add-task reports them as bad input (exit 2).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from .errors import InputError
 
 
+def setting(default: Any, help: str) -> Any:
+    """A recipe field: its default, and the help text of its add-task option."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
-class ResidualPromptSettings:
+class SplitSettings:
+    """What both recipes share: the validation split and the evaluation batch."""
+
+    val_fraction: float = setting(0.1, "stratified validation hold-out that picks the best epoch (and reports a head's "
+                                       "held-out accuracy); 0 keeps the last epoch")
+    seed: int = setting(0, "split, data order, templates, prompt init")
+    eval_batch_size: int = setting(256, "images per forward pass when evaluating and fingerprinting")
+
+
+@dataclass(frozen=True)
+class ResidualPromptSettings(SplitSettings):
     """The recipe; defaults follow the reference (DIKI-style residual prompts on MTIL)."""
 
-    depth: int = 8  # prompted blocks from the input, in each tower (capped at the tower's depth)
-    n_prefix: int = 8  # prefix keys and values per prompted block
-    epochs: int = 10
-    batch_size: int = 128  # global batch: split across data-parallel workers
-    lr: float = 5.0  # high, as in the reference: the prompts start at zero output
-    lr_reference_logit_scale: float | None = 100.0  # lr is meant at CLIP's logit scale (100): the step applied is
-    #   lr x 100 / the backbone's own logit scale, so a backbone with a softer temperature gets the same gradient
-    #   step (ViT-B-16/openai: exactly lr; the proxy, 17.6: 5.7 x lr). None: apply lr as it is
-    key_init: float | None = None  # P_K ~ U(-key_init, key_init); None: matched to the std of each block's own keys
-    momentum: float = 0.0  # plain SGD in the reference
-    weight_decay: float = 0.0
-    final_lr_ratio: float = 1e-3  # the cosine schedule decays per step from lr to lr * final_lr_ratio
-    warmup_steps: int = 0  # linear warm-up steps before the cosine (reference: none)
-    val_fraction: float = 0.1  # stratified hold-out of the training data for picking the best epoch (0: keep the last)
-    seed: int = 0  # split, data order, template sampling and prompt initialisation
-    text_templates: Literal["mean", "sample"] = "mean"  # per step: the mean over all templates (the classifier that is
-    #   evaluated and served), or one random template per class (T x less text-tower work, noisier gradients)
-    eval_batch_size: int = 256  # images per forward pass when evaluating and fingerprinting
-    augment: Literal["none", "random-crop"] = "none"  # training images only: a random resized crop per image, per step
-    crop_scale: float = 0.5  # random-crop: the smallest crop, as a fraction of the image's area
+    depth: int = setting(8, "prompted blocks per tower")  # capped at the tower's depth
+    n_prefix: int = setting(8, "prefix tokens per prompted block")
+    epochs: int = setting(10, "training epochs")
+    batch_size: int = setting(128, "global batch, split across workers")
+    # high, as in the reference: the prompts start at zero output
+    lr: float = setting(5.0, "SGD learning rate, cosine-decayed per step")
+    # so that a backbone with a softer temperature gets the same gradient step (ViT-B-16/openai: exactly lr; the
+    # proxy, 17.6: 5.7 x lr)
+    lr_reference_logit_scale: float | None = setting(
+        100.0, "lr is meant at this logit scale (CLIP's); the step applied is lr x S / the backbone's logit scale; "
+               "'none': lr as is")
+    key_init: float | None = setting(None, "prefix keys ~ U(-X, X); 'none': matched to the spread of each block's own keys")
+    momentum: float = setting(0.0, "SGD momentum")  # plain SGD in the reference
+    weight_decay: float = setting(0.0, "SGD weight decay")
+    final_lr_ratio: float = setting(1e-3, "the cosine ends at lr x this")
+    warmup_steps: int = setting(0, "linear warm-up steps before the cosine")  # the reference has none
+    # sample: T x less text-tower work, noisier gradients
+    text_templates: Literal["mean", "sample"] = setting(
+        "mean", "class text features per training step: the mean over all templates (what is evaluated and served), "
+                "or one random template per class (cheaper)")
+    augment: Literal["none", "random-crop"] = setting(
+        "none", "training images only: 'random-crop' takes a random crop of each image at every step (no flips)")
+    crop_scale: float = setting(0.5, "random-crop: the smallest crop as a fraction of the image area")
 
     def __post_init__(self):
         positive = ("depth", "n_prefix", "epochs", "batch_size", "eval_batch_size")
@@ -71,16 +91,14 @@ class ResidualPromptSettings:
 
 
 @dataclass(frozen=True)
-class HeadSettings:
-    """The closed-form head's recipe (backbone/analytic_head.py): one frozen pass, then ridge regression."""
+class HeadSettings(SplitSettings):
+    """The closed-form head's recipe (backbone/analytic_head.py): one frozen pass, then ridge regression. Its split
+    is reported on; λ and the fusion weight are chosen by leave-one-out over all the images."""
 
-    width: int = 4096  # random features per image (the projection is seeded and shared, never stored)
+    width: int = setting(4096, "head: random features per image")  # seeded and shared, never stored
     projection_seed: int = 0
     lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # ridge λ, in units of the mean ‖φ(f)‖²
     fusions: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)  # head weight beside zero-shot
-    val_fraction: float = 0.1  # stratified split whose held-out accuracy is reported (λ and fusion: leave-one-out on all)
-    seed: int = 0  # the split
-    eval_batch_size: int = 256
 
     def __post_init__(self):
         if self.width < 1 or self.eval_batch_size < 1:

@@ -1,7 +1,7 @@
 """The class-text templates a task is served with."""
 from __future__ import annotations
 
-from backbone.zeroshot import DEFAULT_TEMPLATES
+from backbone import DEFAULT_TEMPLATES
 from prompts_store import TaskArtifact
 
 

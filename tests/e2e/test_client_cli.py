@@ -67,6 +67,29 @@ def test_cli_classify(keepclip_service, images):
     assert out.exit_code == 1 and "cannot reach keepclip" in out.output
 
 
+def classify_requests(url: str) -> float:
+    """/v1/classify requests the replica answered so far (every status)."""
+    import httpx
+
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith('keepclip_requests_total{endpoint="/v1/classify"'))
+
+
+def test_client_and_cli_send_several_images_in_one_request(keepclip_service, images):
+    url = keepclip_service.url
+    with KeepclipClient(url) as kc:
+        results = kc.classify_many([images["red"], color_png("green"), images["gray"]])
+        assert [r.task for r in results] == ["red", "green", None]
+        assert [len(r.scores) for r in kc.classify_many([images["red"], images["green"]], labels=["a, b"])] == [1, 1]
+        assert [r.task for r in kc.classify_many([images["green"]], task="red", top_k=1)] == ["red"]
+        assert kc.classify_many([]) == []
+    before = classify_requests(url)
+    out = runner.invoke(app, ["classify", str(images["green"]), str(images["red"]), str(images["gray"]), "--url", url, "--json"])
+    assert out.exit_code == 0, out.output
+    assert [json.loads(line)["task"] for line in out.stdout.splitlines()] == ["green", "red", None]
+    assert classify_requests(url) == before + 1  # three images, one request
+
+
 def one_error_line(out) -> str:
     [line] = out.stderr.splitlines()
     assert line.startswith("error: ") and "Traceback" not in out.output, out.output

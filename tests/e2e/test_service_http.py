@@ -33,6 +33,35 @@ def test_classify_every_mode(http):
     assert none["task"] is None and none["gate"] == 0.0 and len(none["scores"]) == 5 and "imagenet-1k" in none["message"]
 
 
+def batch_totals(http) -> tuple[float, float]:
+    """(engine batches, images in them) so far, from the replica's keepclip_batch_size histogram."""
+    lines = http.get("/metrics").text.splitlines()
+    return tuple(float(next(line.split()[-1] for line in lines if line.startswith(name)))
+                 for name in ("keepclip_batch_size_count", "keepclip_batch_size_sum"))
+
+
+def test_several_images_in_one_request_share_one_engine_batch(http):
+    red, green, gray = color_png("red"), color_png("green"), color_png("gray")
+    batches, images = batch_totals(http)
+    many = http.post("/v1/classify", files=[("file", ("r.png", red)), ("file", ("g.png", green)), ("file", ("x.png", gray))])
+    assert [r["task"] for r in many.json()["results"]] == ["red", "green", None]
+    assert batch_totals(http) == (batches + 1, images + 3)  # the request's images entered the batch together
+    by_json = http.post("/v1/classify", json={"images": [b64(green), b64(red)], "task": "red", "top_k": 1}).json()
+    assert [(r["task"], r["routed"]["task"], len(r["scores"])) for r in by_json["results"]] == [("red", "green", 1), ("red", "red", 1)]
+    one = http.post("/v1/classify", files=[("images", ("g.png", green))]).json()
+    assert [r["task"] for r in one["results"]] == ["green"]
+    assert "results" not in http.post("/v1/classify", files={"image": ("g.png", green)}).json()  # one image: one result
+
+
+def test_more_images_than_max_images_per_request_are_refused(http, keepclip_service):
+    limit = keepclip_service.settings.max_images_per_request
+    over = [b64(color_png("red", seed=i % 3)) for i in range(limit + 1)]
+    assert f"at most {limit}" in error(http.post("/v1/classify", json={"images": over}), 422, "too_many_images")
+    files = [("file", (f"{i}.png", color_png("red", seed=i % 3))) for i in range(limit + 1)]
+    error(http.post("/v1/classify", files=files), 422, "too_many_images")
+    assert len(http.post("/v1/classify", json={"images": over[:limit]}).json()["results"]) == limit
+
+
 def test_embed_gallery_search_tasks_health_metrics_docs_ui(http):
     assert http.post("/v1/embed", files={"file": ("r.png", color_png("red"), "image/png")}).json()["dim"] == 32
     assert http.post("/v1/embed", json={"text": "red", "task": "red"}).json()["version"] >= 1

@@ -8,7 +8,6 @@ batches of two tasks (of different n, so padding is exercised) plus rows without
 frozen, and pass the same gradients to the prompts.
 """
 import copy
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from backbone import PromptConfig, PromptedAttention, PromptedCLIP
 from backbone.prompts import PromptGroup, RoutingState, fused_attention, prompt_delta
+from bench.prompt_branch import old_branch as reference_branch, old_forward as reference_forward, old_wrappers as reference_wrappers
 from tests.conftest import random_images, tiny_backbone
 
 CLOSE = dict(rtol=1e-5, atol=1e-5)
@@ -29,47 +29,8 @@ FROZEN_ROWS = [2, 4, 5]
 # ----------------------------------------------------------------------------- the reference (pre-fusion wrapper)
 
 
-def reference_branch(base: nn.Module, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """W_o · softmax(q P_Kᵀ/√h) P_V for batch-first x (B, L, D), one task's (n, D) prompts."""
-    width, heads = base.in_proj_weight.shape[1], base.num_heads
-    q_bias = base.in_proj_bias[:width] if base.in_proj_bias is not None else None
-    q = F.linear(x, base.in_proj_weight[:width], q_bias)
-    q = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, L, h)
-    k = keys.unflatten(-1, (heads, -1)).transpose(0, 1)  # (H, n, h)
-    v = values.unflatten(-1, (heads, -1)).transpose(0, 1)
-    attn = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)
-    o = (attn @ v).transpose(1, 2).flatten(2)
-    return F.linear(o, base.out_proj.weight)
-
-
-def reference_forward(self: PromptedAttention, x: torch.Tensor, *args, **kwargs):
-    out = self.base_layer(x, *args, **kwargs)
-    groups = [g for g in self.routing.groups(self.tower) if g.slot in self.prefix_keys]
-    if not groups:
-        return out
-    attn_out = out[0] if isinstance(out, tuple) else out
-    batch_dim = 0 if self.batch_first else 1
-    for g in groups:
-        x_g = x.index_select(batch_dim, g.index)
-        if not self.batch_first:
-            x_g = x_g.transpose(0, 1)
-        delta = reference_branch(self.base_layer, x_g, self.prefix_keys[g.slot], self.prefix_values[g.slot])
-        delta = delta * g.weight.to(delta.dtype).view(-1, 1, 1)
-        if not self.batch_first:
-            delta = delta.transpose(0, 1)
-        attn_out = attn_out.index_add(batch_dim, g.index, delta)
-    return (attn_out, *out[1:]) if isinstance(out, tuple) else attn_out
-
-
-@contextmanager
-def reference_wrappers():
-    """Every PromptedAttention runs the pre-fusion forward while inside."""
-    fused = PromptedAttention.forward
-    PromptedAttention.forward = reference_forward
-    try:
-        yield
-    finally:
-        PromptedAttention.forward = fused
+# the reference lives in bench/prompt_branch.py, which times it against the fused paths: `reference_branch`,
+# `reference_forward` (the pre-fusion PromptedAttention.forward) and `reference_wrappers` (installs it while inside)
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from backbone import TaskStats, fit_task_stats, image_features, text_classifier
+from backbone import DEFAULT_TEMPLATES, TaskStats, fit_task_stats, image_features, text_classifier
 from prompts_store import TaskArtifact
 from service.engine import Engine
 from service.kinds import ServedKind, UnservableTask, register_kind, servable_kinds
@@ -47,7 +47,7 @@ def make_head_task(model, name: str, n: int = 32) -> TaskArtifact:
                    float(model.logit_scale()), HeadSettings(width=256), len(class_names))
     return TaskArtifact(
         name=name, kind="head", class_names=class_names, backbone=model.backbone.fingerprint.to_dict(),
-        templates=["a photo of a {}."], recipe={"head": fit.head.config()}, prompts=fit.head.to_tensors(),
+        templates=list(DEFAULT_TEMPLATES), recipe={"head": fit.head.config()}, prompts=fit.head.to_tensors(),
         stats=fit_task_stats(features, labels).to_tensors(),
     )
 
@@ -121,7 +121,7 @@ def test_a_kind_registered_by_a_test_is_served_without_touching_the_engine(engin
     means = torch.stack([features[torch.as_tensor(labels) == c].mean(0) for c in range(2)])
     store.publish(TaskArtifact(
         name="red", kind="test-nearest-mean", class_names=names, backbone=task_maker.backbone.fingerprint.to_dict(),
-        templates=["a photo of a {}."], prompts={"class_means": means}, stats=fit_task_stats(features, torch.as_tensor(labels)).to_tensors(),
+        templates=list(DEFAULT_TEMPLATES), prompts={"class_means": means}, stats=fit_task_stats(features, torch.as_tensor(labels)).to_tensors(),
     ))
     engine.sync()
     [result] = engine.classify(pil(engine, "red"))

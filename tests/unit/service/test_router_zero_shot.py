@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from backbone import fit_task_stats
+from backbone import TaskStats, fit_task_stats
 from backbone.gate import Vocabulary
 from service.router import Router
 
@@ -86,17 +86,22 @@ def test_an_image_the_most_likely_task_rejects_goes_to_the_next_candidate_that_c
     for checking in (True, False):
         router = Router(stats, top_k=2, **(dict(vocabulary=vocabulary, classes=classes) if checking else {}))
         assert all(r.candidates[0].task == "diffuse" and len(r.candidates) == 2 for r in router.route(own_diffuse))
-        diffuse, compact = router.names.index("diffuse"), router.names.index("compact")
         # stub the gates: the most likely task (diffuse) rejects every image, the other one claims it at 0.7
-        def stub(t, f, vocabulary_cos, real=router._likelihood_and_gate):
-            return real(t, f, vocabulary_cos)[0], torch.full((f.shape[0],), 0.7 if t == compact else 0.0)
+        real = TaskStats.likelihood_and_weight
 
-        monkeypatch.setattr(router, "_likelihood_and_gate", stub)
+        def gate_of(self, f, normalized=False):
+            ll, w = real(self, f, normalized)
+            return ll, torch.full_like(w, 0.7 if self is stats["compact"] else 0.0)
+
+        monkeypatch.setattr(TaskStats, "likelihood_and_weight", gate_of)
+        if checking:  # both checks pass: the gates decide
+            monkeypatch.setattr(router, "_check", lambda t: (lambda f, cos=None: torch.ones(f.shape[0], dtype=torch.bool)))
         routes = router.route(own_diffuse)
         if checking:  # with checks, the next candidate is asked
             assert all(r.task == "compact" and r.weight == pytest.approx(0.7) for r in routes)
         else:  # by distance alone, only the most likely task's gate counts, as before
             assert all(r.task is None and r.best == "diffuse" for r in routes)
+        monkeypatch.undo()
 
 
 def test_the_check_is_calibrated_once_per_task_and_vocabulary(world):

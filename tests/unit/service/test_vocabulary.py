@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from backbone import DEFAULT_TEMPLATES
 from service.engine import Engine
 from service.runtime import TorchRuntime
 from service.settings import ServiceSettings
@@ -28,7 +29,7 @@ def test_a_vocabulary_file_answers_unclaimed_images_with_the_frozen_model(settin
     assert result.task is None and result.gate == 0.0
     assert sorted(s.label for s in result.scores) == ["blue paint", "ocean", "sky"]  # blank and repeated lines dropped
     assert "words.txt (3 names)" in result.message
-    text = engine.runtime.class_text(["sky", "ocean", "blue paint"], ("a photo of a {}.",))
+    text = engine.runtime.class_text(["sky", "ocean", "blue paint"], DEFAULT_TEMPLATES)
     logits = engine.runtime.logit_scale() * engine.runtime.encode_image(torch.stack(blue(engine)))[0] @ text.T
     assert result.scores[0].logit == pytest.approx(float(logits.max()), abs=1e-5)  # the frozen answer
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from backbone import PromptConfig, PromptedCLIP, TaskStats, text_classifier
+from backbone import DEFAULT_TEMPLATES, PixelPipeline, PromptConfig, PromptedCLIP, TaskStats, text_classifier
 from prompts_store import TaskArtifact, open_store
 from tests.conftest import REPO, tiny_backbone
 from tests.unit.training.helpers import CLASS_NAMES, TINY_MODEL, colour_images, tiny_args, write_npz
 from training.add_task import build_parser
-from training.data import PixelPipeline, split_train_val
+from training.data import split_train_val
 from training.learner import ResidualPromptLearner, TaskData
 from training.data import ImageSet
 from training.settings import ResidualPromptSettings
@@ -28,7 +28,7 @@ def test_add_task_publishes_an_artifact_that_classifies_its_own_validation_image
     backbone = tiny_backbone()  # the same random init as --pretrained none
     artifact = open_store(paths.store).get("colours", backbone=backbone.fingerprint.to_dict())
     assert artifact.kind == "residual-prompts" and artifact.class_names == CLASS_NAMES
-    assert artifact.templates == ["a photo of a {}."]  # the default, recorded
+    assert artifact.templates == list(DEFAULT_TEMPLATES)  # the default, recorded
     recipe, metrics = artifact.recipe, artifact.metrics
     assert recipe["prompts"] == PromptConfig(depth=8, n_prefix=8).to_dict()
     assert recipe["optimizer"] == {"name": "sgd", "lr": 5.0, "lr_reference_logit_scale": 100.0, "momentum": 0.0, "weight_decay": 0.0}
@@ -74,7 +74,7 @@ def test_earlier_tasks_and_the_backbone_are_untouched(paths, add_task):
     frozen_hash = PromptedCLIP(backbone).frozen_state_sha256()
     images, labels = colour_images(4)
     pixels = np.stack([PixelPipeline(backbone.preprocess).pixels(_pil(im)) for im in images])
-    task = TaskData("third", CLASS_NAMES, ["a photo of a {}."], ImageSet(pixels, labels))
+    task = TaskData("third", CLASS_NAMES, list(DEFAULT_TEMPLATES), ImageSet(pixels, labels))
     artifact = ResidualPromptLearner(ResidualPromptSettings(epochs=1, batch_size=8, val_fraction=0)).fit(task, backbone)
     assert isinstance(artifact, TaskArtifact) and artifact.backbone == backbone.fingerprint.to_dict()
     assert PromptedCLIP(backbone).frozen_state_sha256() == frozen_hash

@@ -1,35 +1,16 @@
-"""Data adapters: each layout gives the same classes and images; the cached pixels are exactly the backbone's
-transform; the split is seeded and stratified."""
+"""Data adapters: each layout gives the same classes and images; the split is seeded and stratified.
+(That the cached pixels are exactly the backbone's transform: tests/unit/backbone/test_preprocessing.py.)"""
 import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from backbone import DEFAULT_TEMPLATES, PixelPipeline
 from tests.conftest import tiny_backbone
 from tests.unit.training.helpers import CLASS_NAMES, colour_images, write_folder, write_manifest, write_npz
-from training.data import (
-    DEFAULT_TEMPLATES, ImageSet, PixelPipeline, decode, read_class_names, read_templates, scan, split_train_val,
-)
+from training.data import ImageSet, decode, read_class_names, read_templates, scan, split_train_val
 from training.errors import InputError
-
-
-@pytest.mark.parametrize("name", ["keepclip-tiny-a", "keepclip-tiny-b"])
-def test_cached_pixels_give_exactly_the_backbones_preprocess(name):
-    backbone = tiny_backbone(name)
-    pipeline = PixelPipeline(backbone.preprocess)
-    rng = np.random.default_rng(0)
-    images = [  # sizes that need resizing and cropping, and every colour mode a user may hand in
-        Image.fromarray(rng.integers(0, 256, (50, 37, 3), dtype=np.uint8)),
-        Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)),  # L
-        Image.fromarray(rng.integers(0, 256, (64, 90, 4), dtype=np.uint8), "RGBA"),
-    ]
-    assert pipeline.split
-    cached = np.stack([pipeline.pixels(im) for im in images])
-    assert cached.dtype == np.uint8
-    want = torch.stack([backbone.preprocess(im.convert("RGB")) for im in images])
-    assert torch.equal(pipeline.to_batch(cached), want)
 
 
 def test_all_layouts_read_the_same_classes_and_images(tmp_path):

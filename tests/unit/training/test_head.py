@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from backbone import DEFAULT_TEMPLATES, PixelPipeline
 from prompts_store import TaskArtifact, open_store
 from tests.conftest import tiny_backbone
 from tests.unit.training.helpers import CLASS_NAMES, colour_images, tiny_args
-from training.data import ImageSet, PixelPipeline, split_train_val
+from training.data import ImageSet, split_train_val
 from training.head_learner import Features, HeadLearner, check_features, merge_class_names, ridge_path
 from training.errors import InputError
 from training.learner import RunContext, TaskData
@@ -70,7 +71,7 @@ def test_update_adds_images_and_a_class_and_equals_a_fit_on_all_the_data(paths, 
         pixels = np.stack([pipeline.pixels(__import__("PIL.Image").Image.fromarray(im)) for im in images])
         train, val = split_train_val(labels, 0.25, 0)
         sets.append((ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val])))
-    task = TaskData("colours", ["red", "green", "blue", "yellow"], ["a photo of a {}."],
+    task = TaskData("colours", ["red", "green", "blue", "yellow"], list(DEFAULT_TEMPLATES),
                     ImageSet.concat(sets[0][0], sets[1][0]), ImageSet.concat(sets[0][1], sets[1][1]))
     once = HeadLearner(SETTINGS).fit(task, backbone, RunContext(progress=False))
     for key in ("head.weights", "head.center"):

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from backbone import DEFAULT_TEMPLATES, PixelPipeline
 from backbone.task_identity import TaskIdentityHead
 from backbone.token_prompts import TokenPromptConfig, TokenPrompts, applied, class_tokens
 from prompts_store import open_store
 from tests.conftest import tiny_backbone
-from training.data import ImageSet, PixelPipeline, split_train_val
+from training.data import ImageSet, split_train_val
 from training.image_text_prompts import KIND, ImageTextPromptLearner, ImageTextPromptSettings, classify
 from training.learner import RunContext, TaskData
 
@@ -27,7 +28,7 @@ def colour_task(backbone, name="colours"):
     train, val = split_train_val(labels, 0.25, seed=0)
     test_images, test_labels = colour_images(per_class=6, seed=5)
     test = np.stack([pipeline.pixels(__import__("PIL.Image").Image.fromarray(im)) for im in test_images])
-    return TaskData(name, CLASS_NAMES, ["a photo of a {}."], ImageSet(pixels[train], labels[train]),
+    return TaskData(name, CLASS_NAMES, list(DEFAULT_TEMPLATES), ImageSet(pixels[train], labels[train]),
                     ImageSet(pixels[val], labels[val]), ImageSet(test, test_labels))
 
 

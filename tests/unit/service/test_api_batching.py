@@ -1,0 +1,200 @@
+"""Several images in one classify request, the image-count bound, and dynamic batching: concurrent requests (and a
+request's several images) share one engine batch; a lone request never waits. No timing assertions: the tests hold
+the engine's first batch until the other requests have queued."""
+import asyncio
+import base64
+import threading
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import create_app
+from service.app import replica_torch_threads
+from service.batching import MicroBatcher
+from service.engine import Engine
+from tests.unit.service.conftest import color_png, png, publish_colors
+from tests.unit.service.test_api import error
+
+GUARD_S = 60  # only a guard against a hang, never a measurement
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def client(settings, store, task_maker):
+    publish_colors(store, task_maker, "red", "green")
+    with TestClient(create_app(settings.model_copy(update={"max_images_per_request": 4}))) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------- several images per request
+def test_several_images_over_multipart_and_json_come_back_in_order(client):
+    red, green, gray = color_png("red"), color_png("green"), color_png("gray")
+    files = [("file", ("r.png", red)), ("file", ("g.png", green)), ("file", ("x.png", gray))]
+    many = client.post("/v1/classify", files=files).json()
+    assert [r["task"] for r in many["results"]] == ["red", "green", None]
+    assert all(r["mode"] == "auto" for r in many["results"]) and set(many) == {"results"}
+    by_json = client.post("/v1/classify", json={"images": [b64(red), b64(green), b64(gray)]}).json()
+    assert [r["task"] for r in by_json["results"]] == ["red", "green", None]
+    assert by_json["results"][0]["scores"] == many["results"][0]["scores"]
+    # the plural field answers a list even for one image; task, labels and top_k apply to every image
+    one = client.post("/v1/classify", files=[("images", ("g.png", green))], data={"task": "red", "top_k": "1"}).json()
+    assert len(one["results"]) == 1 and one["results"][0]["task"] == "red" and len(one["results"][0]["scores"]) == 1
+    labelled = client.post("/v1/classify", json={"images": [b64(red), b64(green)], "labels": ["cat", "dog", "car"]}).json()
+    assert [len(r["scores"]) for r in labelled["results"]] == [3, 3] and {r["mode"] for r in labelled["results"]} == {"labels"}
+
+
+def test_one_image_keeps_the_single_result_shape(client):
+    single = client.post("/v1/classify", files={"file": ("r.png", color_png("red"))}).json()
+    assert single["task"] == "red" and "results" not in single
+    assert client.post("/v1/classify", json={"image": b64(color_png("red"))}).json()["scores"] == single["scores"]
+
+
+def test_the_image_count_is_bounded_by_max_images_per_request(client):
+    four = [png(seed=i) for i in range(4)]
+    assert len(client.post("/v1/classify", json={"images": [b64(p) for p in four]}).json()["results"]) == 4
+    message = error(client.post("/v1/classify", json={"images": [b64(p) for p in four + four[:1]]}), 422, "too_many_images")
+    assert "5" in message and "KEEPCLIP_MAX_IMAGES_PER_REQUEST" in message
+    files = [("file", (f"{i}.png", p)) for i, p in enumerate(four + four[:2])]  # Starlette stops at the 5th file
+    assert "at most 4" in error(client.post("/v1/classify", files=files), 422, "too_many_images")
+    gallery = [("files", (f"{i}.png", p)) for i, p in enumerate(four + four[:1])]
+    error(client.post("/v1/gallery", files=gallery), 422, "too_many_images")
+
+
+@pytest.mark.parametrize("request_kwargs, code, needle", [
+    ({"json": {"image": b64(png()), "images": [b64(png())]}}, "validation_error", "not both"),
+    ({"json": {"task": "red"}}, "validation_error", "'images'"),
+    ({"json": {"images": []}}, "validation_error", "at least one"),
+    ({"json": {"images": "abc"}}, "validation_error", "images"),
+    ({"json": {"images": [b64(png()), 5]}}, "validation_error", "images"),
+    ({"json": {"images": [b64(png()), "@@@"]}}, "invalid_base64", "images[1]"),
+    ({"json": {"images": [b64(png()), b64(b"not an image")]}}, "invalid_image", "images[1]"),
+    ({"files": [("file", ("a.png", png())), ("file", ("b.txt", b"no"))]}, "invalid_image", "file[1]"),
+    ({"files": [("file", ("a.png", png())), ("images", ("b.png", png()))]}, "validation_error", "not in file and images"),
+    ({"files": [("images", ("a.png", png()))], "data": {"labels": "a,b", "task": "red"}}, "validation_error", "not both"),
+])
+def test_bad_several_image_requests_get_4xx_json(client, request_kwargs, code, needle):
+    assert needle in error(client.post("/v1/classify", **request_kwargs), 422, code)
+
+
+# ----------------------------------------------------------------------------- batching
+class HeldEngine:
+    """Wraps Engine.run_batch: records each batch's size and holds the first batch until released."""
+
+    def __init__(self, run):
+        self.run, self.sizes = run, []
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, jobs):
+        self.sizes.append(len(jobs))
+        self.started.set()
+        if len(self.sizes) == 1:
+            self.release.wait(GUARD_S)
+        return self.run(jobs)
+
+
+async def until(condition) -> None:
+    for _ in range(GUARD_S * 100):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("condition not reached")
+
+
+def test_concurrent_requests_share_one_engine_batch(settings, store, task_maker):
+    publish_colors(store, task_maker, "red", "green")
+    engine = Engine.from_settings(settings).start()
+    held = engine.run_batch = HeldEngine(engine.run_batch)
+    app = create_app(settings, engine=engine)
+    bodies = [color_png("red", seed=i) for i in range(5)]
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://keepclip") as c:
+            first = asyncio.create_task(c.post("/v1/classify", files={"file": ("0.png", bodies[0])}))
+            await until(held.started.is_set)  # the engine is busy with the first request
+            rest = [asyncio.create_task(c.post("/v1/classify", files={"file": (f"{i}.png", b)})) for i, b in enumerate(bodies[1:])]
+            await until(lambda: app.state.batcher.queued == 4)
+            held.release.set()
+            return await asyncio.gather(first, *rest)
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert [a.status_code for a in answers] == [200] * 5 and {a.json()["task"] for a in answers} == {"red"}
+    assert held.sizes == [1, 4]  # what queued while the engine was busy ran as one batch
+
+
+def test_a_requests_images_enter_the_batch_together(settings, store, task_maker):
+    publish_colors(store, task_maker, "red")
+    engine = Engine.from_settings(settings).start()
+    sizes = []
+
+    def run(jobs):
+        sizes.append(len(jobs))
+        return Engine.run_batch(engine, jobs)
+
+    engine.run_batch = run
+    try:
+        with TestClient(create_app(settings.model_copy(update={"max_batch_size": 3}), engine=engine)) as c:
+            files = [("images", (f"{i}.png", color_png("red", seed=i))) for i in range(5)]
+            assert len(c.post("/v1/classify", files=files).json()["results"]) == 5
+    finally:
+        engine.close()
+    assert sizes == [3, 2]  # one request's images fill a batch; the rest spill into the next
+
+
+def test_a_lone_job_runs_at_once_and_the_queue_forms_the_next_batch():
+    """The batcher alone: a job on an idle batcher runs at once whatever the wait (the wait is for a batch formed
+    under load); jobs queued while a batch runs form the next one, results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate, batches = threading.Event(), []
+
+    def run(jobs):
+        batches.append(list(jobs))
+        if len(batches) == 1:
+            gate.wait(GUARD_S)
+        return [job * 10 for job in jobs]
+
+    async def scenario(batcher):
+        assert await asyncio.wait_for(batcher.submit(1), GUARD_S) == 10  # 1 h wait configured: it did not wait
+        gate.clear()
+        batches.clear()
+        first = asyncio.ensure_future(batcher.submit(2))
+        await until(lambda: len(batches) == 1)
+        later = asyncio.ensure_future(batcher.submit_many([3, 4, 5]))
+        another = asyncio.ensure_future(batcher.submit(6))
+        await until(lambda: batcher.queued == 4)
+        batcher.set_batch_wait_timeout_s(0)  # the next batch is formed under load: no top-up wait in this test
+        gate.set()
+        return await first, await later, await another
+
+    with ThreadPoolExecutor(1) as pool:
+        gate.set()
+        batcher = MicroBatcher(run, pool, max_batch_size=3, wait_s=3600)
+        assert asyncio.run(scenario(batcher)) == (20, [30, 40, 50], 60)
+    assert batches == [[2], [3, 4, 5], [6]]
+
+
+def test_a_batch_failure_reaches_every_caller():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(jobs):
+        raise RuntimeError("bug")
+
+    async def scenario(batcher):
+        results = await asyncio.gather(batcher.submit(1), batcher.submit_many([2, 3]), return_exceptions=True)
+        return [type(r).__name__ for r in results]
+
+    with ThreadPoolExecutor(1) as pool:
+        assert asyncio.run(scenario(MicroBatcher(run, pool))) == ["RuntimeError", "RuntimeError"]
+
+
+# ----------------------------------------------------------------------------- replica threads
+def test_a_replica_runs_one_torch_thread_on_cpu_unless_told(settings):
+    assert replica_torch_threads(settings.model_copy(update={"device": "cpu"})) == 1
+    assert replica_torch_threads(settings.model_copy(update={"device": "cpu", "torch_threads": 3})) == 3
