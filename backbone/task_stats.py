@@ -153,13 +153,15 @@ class TaskStats:
         if hit is not None and hit[0] is class_text and hit[1] is vocabulary:
             return hit[2]
         check = None
-        if self.calibration is not None and self.calibration_key_cos is not None:
+        if self.calibration is not None and self.calibration_key_cos is not None and self.calibration.shape[0] >= 2:
             others = vocabulary.others(class_names)
             if others.any():
                 check = ZeroShotCheck.calibrate(
                     self.calibration.float(), self.calibration_key_cos, self.keys, F.normalize(class_text.float(), dim=-1),
                     vocabulary.text, others, vocabulary.logit_scale,
                 )
+                if not math.isfinite(check.threshold):  # a sample with NaN/inf would reject every image: distance alone
+                    check = None
         self._checks[key] = (class_text, vocabulary, check)  # holds both, so their ids cannot be reused while memoised
         return check
 

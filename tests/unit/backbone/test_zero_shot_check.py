@@ -88,3 +88,18 @@ def test_the_check_keeps_the_quantile_of_its_own_held_out_images_and_rejects_wha
     with pytest.raises(ValueError, match="one alternative"):
         ZeroShotCheck.calibrate(stats.calibration, stats.calibration_key_cos, stats.keys, text[:4], text,
                                 torch.zeros(8, dtype=torch.bool), 20.0)
+
+
+def test_a_calibration_sample_that_cannot_calibrate_leaves_the_distance_gate_alone_instead_of_failing():
+    """A damaged or hand-made artifact must not stop a replica from building its router (every other task with it)."""
+    import dataclasses
+
+    features, labels = clouds(80)
+    stats = fit_task_stats(features, labels)
+    vocabulary = Vocabulary(("zebra", "kettle"), F.normalize(torch.randn(2, features.shape[1]), dim=-1), 10.0)
+    text = F.normalize(torch.randn(4, features.shape[1]), dim=-1)
+    one_row = dataclasses.replace(stats, calibration=stats.calibration[:1], calibration_key_cos=stats.calibration_key_cos[:1])
+    nan = dataclasses.replace(stats, calibration=torch.full_like(stats.calibration, float("nan")))
+    for damaged in (one_row, nan):
+        assert damaged.zero_shot_check(["a", "b", "c", "d"], text, vocabulary) is None
+    assert stats.zero_shot_check(["a", "b", "c", "d"], text, vocabulary) is not None
