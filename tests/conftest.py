@@ -26,6 +26,14 @@ def tiny_backbone(name: str = "keepclip-tiny-a", seed: int = 0) -> Backbone:
     return load_backbone(str(TINY_CONFIGS / f"{name}.json"), pretrained=None, device="cpu")
 
 
+def randomize_prompts(model: PromptedCLIP, task: str, seed: int) -> None:
+    """Stand-in for training: non-zero P_K and P_V, so the branch really changes outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.prompt_parameters(task):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
 def random_images(backbone: Backbone, n: int, seed: int = 0) -> torch.Tensor:
     size = backbone.model.visual.image_size
     return torch.randn(n, 3, *size, generator=torch.Generator().manual_seed(seed))

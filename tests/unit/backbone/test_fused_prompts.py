@@ -18,7 +18,7 @@ from torch import nn
 from backbone import PromptConfig, PromptedAttention, PromptedCLIP
 from backbone.prompts import PromptGroup, RoutingState, fused_attention, prompt_delta
 from bench.prompt_branch import old_branch as reference_branch, old_forward as reference_forward, old_wrappers as reference_wrappers
-from tests.conftest import random_images, tiny_backbone
+from tests.conftest import random_images, randomize_prompts, tiny_backbone
 
 CLOSE = dict(rtol=1e-5, atol=1e-5)
 TASKS = ["a", "b", None, "a", "b", None, "a", "b"]  # a mixed batch: two tasks and rows without one
@@ -36,13 +36,6 @@ FROZEN_ROWS = [2, 4, 5]
 # ----------------------------------------------------------------------------- fixtures
 
 
-def randomize(model: PromptedCLIP, task: str, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.prompt_parameters(task):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-
-
 @pytest.fixture
 def two_tasks(tiny_name):
     """(plain open_clip copy, PromptedCLIP with tasks a (depth 1, n 3) and b (depth 8, n 8), random prompts)."""
@@ -51,8 +44,8 @@ def two_tasks(tiny_name):
     model = PromptedCLIP(backbone)
     model.add_task("a", PromptConfig(depth=1, n_prefix=3))
     model.add_task("b", PromptConfig(depth=8, n_prefix=8))
-    randomize(model, "a", seed=1)
-    randomize(model, "b", seed=2)
+    randomize_prompts(model, "a", seed=1)
+    randomize_prompts(model, "b", seed=2)
     return reference, model
 
 

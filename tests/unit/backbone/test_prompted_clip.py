@@ -5,19 +5,11 @@ import pytest
 import torch
 
 from backbone import PromptConfig, PromptedAttention, PromptedCLIP, UnknownTask
-from tests.conftest import random_images, tiny_backbone
+from tests.conftest import random_images, randomize_prompts, tiny_backbone
 
 
 def tokens(backbone, texts=("a photo of a cat.", "a dog", "an airplane in the sky")):
     return backbone.tokenizer(list(texts))
-
-
-def randomize_prompts(model: PromptedCLIP, task: str, seed: int) -> None:
-    """Stand-in for training: non-zero P_K and P_V, so the branch really changes outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.prompt_parameters(task):
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
 @pytest.fixture
