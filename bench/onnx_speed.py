@@ -10,7 +10,7 @@ Per backbone (`proxy` = ../shared/models/proxy-clip; any other name is an open_c
    child's peak RSS (the exporter holds a traced copy of the weights while it works);
 2. **extra memory**: in this process, RSS before and after building `OnnxRuntime` from that cache (the four
    onnxruntime sessions; the torch weights are there in both cases);
-3. **speed**: two engines over the same store of hand-made tasks (`service.testing.make_task`: real fingerprints of
+3. **speed**: two engines over the same store of hand-made tasks (`testkit.tasks.make_task`: real fingerprints of
    `--fit-images` training images per domain, random prompts of the default size 8 x 8), one on `TorchRuntime`, one
    on `OnnxRuntime`, each on its own copy of the same weights. Jobs are task-agnostic `ClassifyJob`s of domain test
    images (already preprocessed: decoding is the same for both and not measured): frozen pass, routing, prompted
@@ -57,7 +57,7 @@ def resolve(name: str, pretrained: str | None, workdir: Path) -> tuple[str, str]
     import torch
 
     from backbone import load_backbone
-    from service.testing import save_checkpoint
+    from testkit.tasks import save_checkpoint
 
     torch.manual_seed(0)
     path = workdir / f"{name}-random.safetensors"
@@ -115,7 +115,7 @@ def bench_backbone(spec: str, args, workdir: Path) -> dict:
     from service.runtime import TorchRuntime
     from service.runtime_onnx import OnnxRuntime
     from service.settings import ServiceSettings
-    from service.testing import make_task
+    from testkit.tasks import make_task
 
     model, checkpoint = resolve(spec, args.pretrained, workdir)
     cache = workdir / f"onnx-cache-{spec}"

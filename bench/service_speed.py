@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.fill_hand_made and not store.list():
         from backbone import PromptedCLIP, load_backbone
-        from service.testing import publish_domain_tasks
+        from testkit.tasks import publish_domain_tasks
 
         maker = PromptedCLIP(load_backbone(settings.model, settings.pretrained, "cpu"))
         publish_domain_tasks(maker, store, args.data, domains, n=300)
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from service.app import build_app
-    from service.testing import free_port
+    from testkit.net import free_port
 
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     try:

@@ -134,7 +134,7 @@ def load_maker(args, work: Path):
     the engines load the same weights and accept the tasks (same fingerprint)."""
     from backbone import PromptedCLIP, load_backbone
     from backbone.loading import NO_WEIGHTS
-    from service.testing import save_checkpoint
+    from testkit.tasks import save_checkpoint
 
     pretrained = args.pretrained
     if pretrained is None or pretrained.lower() in NO_WEIGHTS:
@@ -196,7 +196,7 @@ def engine_store(args, maker, work: Path):
 
 def publish_hand_made(args, maker, store) -> None:
     from backbone import PromptConfig
-    from service.testing import make_color_task, publish_domain_tasks
+    from testkit.tasks import make_color_task, publish_domain_tasks
 
     domains = [d for d in present_domains(args, "train") if (args.data / d / "classnames.json").is_file()]
     if domains:
@@ -209,7 +209,7 @@ def publish_hand_made(args, maker, store) -> None:
 
 
 def sample_pngs(args) -> list[bytes]:
-    from service.testing import color_sample
+    from testkit.tasks import color_sample
 
     domains = present_domains(args, "test")
     if domains:
@@ -239,7 +239,7 @@ def head_store(args, maker, work: Path):
 
     from backbone import DEFAULT_TEMPLATES, PixelPipeline
     from prompts_store import open_store
-    from service.testing import color_task_data
+    from testkit.tasks import color_task_data
     from training.data import ImageSet, split_train_val
     from training.head_learner import HeadLearner
     from training.learner import RunContext, TaskData
@@ -390,7 +390,7 @@ def bench_router(args, dim: int, top_k: int, threshold: float) -> list[dict]:
 def default_task(maker, classes: int):
     """A default-recipe task: PromptConfig() prompts (random), a real fingerprint of noisy images, `classes` classes."""
     from backbone import PromptConfig
-    from service.testing import color_images, make_task
+    from testkit.tasks import color_images, make_task
 
     n = max(8, 4 * classes)
     images = color_images((128, 128, 128), n, noise=60.0)
@@ -470,7 +470,7 @@ def bench_memory_at(args, work: Path) -> dict:
     from prompts_store import open_store
     from service.engine import Engine
     from service.settings import ServiceSettings
-    from service.testing import color_task_data, make_task
+    from testkit.tasks import color_task_data, make_task
     from training.data import ImageSet, split_train_val
     from training.head_learner import HeadLearner
     from training.learner import RunContext, TaskData

@@ -66,7 +66,7 @@ def demo_service(backbone: str, root: Path):
     from backbone import PromptedCLIP, load_backbone
     from prompts_store import open_store
     from service.settings import ServiceSettings
-    from service.testing import color_sample, make_color_task, publish_domain_tasks, save_checkpoint
+    from testkit.tasks import color_sample, make_color_task, publish_domain_tasks, save_checkpoint
 
     store = open_store(root / "store")
     if backbone == "proxy":

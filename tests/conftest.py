@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from backbone import Backbone, PromptedCLIP, image_features, load_backbone
-from service.testing import free_port  # noqa: F401 - re-exported for the e2e tests
+from testkit.net import free_port  # noqa: F401 - re-exported for the e2e tests
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KEEPCLIP_SHARED", REPO.parent / "shared")).resolve()

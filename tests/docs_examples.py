@@ -494,7 +494,7 @@ def write_images(folder: Path, words: list[str], colour: str = "red") -> None:
     """A small PNG for each image a command names (`cat.png`, `a.png`, curl's `image=@cat.png`), in `folder`."""
     from PIL import Image
 
-    from service.testing import color_sample
+    from testkit.tasks import color_sample
 
     for word in words:
         name = word.removeprefix("image=@")

@@ -247,7 +247,7 @@ def test_the_readme_add_task_example_runs_on_the_proxy(shared_dir, tmp_path, mon
 def test_store_examples_run_on_a_store(tmp_path, monkeypatch, one_torch_thread):
     from backbone import PromptedCLIP
     from prompts_store import open_store
-    from service.testing import make_color_task
+    from testkit.tasks import make_color_task
     from tests.conftest import tiny_backbone
 
     examples = [c for c in of("keepclip", "tasks") if "--store" in argv(c).words]

@@ -72,7 +72,7 @@ def keepclip_service(serve_http, tmp_path_factory) -> LiveService:
     from backbone import PromptedCLIP, load_backbone
     from prompts_store import open_store
     from service.settings import ServiceSettings
-    from service.testing import make_color_task, save_checkpoint
+    from testkit.tasks import make_color_task, save_checkpoint
 
     root: Path = tmp_path_factory.mktemp("keepclip-e2e")
     checkpoint = save_checkpoint(tiny_backbone(), root / "tiny-a.safetensors")

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from clients.cli import app
 from clients.client import KeepclipClient, KeepclipError, ServiceUnreachable
-from service.testing import color_sample, make_color_task
+from testkit.tasks import color_sample, make_color_task
 from tests.conftest import free_port
 from tests.e2e.test_service_hotswap import color_png
 

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from service.testing import make_color_task
+from testkit.tasks import make_color_task
 from tests.docs_examples import PLACEHOLDERS, Argv, Command, argv, of, run_here, write_images
 
 # the docs talk to the default address (or a cluster's, `<service>` -> keepclip); the test server has a free port

@@ -127,7 +127,7 @@ def test_ray_token_auth_is_on(local_ray):
 def test_serve_deploy_of_the_rayservice_config_answers_healthz(local_ray):
     from prompts_store import open_store
     from backbone import PromptedCLIP, load_backbone
-    from service.testing import make_color_task, save_checkpoint
+    from testkit.tasks import make_color_task, save_checkpoint
 
     # the test's stand-ins for /mnt/keepclip/models and /mnt/keepclip/store, with one task in the store
     checkpoint = save_checkpoint(tiny_backbone(), local_ray.root / "tiny-a.safetensors")

@@ -10,7 +10,7 @@ from collections import Counter
 import httpx
 from PIL import Image
 
-from service.testing import COLORS, color_sample, make_color_task
+from testkit.tasks import COLORS, color_sample, make_color_task
 
 NEW = ("blue", "yellow", "purple", "cyan", "orange")
 DELETED = "cyan"

@@ -6,7 +6,7 @@ import base64
 import httpx
 import pytest
 
-from service.testing import make_color_task
+from testkit.tasks import make_color_task
 from tests.unit.service.test_api import BAD_BODIES, BAD_IMAGES, error
 from tests.e2e.test_service_hotswap import color_png
 

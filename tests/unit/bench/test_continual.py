@@ -8,7 +8,7 @@ import torch
 
 from bench.continual import main
 from bench.continual_report import continual_metrics, retrieval_scores
-from service.testing import color_images, shades
+from testkit.tasks import color_images, shades
 from tests.conftest import TINY_CONFIGS
 
 TINY = TINY_CONFIGS / "keepclip-tiny-a.json"

@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from clients.cli import app
-from service.testing import free_port
+from testkit.net import free_port
 
 runner = CliRunner()
 

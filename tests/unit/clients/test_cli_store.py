@@ -91,7 +91,7 @@ def test_a_missing_store_directory_is_not_an_empty_store(tmp_path):
 
 
 def test_without_store_the_service_is_asked_even_if_keepclip_store_is_set(store, monkeypatch):
-    from service.testing import free_port
+    from testkit.net import free_port
 
     monkeypatch.setenv("KEEPCLIP_STORE", str(store))
     monkeypatch.setenv("KEEPCLIP_URL", f"http://127.0.0.1:{free_port()}")

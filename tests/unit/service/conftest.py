@@ -10,7 +10,7 @@ from PIL import Image
 from backbone import PromptedCLIP, load_backbone
 from prompts_store import open_store
 from service.settings import ServiceSettings
-from service.testing import color_images, color_sample, make_color_task, save_checkpoint
+from testkit.tasks import color_images, color_sample, make_color_task, save_checkpoint
 from tests.conftest import TINY_CONFIGS, tiny_backbone
 
 TINY_JSON = str(TINY_CONFIGS / "keepclip-tiny-a.json")

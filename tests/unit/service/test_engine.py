@@ -8,7 +8,7 @@ from PIL import Image
 
 from service.engine import ClassifyJob, Engine, TaskNotLoaded
 from service.runtime import TorchRuntime
-from service.testing import color_sample, make_color_task
+from testkit.tasks import color_sample, make_color_task
 
 
 class RecordingRuntime(TorchRuntime):

@@ -13,7 +13,7 @@ from backbone import PixelPipeline, load_backbone
 from backbone.token_prompts import TokenPromptConfig, TokenPrompts, class_text
 from service.engine import Engine, WeightNotSupported
 from service.runtime import TorchRuntime
-from service.testing import color_sample, make_color_task, make_image_text_task
+from testkit.tasks import color_sample, make_color_task, make_image_text_task
 from training.image_text_prompts import prompted_images
 
 from .conftest import TINY_JSON

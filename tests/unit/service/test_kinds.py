@@ -12,7 +12,7 @@ from prompts_store import TaskArtifact
 from service.engine import Engine
 from service.kinds import ServedKind, UnservableTask, register_kind, servable_kinds
 from service.runtime import TorchRuntime
-from service.testing import color_sample, color_task_data, make_color_task
+from testkit.tasks import color_sample, color_task_data, make_color_task
 from training.head_learner import Features, fit_head
 from training.settings import HeadSettings
 

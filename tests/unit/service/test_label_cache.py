@@ -9,7 +9,7 @@ import service.engine as engine_module
 from service.api import create_app
 from service.engine import Engine
 from service.runtime import TorchRuntime
-from service.testing import color_sample, make_color_task
+from testkit.tasks import color_sample, make_color_task
 from tests.unit.service.conftest import color_png
 
 LABELS = [f"label number {i}" for i in range(256)]

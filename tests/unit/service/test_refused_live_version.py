@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from clients.cli import app as cli
 from service.api import create_app
-from service.testing import make_color_task
+from testkit.tasks import make_color_task
 
 
 def flip_byte(path: Path, offset: int = -1) -> None:

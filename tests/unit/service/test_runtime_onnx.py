@@ -12,7 +12,7 @@ from service.engine import Engine
 from service.runtime import Runtime, TorchRuntime
 from service.runtime_onnx import OnnxRuntime
 from service.settings import ServiceSettings
-from service.testing import color_sample, make_color_task
+from testkit.tasks import color_sample, make_color_task
 
 from .conftest import TINY_JSON
 

@@ -8,7 +8,7 @@ from backbone import DEFAULT_TEMPLATES
 from service.engine import Engine
 from service.runtime import TorchRuntime
 from service.settings import ServiceSettings
-from service.testing import color_sample
+from testkit.tasks import color_sample
 from service.vocabulary import VocabularyError, load_vocabulary
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import socket
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,12 +19,6 @@ from safetensors.torch import save_file
 
 from backbone import DEFAULT_TEMPLATES, Backbone, PixelPipeline, PromptConfig, PromptedCLIP, fit_task_stats, image_features
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (for test and benchmark servers)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 from prompts_store import DEFAULT_KIND, TaskArtifact
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -89,7 +82,7 @@ def make_task(
         backbone=model.backbone.fingerprint.to_dict(),
         kind=DEFAULT_KIND,
         templates=list(templates),
-        recipe={"prompts": config.to_dict(), "made_by": "service.testing.make_task"},
+        recipe={"prompts": config.to_dict(), "made_by": "testkit.tasks.make_task"},
         metrics=dict(metrics or {}),
         prompts=prompts,
         stats=stats.to_tensors(),
