@@ -31,7 +31,10 @@ and one number of torch threads; the engine runs on torch eager like the baselin
    (prompt tensors, cached text features, stats).
 
 4. **bytes per task at 512-d** (--memory-model, default a random-init ViT-B-16): a head task and a prompt task loaded
-   into an engine, the exact bytes of each part.
+   into an engine, the exact bytes of each part;
+5. **over HTTP** (with --http): `bench.service_speed` on the same tasks (a real Ray Serve app, 1 and 8 clients), in a
+   child process so that its Ray cluster leaves nothing behind here; its images/s at 8 clients over plain zero-shot
+   and the mean batch the replica formed go into the summary.
 
 Writes --out (JSON with the machine, the command line and a top-level "summary" of the headline numbers) and a Markdown table beside it (.md), and prints the table.
 On a shared machine only the ratios within one run mean much.
@@ -49,6 +52,7 @@ import os
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -119,6 +123,8 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--load-tasks", type=_positive(int), default=100, help="tasks loaded for the RSS per task")
     p.add_argument("--memory-model", default="ViT-B-16", help="backbone (random init) of the bytes-per-task section: "
                    "ViT-B-16 has the 512-d features the memory target is stated at; 'skip' leaves it out [%(default)s]")
+    p.add_argument("--http", action="store_true", help="also measure over HTTP (bench.service_speed: starts Ray Serve; "
+                   "about 2 minutes more)")
     p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "keepclip-bench" / "speed.json")
     args = p.parse_args(argv)
     local = local_path(args.store) if args.store else None
@@ -566,6 +572,11 @@ def markdown(results: dict) -> str:
                   + " | ".join(parts) + " | total |", "|---|" + "---|" * (len(parts) + 1)]
         for kind, b in at["bytes_per_task"].items():
             lines.append(f"| {kind} | " + " | ".join(fmt_bytes(b[p]) for p in parts) + f" | **{fmt_bytes(b['total'])}** |")
+    http = results.get("http", {}).get("summary")
+    if http:
+        lines += ["", f"over HTTP (bench.service_speed, 8 clients, 1 image per request): {http['http_images_per_s_8_clients']:.1f} "
+                  f"images/s = {http['http_over_zero_shot_8_clients']:.2f}x plain zero-shot in-process "
+                  f"({http['zero_shot_images_per_s']:.1f}), mean batch {http['mean_batch_8_clients'] or 0:.2f}"]
     lines += ["", "summary: " + ", ".join(f"{k} {v:.3g}" for k, v in results.get("summary", {}).items())]
     return "\n".join(lines)
 
@@ -573,6 +584,10 @@ def markdown(results: dict) -> str:
 def summary(results: dict) -> dict:
     """The headline numbers, under fixed keys (issue 18): absent where their section did not run."""
     out = {}
+    http = results.get("http", {}).get("summary", {})
+    for key in ("http_over_zero_shot_8_clients", "mean_batch_8_clients"):
+        if key in http:
+            out[key] = http[key]
     if "engine_vs_zero_shot" in results:
         out["engine_over_zero_shot_prompts"] = results["engine_vs_zero_shot"]["ratio_engine_to_zero_shot"]
     if "engine_vs_zero_shot_head" in results:
@@ -593,6 +608,25 @@ def write_outputs(results: dict, out: Path) -> str:
     table = markdown(results)
     out.with_suffix(".md").write_text(table + "\n")
     return table
+
+
+# ----------------------------------------------------------------------------- 5. over HTTP
+def bench_http(args, pretrained: str, work: Path) -> dict:
+    """bench.service_speed on the engine's tasks (the same store, or the same hand-made ones), in a child process."""
+    domains = present_domains(args, "test")
+    if not domains:
+        raise SystemExit(f"--http needs the shared domains' test images under {args.data}")
+    out = work / "http.json"
+    store = args.store or str(work / "store")
+    command = [sys.executable, "-m", "bench.service_speed", "--model", args.model, "--pretrained", pretrained,
+               "--device", args.device, "--store", store, "--data", str(args.data), "--domains", ",".join(domains),
+               "--per-domain", str(args.per_domain), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+               "--seconds", str(args.seconds), "--probe-rounds", "0", "--fill-hand-made", "--out", str(out)]
+    log.info("over HTTP: %s", shlex.join(command))
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise SystemExit(f"bench.service_speed failed (exit {done.returncode}): {shlex.join(command)}")
+    return json.loads(out.read_text())
 
 
 # ----------------------------------------------------------------------------- main
@@ -626,6 +660,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.speed") -> 
                                          settings.gate_threshold)
         if args.memory_model != "skip":
             results["memory_per_task_at"] = bench_memory_at(args, work)
+        if args.http:
+            results["http"] = bench_http(args, pretrained, work)
     results["summary"] = summary(results)
     results["machine"] = {**machine(args.threads), "load_average_at_start": load_at_start}
     table = write_outputs(results, args.out)

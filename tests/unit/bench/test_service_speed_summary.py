@@ -17,3 +17,13 @@ def test_the_summary_takes_the_8_client_runs_against_the_best_zero_shot_figure()
     assert summary["engine_over_zero_shot"] == 1.5 and summary["zero_shot_threads"] == 1
     results["http"].pop()
     assert "http_over_zero_shot_8_clients_multi" not in summarise(results)
+
+
+def test_bench_speed_carries_the_http_figures_into_its_own_summary():
+    from bench.speed import summary
+
+    http = {"http": [run(8, 1, 64.0, 4.5)], "baseline_images_per_s": 100.0, "baseline_threads": 1,
+            "engine_images_per_s": 150.0, "replica_threads": 1}
+    http["summary"] = summarise(http)
+    assert summary({"http": http}) == {"http_over_zero_shot_8_clients": 0.64, "mean_batch_8_clients": 4.5}
+    assert summary({}) == {}
