@@ -272,7 +272,7 @@ class KeepclipLearner(RoutedLearner):
         out = {mode: [] for mode in self.modes}
         for i, t in enumerate(tests):
             routes = router.route(t.frozen)
-            routed = self.routed[i] = [(r.task, r.weight) for r in routes]
+            routed = self.routed[i] = [(r.task, r.gate) for r in routes]
             out[ORACLE].append(self.oracle(i, t, names))
             out[PER_SAMPLE].append(self.within_classes(i, t, routed))
             out[BATCH_VOTE].append(self.within_classes(i, t, self.batch_vote(t, routes)))

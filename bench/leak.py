@@ -93,8 +93,8 @@ def leak_row(learner, name: str, tests: list[EvalTask], threshold: float, vocabu
     row = []
     for i, t in enumerate(tests):
         routes = router.route(t.frozen)
-        routed = [(r.task, r.weight) for r in routes]
-        claimed = np.array([r.task == name and r.weight >= threshold for r in routes])
+        routed = [(r.task, r.gate) for r in routes]
+        claimed = np.array([r.task == name and r.gate >= threshold for r in routes])
         own_before = accuracy(t.frozen, t.text_frozen, t.test.labels)
         feats = learner.features(i, t, routed)  # prompted where routed (prompt kinds), frozen otherwise
         own_after = accuracy(feats, t.text_frozen, t.test.labels)

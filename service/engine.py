@@ -468,7 +468,7 @@ class Engine:
         """(task, weight) of a routed image: prompts that cannot be scaled apply in full to the images their task claims."""
         if route.task is not None and state.tasks[route.task].served.all_or_nothing:
             return route.task, 1.0
-        return route.task, route.weight
+        return route.task, route.gate
 
     def _unknown(self, task: str, state: EngineState) -> TaskNotLoaded:
         why = state.errors.get(task)
@@ -487,11 +487,11 @@ class Engine:
         else:
             mode = "auto"
             if loaded is None:
-                self.metrics.observe_route(None, route.best_weight)
+                self.metrics.observe_route(None, route.best_gate)
                 return self._frozen_answer(job, route, feature, state.generation)
             names = list(loaded.class_names)
         if job.task is None:
-            self.metrics.observe_route(task, w if task else route.best_weight)
+            self.metrics.observe_route(task, w if task else route.best_gate)
         if mode == "labels":
             logits = self.runtime.logit_scale() * feature @ text.T  # (C,)
         else:  # the task's kind answers: cosine with its class text, a head on the frozen feature, ...

@@ -49,3 +49,13 @@ def printable(text: str) -> str:
 
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": echo(message, MAX_MESSAGE_CHARS)}}
+
+
+def summarise(errors) -> str:
+    """pydantic's validation errors as one message: the first five as `field: problem`, field names shortened (an
+    unknown field's name is the client's own)."""
+    parts = []
+    for e in list(errors)[:5]:
+        loc = ".".join(echo(str(p), 40) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{loc or 'body'}: {echo(e.get('msg', 'invalid'))}")
+    return "; ".join(parts) or "invalid request"

@@ -46,13 +46,13 @@ class Route:
     """Where one image goes: `task` None means frozen CLIP (no task matched, or its gate was negligible)."""
 
     task: str | None
-    weight: float  # the gate w applied to the task's prompts; 0.0 when task is None
+    gate: float  # the gate w applied to the task's prompts; 0.0 when task is None
     best: str | None = None  # the routed task, else the most likely one even when its gate was below the threshold
-    best_weight: float = 0.0  # that task's gate
+    best_gate: float = 0.0  # that task's gate
     candidates: tuple[Candidate, ...] = field(default=())  # FAISS candidates, most likely first
 
 
-NO_ROUTE = Route(task=None, weight=0.0)
+NO_ROUTE = Route(task=None, gate=0.0)
 
 
 class Router:
@@ -183,7 +183,7 @@ class Router:
         candidates = tuple(Candidate(self.names[t], float(ll[t])) for t in order)
         if task is not None:
             name, w = self.names[task], float(gate[task])
-            return Route(name, w, best=name, best_weight=w, candidates=candidates)
+            return Route(name, w, best=name, best_gate=w, candidates=candidates)
         best = order[0]  # unclaimed: with a check the best task's weight is 0 (it did not claim the image)
         w = float(gate[best]) if self._check(best) is None else 0.0
-        return Route(None, 0.0, best=self.names[best], best_weight=w, candidates=candidates)
+        return Route(None, 0.0, best=self.names[best], best_gate=w, candidates=candidates)

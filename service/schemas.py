@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 
 class _Request(BaseModel):
@@ -11,6 +11,13 @@ class _Request(BaseModel):
     multipart values are converted from text by the API before they get here."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _FromEngine(BaseModel):
+    """Answers read off the engine's result dataclasses (service.engine, service.router), whose fields they share:
+    `ClassifyResponse.from_result(result)` is the whole translation."""
+
+    model_config = ConfigDict(from_attributes=True)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -41,18 +48,18 @@ class ClassifyRequest(_Request):
     top_k: int = Field(5, ge=1, description="how many scores to return")
 
 
-class Score(BaseModel):
+class Score(_FromEngine):
     label: str
     score: float = Field(description="softmax probability over the classes or labels")
     logit: float = Field(description="logit_scale x cosine similarity")
 
 
-class Candidate(BaseModel):
+class Candidate(_FromEngine):
     task: str
     log_likelihood: float
 
 
-class Routing(BaseModel):
+class Routing(_FromEngine):
     task: str | None = Field(description="task the router picked for this image; null = none (frozen CLIP)")
     gate: float = Field(description="calibrated gate weight w of that task (0 when none)")
     best: str | None = Field(description="most likely task even when its gate was below the threshold")
@@ -60,15 +67,20 @@ class Routing(BaseModel):
     candidates: list[Candidate] = Field(description="FAISS candidate tasks, most likely first")
 
 
-class ClassifyResponse(BaseModel):
+class ClassifyResponse(_FromEngine):
     mode: Literal["task", "labels", "auto"]
     task: str | None = Field(description="task whose prompts were applied (and whose classes, unless labels)")
     version: int | None = Field(description="version of that task")
     gate: float = Field(description="weight applied to the task's prompts (1 with an explicit task; 0 = frozen CLIP)")
-    routed: Routing
+    routed: Routing = Field(validation_alias=AliasChoices("routed", "route"))  # the engine's ClassifyResult.route
     scores: list[Score]
     message: str | None = None
     generation: int = Field(description="store generation the replica served this request from")
+
+    @classmethod
+    def from_result(cls, result: Any) -> ClassifyResponse:
+        """The answer to one image from the engine's ClassifyResult."""
+        return cls.model_validate(result)
 
 
 class ClassifyManyResponse(BaseModel):

@@ -47,7 +47,7 @@ def _prepare(engine: Engine, settings: ServiceSettings, image):
 
 def _route_text(r) -> str:
     if r.task is None:
-        best = f" (closest: `{r.route.best}`, gate {r.route.best_weight:.3f})" if r.route.best else ""
+        best = f" (closest: `{r.route.best}`, gate {r.route.best_gate:.3f})" if r.route.best else ""
         return f"**No learned task matches this image** — frozen CLIP{best}."
     return f"**Routed task:** `{r.task}` v{r.version}  ·  **gate** w = {r.gate:.3f}"
 

@@ -25,7 +25,7 @@ def test_each_image_goes_to_its_own_task_in_a_mixed_batch(router):
     batch = torch.cat([cloud(2, 3, seed=10), cloud(0, 1, seed=11), cloud(3, 2, seed=12)])
     routes = router.route(batch)
     assert [r.task for r in routes] == ["c"] * 3 + ["a"] + ["d"] * 2
-    assert all(r.weight > 0.5 for r in routes)
+    assert all(r.gate > 0.5 for r in routes)
     assert all(r.candidates[0].task == r.task for r in routes)
 
 
@@ -33,7 +33,7 @@ def test_an_image_far_from_every_task_gets_no_task_and_no_weight(router):
     far = cloud(9, 2, seed=20)  # a direction no task covers
     routes = router.route(torch.cat([far, cloud(1, 1, seed=21)]))
     assert [r.task for r in routes] == [None, None, "b"]
-    assert routes[0].weight == 0.0 and routes[0].best is not None and routes[0].best_weight < 0.01
+    assert routes[0].gate == 0.0 and routes[0].best is not None and routes[0].best_gate < 0.01
 
 
 def test_candidates_are_distinct_tasks_limited_by_top_k(router):

@@ -54,7 +54,7 @@ def test_a_diffuse_task_next_to_a_compact_one_does_not_claim_a_third_unlearned_d
     for name in stats:
         assert (router.gate(name, third) < 0.5).all(), name
     routes = router.route(third)
-    assert all(r.task is None and r.weight == 0.0 for r in routes)
+    assert all(r.task is None and r.gate == 0.0 for r in routes)
     assert all(r.best in stats for r in routes)  # the most likely task is still reported
 
 
@@ -66,7 +66,7 @@ def test_each_task_still_claims_its_own_unseen_images(world):
     assert sum(r.task == "compact" for r in router.route(own_compact)) / 300 >= 0.97
     assert sum(r.task == "diffuse" for r in router.route(own_diffuse)) / 600 >= 0.97
     routed = [r for r in router.route(own_diffuse) if r.task]
-    assert all(r.weight >= 0.5 for r in routed)  # a claim is inside the distance gate's midpoint
+    assert all(r.gate >= 0.5 for r in routed)  # a claim is inside the distance gate's midpoint
 
 
 def test_without_vocabulary_or_class_text_the_distance_gate_alone_decides(world):
@@ -76,7 +76,7 @@ def test_without_vocabulary_or_class_text_the_distance_gate_alone_decides(world)
     for router in (Router(stats, top_k=2, classes=classes), Router(stats, top_k=2, vocabulary=vocabulary),
                    Router(stats, top_k=2, vocabulary=Vocabulary((), torch.zeros(0, D), 20.0), classes=classes)):
         assert not router.checking
-        assert [(r.task, r.weight) for r in router.route(probe)] == [(r.task, r.weight) for r in plain.route(probe)]
+        assert [(r.task, r.gate) for r in router.route(probe)] == [(r.task, r.gate) for r in plain.route(probe)]
     torch.testing.assert_close(Router(stats, vocabulary=vocabulary).gate("diffuse", probe), stats["diffuse"].weight(probe))
 
 
@@ -98,7 +98,7 @@ def test_an_image_the_most_likely_task_rejects_goes_to_the_next_candidate_that_c
             monkeypatch.setattr(router, "_check", lambda t: (lambda f, cos=None: torch.ones(f.shape[0], dtype=torch.bool)))
         routes = router.route(own_diffuse)
         if checking:  # with checks, the next candidate is asked
-            assert all(r.task == "compact" and r.weight == pytest.approx(0.7) for r in routes)
+            assert all(r.task == "compact" and r.gate == pytest.approx(0.7) for r in routes)
         else:  # by distance alone, only the most likely task's gate counts, as before
             assert all(r.task is None and r.best == "diffuse" for r in routes)
         monkeypatch.undo()

@@ -1,0 +1,56 @@
+"""What the endpoints share once a body is read: task names, the engine's refusals as HTTP errors, images decoded off
+the event loop, the top_k limit."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from prompts_store import InvalidTaskName, validate_task_name
+
+from ..engine import Engine, TaskNotLoaded, WeightNotSupported
+from ..errors import ApiError, echo
+from ..images import decode_image
+from ..settings import ServiceSettings
+from .body import Image
+
+MAX_TEXT_CHARS = 2000
+
+
+def task_name(name: str) -> str:
+    """A task name from the client, valid (else 404): only such a name reaches the store or the engine, whose
+    refusals quote it (a 100,000-character one would come back). Also the `{name}` path parameter of /v1/tasks."""
+    try:
+        return validate_task_name(name)
+    except InvalidTaskName:
+        raise ApiError(404, "task_not_found", f"no task '{echo(name)}' (not a valid task name)") from None
+
+
+def served_task(task: str | None) -> str | None:
+    return None if task is None else task_name(task)
+
+
+def check_top_k(top_k: int, settings: ServiceSettings) -> int:
+    if top_k > settings.max_top_k:
+        raise ApiError(422, "validation_error", f"top_k must be <= {settings.max_top_k}")
+    return top_k
+
+
+def raise_task_error(result: Any) -> Any:
+    """One result of the engine's batch, or the refusal it holds as an HTTP error."""
+    if isinstance(result, TaskNotLoaded):
+        raise ApiError(404, "task_not_found", str(result))
+    if isinstance(result, WeightNotSupported):
+        raise ApiError(422, "validation_error", str(result))
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+async def image_tensors(engine: Engine, settings: ServiceSettings, images: list[Image]) -> list[torch.Tensor]:
+    """Decoded and preprocessed off the event loop, all of a request's images in one worker-thread call."""
+    def load():
+        return [engine.preprocess(decode_image(data, settings.max_image_pixels, label)) for label, data in images]
+
+    return await run_in_threadpool(load)

@@ -1,0 +1,52 @@
+"""What the routes share, built once by `service.api.create_app` and kept in `app.state`; a route asks for what it
+uses by type, e.g. `async def search(engine: EngineDep, in_engine: InEngineDep)`."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, Callable
+
+from fastapi import Depends, Request
+
+from ..batching import MicroBatcher
+from ..engine import Engine
+from ..metrics import ServiceMetrics
+from ..settings import ServiceSettings
+
+
+class InEngine:
+    """Runs a call on the engine's executor (the thread that runs its batches), off the event loop."""
+
+    def __init__(self, executor: ThreadPoolExecutor):
+        self.executor = executor
+
+    async def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+def get_settings(request: Request) -> ServiceSettings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+def get_batcher(request: Request) -> MicroBatcher:
+    """Images go to the engine through the batcher: a request's images join the dynamic batch together."""
+    return request.app.state.batcher
+
+
+def get_in_engine(request: Request) -> InEngine:
+    return request.app.state.in_engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
+InEngineDep = Annotated[InEngine, Depends(get_in_engine)]
