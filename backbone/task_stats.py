@@ -11,6 +11,7 @@ to the class means: the service calibrates on it, per task, a zero-shot check ag
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -23,46 +24,81 @@ MIN_IMAGES = 4
 CALIBRATION_SAMPLE = 512  # held-out own features kept for the zero-shot check's calibration (float16: 512 KiB at 512-d)
 
 
-WHITENER_BLOCKS = 4  # row blocks of a served whitener: (k + 1) / 2k of the square's floats (62.5 %); more blocks
-# save little memory and cost a matrix product each (measured at batch 1, 512-d: 4 blocks 1.2x the square's time, 8 1.9x)
+WHITENER_TILE = 32  # side of the square tiles a whitener is held in: the n(n+1)/2 tiles of its lower triangle, the
+# diagonal ones whole, so d²/2 + d·t/2 values (53 % of the square at 512-d), applied as one batched product at any d
+SERVED_DTYPE = torch.float16  # a replica's whitener tiles: 272 KiB at 512-d; on the proxy's six domains d² within
+# 2.4e-3 relative of float64, gate weights within 0.004, no claim changed; low rank did worse (docs/backbone.md)
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_index(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of each tile of an n×n lower triangle of tiles, row by row (shared by every whitener of that size)."""
+    return tuple(torch.tril_indices(n, n))
 
 
 @dataclass(frozen=True, eq=False)
 class TriangularWhitener:
-    """A lower-triangular (d, d) matrix W held as row blocks, each only as wide as the triangle is at its last row, so
-    the zeros above the diagonal are mostly not stored, and `apply` stays a few BLAS products: z = x Wᵀ."""
+    """A lower-triangular (d, d) matrix W held as the (t, t) tiles of its lower triangle: z = x Wᵀ is one batched
+    product (each tile times its column slice of x, summed per row of tiles), so the zeros above the diagonal are not
+    stored except inside the diagonal tiles. On a replica the tiles are float16 over a power-of-two `scale` (no
+    overflow, and the scale itself rounds nothing), multiplied in the caller's float32."""
 
-    blocks: tuple[torch.Tensor, ...]  # block i: rows [lo_i, hi_i) and columns [0, hi_i) of W
+    tiles: torch.Tensor  # (n(n+1)/2, t, t): tile (i, j), j <= i, is W[it:(i+1)t, jt:(j+1)t] / scale (W zero-padded to nt)
+    dim: int
+    scale: float = 1.0
 
     @classmethod
-    def from_square(cls, square: torch.Tensor, n_blocks: int = WHITENER_BLOCKS, dtype: torch.dtype | None = None):
+    def from_square(cls, square: torch.Tensor, dtype: torch.dtype | None = None, tile: int = WHITENER_TILE):
+        """From the (d, d) matrix's lower triangle, held in `dtype` (default: the square's)."""
         d = square.shape[0]
-        bounds = sorted({round(i * d / n_blocks) for i in range(n_blocks + 1)})
-        return cls(tuple(square[lo:hi, :hi].to(dtype or square.dtype).contiguous() for lo, hi in zip(bounds, bounds[1:])))
-
-    @property
-    def dim(self) -> int:
-        return self.blocks[-1].shape[1]
+        n = -(-d // tile)
+        t = -(-d // n)  # the tiles' side: `tile` when it divides d, else a little less, so that padding stays under n
+        rows, cols = _tile_index(n)
+        padded = F.pad(square.tril(), (0, n * t - d, 0, n * t - d))
+        tiles = padded.reshape(n, t, n, t).permute(0, 2, 1, 3)[rows, cols]
+        dtype = dtype or square.dtype
+        scale = 1.0
+        if dtype == torch.float16:  # the largest |value| to [2^14, 2^15): float16 reaches 65504, subnormals 2^-29 lower
+            top = tiles.abs().max().item()
+            if top > 0 and math.isfinite(top):
+                scale = 2.0 ** (math.floor(math.log2(top)) - 14)
+        return cls((tiles / scale).to(dtype).contiguous(), d, scale)
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.blocks)
+        return self.tiles.nbytes
+
+    def _rows_of_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, B, t) x Wᵀ / scale, by row of tiles."""
+        b, t = x.shape[0], self.tiles.shape[1]
+        n = -(-self.dim // t)
+        rows, cols = _tile_index(n)
+        if x.device.type != "cpu":
+            rows, cols = rows.to(x.device), cols.to(x.device)
+        if n * t != self.dim:
+            x = F.pad(x, (0, n * t - self.dim))
+        parts = x.reshape(b, n, t).transpose(0, 1).index_select(0, cols)  # (tiles, B, t): each tile's slice of x
+        products = torch.bmm(parts, self.tiles.to(x.dtype).transpose(1, 2))  # (tiles, B, t)
+        return torch.zeros(n, b, t, dtype=products.dtype, device=x.device).index_add_(0, rows, products)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, d) rows x -> (B, d) rows x Wᵀ."""
-        return torch.cat([x[:, : b.shape[1]] @ b.T for b in self.blocks], dim=1)
+        """(B, d) rows x -> (B, d) rows x Wᵀ, in x's dtype."""
+        z = self._rows_of_tiles(x)
+        return z.transpose(0, 1).reshape(x.shape[0], -1)[:, : self.dim] * self.scale
 
     def norm_sq(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,) |x Wᵀ|²."""
-        return self.apply(x).square().sum(-1)
+        """(B,) |x Wᵀ|² (the padding's rows of W are zero)."""
+        return self._rows_of_tiles(x).square().sum((0, 2)) * self.scale**2
 
     def square(self) -> torch.Tensor:
-        out = torch.zeros(self.dim, self.dim, dtype=self.blocks[0].dtype)
-        lo = 0
-        for b in self.blocks:
-            out[lo : lo + b.shape[0], : b.shape[1]] = b
-            lo += b.shape[0]
-        return out.tril()
+        """W as a (d, d) matrix (float32 from float16 tiles: exactly the values held)."""
+        k, t, _ = self.tiles.shape
+        n = -(-self.dim // t)
+        rows, cols = _tile_index(n)
+        dtype = torch.float32 if self.tiles.dtype == torch.float16 else self.tiles.dtype
+        out = torch.zeros(n, n, t, t, dtype=dtype)
+        out[rows, cols] = self.tiles.to(dtype) * self.scale
+        return out.permute(0, 2, 1, 3).reshape(n * t, n * t)[: self.dim, : self.dim].contiguous()
 
 
 @dataclass(frozen=True)
@@ -85,8 +121,8 @@ class Gaussian:
 
     @classmethod
     def served(cls, mean: torch.Tensor, whitener: torch.Tensor, logdet: float, shrinkage: float) -> "Gaussian":
-        """As a replica holds it: float32 (d² is summed from terms of about 1, so float32 keeps 6 significant digits)."""
-        return cls(mean.float(), TriangularWhitener.from_square(whitener, dtype=torch.float32), logdet, shrinkage)
+        """As a replica holds it: a float32 mean, the whitener's tiles in float16 (`SERVED_DTYPE`), d² in float32."""
+        return cls(mean.float(), TriangularWhitener.from_square(whitener, dtype=SERVED_DTYPE), logdet, shrinkage)
 
     @property
     def nbytes(self) -> int:
@@ -134,8 +170,8 @@ class TaskStats:
     def likelihood_and_weight(self, features: torch.Tensor, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) log-likelihood (float64) and (B,) gate w (float32), from one distance computation; `normalized`: the
         rows are L2-normalised already (the router's are)."""
-        d2 = self.gaussian.mahalanobis_sq(features) if normalized else self.mahalanobis_sq(features)
-        return self.gaussian.log_likelihood_of(d2), self.gate(d2.double()).float()
+        d2 = (self.gaussian.mahalanobis_sq(features) if normalized else self.mahalanobis_sq(features)).double()
+        return self.gaussian.log_likelihood_of(d2), self.gate(d2).float()
 
     def log_likelihood(self, features: torch.Tensor) -> torch.Tensor:
         return self.gaussian.log_likelihood_of(self.mahalanobis_sq(features))

@@ -302,8 +302,8 @@ SYNTHETIC_VOCABULARY = 1000  # names of the router's open vocabulary in the rout
 
 
 def synthetic_stats(dim: int, classes: int, gen):
-    """A TaskStats as a replica holds it (float32 packed whitener, unit-norm keys, a calibration sample) whose own
-    images route to it, and its class text, for the router's zero-shot check."""
+    """A TaskStats as a replica holds it (`Gaussian.served`: float16 whitener tiles; unit-norm keys, a calibration
+    sample) whose own images route to it, and its class text, for the router's zero-shot check."""
     import torch
     import torch.nn.functional as F
 

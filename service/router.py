@@ -129,12 +129,15 @@ class Router:
 
     def candidates(self, features: torch.Tensor, top_k: int | None = None) -> list[list[int]]:
         """Up to `top_k` task indices per image, nearest task mean first."""
+        return self._candidates(F.normalize(features.detach().float().cpu(), dim=-1), top_k)
+
+    def _candidates(self, f: torch.Tensor, top_k: int | None) -> list[list[int]]:
+        """`candidates` of L2-normalised float32 rows."""
         if self.index is None:
-            return [[] for _ in range(features.shape[0])]
+            return [[] for _ in range(f.shape[0])]
         k = min(top_k or self.top_k, len(self.names))
-        query = np.ascontiguousarray(F.normalize(features.detach().float().cpu(), dim=-1).numpy(), dtype=np.float32)
-        _, rows = self.index.search(query, k)
-        return [[int(t) for t in row if t >= 0] for row in rows]
+        _, rows = self.index.search(np.ascontiguousarray(f.numpy(), dtype=np.float32), k)
+        return [[t for t in row if t >= 0] for row in rows.tolist()]
 
     def route(self, features: torch.Tensor, top_k: int | None = None, threshold: float | None = None) -> list[Route]:
         """One Route per row of `features` (frozen image features, any norm); knobs default to the router's."""
@@ -145,21 +148,25 @@ class Router:
         if self.index is None:
             return [NO_ROUTE] * n
         f = F.normalize(features.detach().cpu().float(), dim=-1)
-        cands = self.candidates(f, top_k)
-        ll = torch.full((n, len(self.names)), float("-inf"), dtype=torch.float64)
-        gate = torch.zeros(n, len(self.names))  # the distance gates
+        cands = self._candidates(f, top_k)
+        ll: dict[tuple[int, int], float] = {}  # (image, task) -> log-likelihood, for the candidates only
+        gate: dict[tuple[int, int], float] = {}  # (image, task) -> distance gate (a float32 value)
         for t in sorted({t for c in cands for t in c}):  # one distance per candidate task and image: likelihood and gate
-            rows = torch.tensor([i for i, c in enumerate(cands) if t in c])
-            ll[rows, t], gate[rows, t] = self.stats[self.names[t]].likelihood_and_weight(f[rows], normalized=True)
-        orders = [sorted(c, key=lambda t: -ll[i, t].item()) for i, c in enumerate(cands)]
+            rows = [i for i, c in enumerate(cands) if t in c]
+            lik, w = self.stats[self.names[t]].likelihood_and_weight(f if len(rows) == n else f[rows], normalized=True)
+            for i, a, b in zip(rows, lik.tolist(), w.tolist()):
+                ll[i, t], gate[i, t] = a, b
+        orders = [sorted(c, key=lambda t: -ll[i, t]) for i, c in enumerate(cands)]
         chosen = self._claims(orders, f, gate, threshold)
-        return [self._route(orders[i], ll[i], gate[i], chosen.get(i)) for i in range(n)]
+        return [self._route(i, orders[i], ll, gate, chosen.get(i)) for i in range(n)]
 
-    def _claims(self, orders: list[list[int]], f: torch.Tensor, gate: torch.Tensor, threshold: float) -> dict[int, int]:
+    def _claims(self, orders: list[list[int]], f: torch.Tensor, gate: dict[tuple[int, int], float],
+                threshold: float) -> dict[int, int]:
         """image -> the task that takes it: without checks the most likely candidate if its gate reaches the threshold;
         with them the most likely candidate that claims it. A check runs only where the distance gate already reaches
         0.5, candidates in likelihood order, so most images cost one check or none."""
-        vocabulary_cos = self._vocabulary_cos(f)
+        threshold = float(np.float32(threshold))  # compared as float32, like the gates
+        vocabulary_cos = None  # the images' cosines with the vocabulary, once the first check needs them
         chosen: dict[int, int] = {}
         pending = [i for i, order in enumerate(orders) if order]
         for rank in range(max(map(len, orders), default=0) if self.checking else 1):
@@ -167,23 +174,28 @@ class Router:
             for i in pending:
                 if rank < len(orders[i]):
                     t = orders[i][rank]
-                    has_check = self._check(t) is not None
-                    if gate[i, t] >= threshold and (not has_check or gate[i, t] >= CLAIM):
+                    w = gate[i, t]
+                    if w >= threshold and (w >= CLAIM or self._check(t) is None):
                         asked.setdefault(t, []).append(i)
             for t, rows in asked.items():
                 check = self._check(t)
-                passed = [True] * len(rows) if check is None else check(f[rows], vocabulary_cos[rows]).tolist()
+                if check is None:
+                    passed = [True] * len(rows)
+                else:
+                    vocabulary_cos = self._vocabulary_cos(f) if vocabulary_cos is None else vocabulary_cos
+                    whole = len(rows) == f.shape[0]
+                    passed = check(f if whole else f[rows], vocabulary_cos if whole else vocabulary_cos[rows]).tolist()
                 chosen.update((i, t) for i, ok in zip(rows, passed) if ok)
             pending = [i for i in pending if i not in chosen]
         return chosen
 
-    def _route(self, order: list[int], ll: torch.Tensor, gate: torch.Tensor, task: int | None) -> Route:
+    def _route(self, i: int, order: list[int], ll: dict, gate: dict, task: int | None) -> Route:
         if not order:
             return NO_ROUTE
-        candidates = tuple(Candidate(self.names[t], float(ll[t])) for t in order)
+        candidates = tuple(Candidate(self.names[t], ll[i, t]) for t in order)
         if task is not None:
-            name, w = self.names[task], float(gate[task])
+            name, w = self.names[task], gate[i, task]
             return Route(name, w, best=name, best_gate=w, candidates=candidates)
         best = order[0]  # unclaimed: with a check the best task's weight is 0 (it did not claim the image)
-        w = float(gate[best]) if self._check(best) is None else 0.0
+        w = gate[i, best] if self._check(best) is None else 0.0
         return Route(None, 0.0, best=self.names[best], best_gate=w, candidates=candidates)
