@@ -11,6 +11,7 @@ import logging
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .loading import Backbone, sha256_tensors
@@ -51,8 +52,8 @@ class PromptedCLIP(nn.Module):
         self._slot(task)
         return self._configs[task]
 
-    def tower_depth(self, tower: str, config: PromptConfig) -> int:
-        return min(config.depth, len(self._blocks[tower]))
+    def prompted_layers(self, tower: str, config: PromptConfig) -> range:
+        return config.layers(len(self._blocks[tower]))
 
     def width(self, tower: str) -> int:
         """Width of the tower's attention (prefix key/value size)."""
@@ -146,6 +147,54 @@ class PromptedCLIP(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp()
 
+    # ---------------------------------------------------------------- a shared bottom of the image tower
+    def first_prompted_block(self) -> int:
+        """The lowest image block any loaded task prompts (the tower's depth when none does): every block below it
+        sees the same frozen activations whatever the task, so a batch can run them once for all its passes."""
+        blocks = len(self._blocks["visual"])
+        return min((self.prompted_layers("visual", c).start for c in self._configs.values()), default=blocks)
+
+    def can_resume(self) -> bool:
+        """Does the image tower have the open_clip ViT layout that `encode_image_keeping`/`_from` step through?"""
+        visual = self.clip.visual
+        return (all(hasattr(visual, name) for name in ("_embeds", "_pool", "proj", "transformer"))
+                and getattr(visual.transformer, "batch_first", False) and not getattr(visual, "output_tokens", False))
+
+    def encode_image_keeping(self, images: torch.Tensor, block: int, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen image features, the same ops as `encode_image` (so the same bits), and the activations entering
+        image block `block`, from which `encode_image_from` runs the blocks above it with prompts."""
+        blocks = self._blocks["visual"]
+        x = self.clip.visual._embeds(images)
+        for layer in blocks[:block]:
+            x = layer(x)
+        kept = x
+        for layer in blocks[block:]:
+            x = layer(x)
+        return self._image_head(x, normalize), kept
+
+    def encode_image_from(self, activations: torch.Tensor, block: int, tasks: TaskSpec, weights=1.0,
+                          normalize: bool = False) -> torch.Tensor:
+        """`encode_image` from the activations entering image block `block` (`encode_image_keeping`'s); every task
+        named must prompt only blocks at or above it."""
+        below = [t for t in ([tasks] if isinstance(tasks, str) else tasks or ()) if t is not None
+                 and self.prompted_layers("visual", self.config(t)).start < block]
+        if below:
+            raise ValueError(f"task '{below[0]}' prompts image blocks below {block}: it needs the whole pass")
+        groups = self._groups(tasks, weights, activations.shape[0], activations.device)
+        with self.routing.use("visual", groups):
+            x = activations
+            for layer in self._blocks["visual"][block:]:
+                x = layer(x)
+        return self._image_head(x, normalize)
+
+    def _image_head(self, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        """open_clip VisionTransformer.forward after its blocks: pool, project (CLIP.encode_image's normalize)."""
+        visual = self.clip.visual
+        pooled, _ = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
     # ---------------------------------------------------------------- internals
     def _slot(self, task: str) -> str:
         try:
@@ -168,14 +217,15 @@ class PromptedCLIP(nn.Module):
     def _expected_shapes(self, config: PromptConfig) -> dict[str, tuple[int, int]]:
         shapes = {}
         for tower in TOWERS:
-            for layer in range(self.tower_depth(tower, config)):
+            for layer in self.prompted_layers(tower, config):
                 shapes[f"{tower}.{layer}.key"] = shapes[f"{tower}.{layer}.value"] = (config.n_prefix, self.width(tower))
         return shapes
 
     def _ensure_wrapped(self, config: PromptConfig) -> None:
-        """Wrap the attention of the first `depth` blocks of each tower (peft-style setattr on the parent block)."""
+        """Wrap the attention of the task's blocks in each tower (peft-style setattr on the parent block)."""
         for tower in TOWERS:
-            for block in list(self._blocks[tower])[: self.tower_depth(tower, config)]:
+            for layer in self.prompted_layers(tower, config):
+                block = self._blocks[tower][layer]
                 if not isinstance(block.attn, PromptedAttention):
                     block.attn = PromptedAttention(block.attn, tower, self.routing)
 
@@ -184,7 +234,7 @@ class PromptedCLIP(nn.Module):
 
     def _prompted_blocks(self, config: PromptConfig):
         for tower in TOWERS:
-            for layer in range(self.tower_depth(tower, config)):
+            for layer in self.prompted_layers(tower, config):
                 yield tower, layer, self._blocks[tower][layer].attn
 
     def _groups(self, tasks: TaskSpec, weights, batch: int, device: torch.device) -> tuple[PromptGroup, ...]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from .scoped import ScopedValue
 
+PLACEMENTS = ("input", "output")  # where a task's prompts sit in each tower (PromptConfig.placement)
 MASKED_LOGIT = -1e9  # logit of a padded prefix slot: exp(-1e9 - max) == 0 exactly in fp32
 
 
@@ -37,18 +38,28 @@ MASKED_LOGIT = -1e9  # logit of a padded prefix slot: exp(-1e9 - max) == 0 exact
 class PromptConfig:
     """Shape of one task's prompts; defaults follow the reference recipe."""
 
-    depth: int = 8  # prompted blocks, counted from the input, in each tower (capped at the tower's depth)
+    depth: int = 8  # prompted blocks in each tower (capped at the tower's depth)
     n_prefix: int = 8  # prefix keys and values per prompted block
     key_init: float = 0.02  # P_K ~ U(-key_init, key_init); P_V starts at zero, so a new task changes nothing
+    # which blocks: "input" the first `depth` (the reference recipe), "output" the last `depth`; then the blocks below
+    # them see frozen activations, and the service runs those once for routing and answering (service/runtime.py)
+    placement: str = "input"
 
     def __post_init__(self):
         if self.depth < 1 or self.n_prefix < 1:
             raise ValueError(f"prompt depth and n_prefix must be >= 1, got {self.depth} and {self.n_prefix}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"prompt placement must be one of {', '.join(PLACEMENTS)}, got '{self.placement}'")
         if not self.key_init >= 0:
             raise ValueError(f"key_init must be >= 0, got {self.key_init}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def layers(self, blocks: int) -> range:
+        """The prompted blocks of a tower of `blocks` blocks."""
+        depth = min(self.depth, blocks)
+        return range(depth) if self.placement == "input" else range(blocks - depth, blocks)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PromptConfig":

@@ -109,6 +109,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--store", help="a store of learned tasks, copied first (default: hand-made tasks in a temp store)")
     p.add_argument("--engine-kinds", default="prompts,head", help="engine runs: 'prompts' (the tasks of --store, or hand-made "
                    "prompt tasks), 'head' (head tasks learned here) [prompts,head]")
+    p.add_argument("--prompt-depth", type=_positive(int), help="hand-made prompt tasks: prompted blocks per tower [the recipe's 8]")
+    p.add_argument("--prompt-placement", default="input", choices=("input", "output"),
+                   help="hand-made prompt tasks: the first or the last blocks (output: the blocks below run once) [input]")
     p.add_argument("--head-images", type=_positive(int), default=300, help="training images per head task learned here")
     p.add_argument("--data", type=Path, default=SHARED / "data", help="the shared domains (<domain>/test.npz)")
     p.add_argument("--domains", default=",".join(DOMAINS))
@@ -201,17 +204,23 @@ def engine_store(args, maker, work: Path):
 
 
 def publish_hand_made(args, maker, store) -> None:
-    from backbone import PromptConfig
     from testkit.tasks import make_color_task, publish_domain_tasks
 
     domains = [d for d in present_domains(args, "train") if (args.data / d / "classnames.json").is_file()]
     if domains:
         log.info("publishing hand-made tasks for %s", ", ".join(domains))
-        publish_domain_tasks(maker, store, args.data, domains, n=300)
+        publish_domain_tasks(maker, store, args.data, domains, n=300, config=hand_made_config(args))
         return
     log.info("no domains under %s: publishing hand-made colour tasks %s", args.data, ", ".join(COLOR_TASKS))
     for i, name in enumerate(COLOR_TASKS):
-        store.publish(make_color_task(maker, name, seed=i, config=PromptConfig()))
+        store.publish(make_color_task(maker, name, seed=i, config=hand_made_config(args)))
+
+
+def hand_made_config(args):
+    """The prompts of hand-made tasks: the default recipe's, unless --prompt-depth/--prompt-placement say otherwise."""
+    from backbone import PromptConfig
+
+    return PromptConfig(**({"depth": args.prompt_depth} if args.prompt_depth else {}), placement=args.prompt_placement)
 
 
 def sample_pngs(args) -> list[bytes]:
@@ -394,14 +403,14 @@ def bench_router(args, dim: int, top_k: int, threshold: float) -> list[dict]:
 
 # ----------------------------------------------------------------------------- 3. memory per task
 def default_task(maker, classes: int):
-    """A default-recipe task: PromptConfig() prompts (random), a real fingerprint of noisy images, `classes` classes."""
-    from backbone import PromptConfig
+    """A default-recipe task: the recipe's prompt shape (random prompts), a real fingerprint of noisy images, `classes`
+    classes."""
     from testkit.tasks import color_images, make_task
 
     n = max(8, 4 * classes)
     images = color_images((128, 128, 128), n, noise=60.0)
     labels = [i % classes for i in range(n)]
-    return make_task(maker, "probe", images, labels, [f"class {i}" for i in range(classes)], config=PromptConfig(),
+    return make_task(maker, "probe", images, labels, [f"class {i}" for i in range(classes)], config=recipe_prompts(),
                      prompt_scale=0.02, metrics={"note": "bench.speed: default recipe, random prompts"})
 
 
@@ -467,11 +476,18 @@ def bench_memory(args, settings, artifact, work: Path) -> dict:
     return out
 
 
+def recipe_prompts():
+    """add-task's default prompt shape (depth, prefixes, placement)."""
+    from backbone import PromptConfig
+    from training.settings import ResidualPromptSettings
+
+    return PromptConfig(**ResidualPromptSettings().prompt_shape())
+
+
 def bench_memory_at(args, work: Path) -> dict:
     """Exact bytes per loaded task of each kind on a --memory-model backbone (ViT-B-16: 512-d features, the width the
     issue's memory target is stated at): a head task (the default kind) and a default-recipe prompt task, each of
     --classes-per-task classes, loaded into an engine."""
-    from backbone import PromptConfig
     from backbone import DEFAULT_TEMPLATES, PixelPipeline
     from prompts_store import open_store
     from service.engine import Engine
@@ -495,7 +511,7 @@ def bench_memory_at(args, work: Path) -> dict:
     train, val = split_train_val(labels, 0.25, 0)
     task = TaskData("head", names, list(DEFAULT_TEMPLATES), ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val]))
     store.publish(HeadLearner().fit(task, maker.backbone, RunContext(progress=False)))
-    store.publish(make_task(maker, "prompts", list(images), list(labels), names, config=PromptConfig(), prompt_scale=0.02))
+    store.publish(make_task(maker, "prompts", list(images), list(labels), names, config=recipe_prompts(), prompt_scale=0.02))
     settings = ServiceSettings(model=args.memory_model, pretrained=pretrained, device=args.device, store=store.url, ui=False)
     engine = Engine.from_settings(settings)
     engine.sync()

@@ -31,6 +31,7 @@ def info(
 ) -> None:
     """Load the backbone and print its fingerprint, tower sizes and the size of one task's prompts."""
     from backbone import BackboneError, PromptConfig, PromptedCLIP, load_backbone
+    from training.settings import ResidualPromptSettings
 
     try:
         backbone = load_backbone(model, pretrained, device)
@@ -38,13 +39,15 @@ def info(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     prompted = PromptedCLIP(backbone)
-    prompted.add_task("probe", PromptConfig())
+    recipe = ResidualPromptSettings()
+    prompted.add_task("probe", PromptConfig(**recipe.prompt_shape()))
     typer.echo(f"backbone     {backbone.fingerprint.name}")
     typer.echo(f"weights      sha256 {backbone.fingerprint.sha256}")
     typer.echo(f"device       {backbone.device}")
     for tower, blocks in (("visual", backbone.image_blocks), ("text", backbone.text_blocks)):
         typer.echo(f"{tower:<12} {len(blocks)} blocks, width {prompted.width(tower)}")
-    typer.echo(f"task prompts {prompted.num_prompt_parameters('probe'):,} parameters (default depth 8, 8 prefix tokens)")
+    typer.echo(f"task prompts {prompted.num_prompt_parameters('probe'):,} parameters (add-task's default: depth "
+               f"{recipe.depth}, {recipe.n_prefix} prefix tokens, {recipe.prompt_placement} blocks)")
 
 
 @serve_app.command()

@@ -422,7 +422,8 @@ class Engine:
         self.metrics.observe_batch(len(jobs))
         with self.lease() as state:
             images = torch.stack([j.image for j in jobs])
-            frozen = self.runtime.encode_image(images)  # (B, D) frozen pass: retrieval embedding + router input
+            # (B, D) frozen pass: retrieval embedding + router input; `resume`: the blocks below every task's prompts
+            frozen, resume = self.runtime.encode_frozen(images)
             classify = [i for i, j in enumerate(jobs) if isinstance(j, ClassifyJob)]
             routes: dict[int, Route] = {}
             if classify:
@@ -450,7 +451,8 @@ class Engine:
             if prompted:  # one pass; the wrappers group the samples by task
                 slots = [state.tasks[plan[i][0]].slot for i in prompted]
                 weights = [plan[i][1] for i in prompted]
-                features[prompted] = self.runtime.encode_image(images[prompted], tasks=slots, weights=weights)
+                resume_rows = resume.rows(prompted) if resume is not None else None
+                features[prompted] = self.runtime.encode_image(images[prompted], tasks=slots, weights=weights, resume=resume_rows)
             results: list[Any] = []
             for i, job in enumerate(jobs):
                 if isinstance(plan[i], Exception):

@@ -11,6 +11,7 @@ w > 0 applies them in full; its class text is "<learned context> {class name}.",
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -19,6 +20,18 @@ from backbone import Backbone, BackboneFingerprint, PromptConfig, PromptedCLIP, 
 from backbone.token_prompts import TokenPromptConfig, TokenPrompts, applied
 from backbone.token_prompts import class_text as token_class_text
 from backbone.zeroshot import text_classifier
+
+
+@dataclass(frozen=True)
+class Resume:
+    """What a frozen pass kept for the prompted pass of the same images: the activations entering image block
+    `block`, below which no loaded task has prompts (so those blocks run once per image)."""
+
+    block: int
+    activations: torch.Tensor  # (B, tokens, width)
+
+    def rows(self, index: Sequence[int]) -> "Resume":
+        return Resume(self.block, self.activations[list(index)])
 
 
 @runtime_checkable
@@ -32,6 +45,10 @@ class Runtime(Protocol):
         self, images: torch.Tensor, tasks: Sequence[str | None] | None = None, weights: Sequence[float] | None = None
     ) -> torch.Tensor:
         """(B, D) L2-normalised image features; `tasks[i]`/`weights[i]` per sample (None: frozen)."""
+
+    def encode_frozen(self, images: torch.Tensor) -> tuple[torch.Tensor, Resume | None]:
+        """(B, D) frozen features, and what a prompted pass of (some of) these images may start from (None: the
+        whole pass; `encode_image(..., resume=resume.rows(index))`)."""
 
     def encode_text(self, texts: Sequence[str], task: str | None = None, weight: float = 1.0) -> torch.Tensor:
         """(N, D) L2-normalised text features of raw strings, with `task`'s prompts scaled by `weight`."""
@@ -78,7 +95,18 @@ class TorchRuntime:
         return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
     @torch.no_grad()
-    def encode_image(self, images, tasks=None, weights=None):
+    def encode_frozen(self, images):
+        """Keeps the activations below the lowest prompted block when some task is placed higher (and the tower
+        has the ViT layout to resume from): the prompted pass then runs only the blocks from there up."""
+        images = images.to(self.device, non_blocking=True)
+        block = self.model.first_prompted_block()
+        if not 0 < block < len(self.backbone.image_blocks) or not self.model.can_resume():
+            return self._residual_pass(images, [None] * len(images), [0.0] * len(images)), None
+        feats, kept = self.model.encode_image_keeping(images, block, normalize=True)
+        return feats.float().cpu(), Resume(block, kept)
+
+    @torch.no_grad()
+    def encode_image(self, images, tasks=None, weights=None, resume: Resume | None = None):
         images = images.to(self.device, non_blocking=True)
         names = [None] * len(images) if tasks is None else list(tasks)
         w = [1.0] * len(images) if weights is None else [float(x) for x in weights]
@@ -87,11 +115,12 @@ class TorchRuntime:
             if name in self._token_tasks and w[i] > 0:
                 by_tokens.setdefault(name, []).append(i)
         if not by_tokens:
-            return self._residual_pass(images, names, w)
+            return self._residual_pass(images, names, w, resume)
         tokened = {i for rows in by_tokens.values() for i in rows}
         rest = [i for i in range(len(names)) if i not in tokened]  # residual prompts, or frozen (a token task at w = 0)
         residual = [None if names[i] in self._token_tasks else names[i] for i in rest]
-        parts = [(rest, self._residual_pass(images[rest], residual, [w[i] for i in rest]))] if rest else []
+        rest_resume = resume.rows(rest) if resume is not None else None
+        parts = [(rest, self._residual_pass(images[rest], residual, [w[i] for i in rest], rest_resume))] if rest else []
         for slot, rows in by_tokens.items():
             with applied(self.backbone.model, self._token_tasks[slot]):
                 parts.append((rows, self.model.encode_image(images[rows], normalize=True).float().cpu()))
@@ -100,10 +129,12 @@ class TorchRuntime:
             feats[rows] = part
         return feats
 
-    def _residual_pass(self, images, names, weights) -> torch.Tensor:
-        """Frozen, or residual prompts per sample (`names[i]` None: frozen)."""
+    def _residual_pass(self, images, names, weights, resume: Resume | None = None) -> torch.Tensor:
+        """Frozen, or residual prompts per sample (`names[i]` None: frozen); from `resume` when given."""
         if all(t is None for t in names):
             feats = self.model.encode_image(images, normalize=True)
+        elif resume is not None:
+            feats = self.model.encode_image_from(resume.activations, resume.block, names, weights, normalize=True)
         else:
             feats = self.model.encode_image(images, tasks=names, weights=weights, normalize=True)
         return feats.float().cpu()

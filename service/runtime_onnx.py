@@ -133,6 +133,8 @@ class OnnxRuntime:
             return
         depths = {t: min(config.depth, self._layers(t)) for t in TOWERS}
         too_big = [f"{t} depth {depths[t]} > {self.spec.depth(t)}" for t in TOWERS if depths[t] > self.spec.depth(t)]
+        if config.placement != "input":  # the graphs hold prompt inputs for the first blocks of each tower
+            too_big.append(f"placement {config.placement}")
         if config.n_prefix > self.spec.n_prefix:
             too_big.append(f"n_prefix {config.n_prefix} > {self.spec.n_prefix}")
         if too_big:
@@ -173,7 +175,11 @@ class OnnxRuntime:
     def _run(self, graph: str, **inputs: np.ndarray) -> np.ndarray:
         return self.sessions[graph].run(None, inputs)[0]
 
-    def encode_image(self, images, tasks=None, weights=None):
+    def encode_frozen(self, images):
+        """The frozen graph; a prompted pass reruns the whole graph (no resume point)."""
+        return self.encode_image(images), None
+
+    def encode_image(self, images, tasks=None, weights=None, resume=None):
         images = images.detach().float().cpu()
         batch = images.shape[0]
         names = [None] * batch if tasks is None else list(tasks)

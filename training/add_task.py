@@ -76,7 +76,7 @@ def _default_prog() -> str:
 # the prompts recipe's options in --help order, each a field of ResidualPromptSettings, with its metavar
 _PROMPT_OPTIONS = {
     "epochs": "N", "lr": "X", "lr_reference_logit_scale": "S", "key_init": "X", "batch_size": "N", "depth": "N",
-    "n_prefix": "N", "momentum": "X", "weight_decay": "X", "warmup_steps": "N", "final_lr_ratio": "X",
+    "prompt_placement": None, "n_prefix": "N", "momentum": "X", "weight_decay": "X", "warmup_steps": "N", "final_lr_ratio": "X",
     "text_templates": None, "augment": None, "crop_scale": "X", "seed": "N", "eval_batch_size": "N",
 }
 

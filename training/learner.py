@@ -87,9 +87,10 @@ class ResidualPromptLearner:
 
     def prompt_config(self) -> PromptConfig:
         s = self.settings
+        shape = s.prompt_shape()
         if s.key_init is None:  # the keys are drawn afterwards, at each block's own scale (see _init_keys)
-            return PromptConfig(depth=s.depth, n_prefix=s.n_prefix)
-        return PromptConfig(depth=s.depth, n_prefix=s.n_prefix, key_init=s.key_init)
+            return PromptConfig(**shape)
+        return PromptConfig(**shape, key_init=s.key_init)
 
     def recipe(self, task: TaskData) -> dict[str, Any]:
         s = self.settings

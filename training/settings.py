@@ -32,7 +32,13 @@ class SplitSettings:
 class ResidualPromptSettings(SplitSettings):
     """The recipe; defaults follow the reference (DIKI-style residual prompts on MTIL)."""
 
-    depth: int = setting(8, "prompted blocks per tower")  # capped at the tower's depth
+    # the reference recipe prompts the first 8 blocks of each tower; on the proxy the last 3 learned better (mean +4.6
+    # points over mnist, fashion_mnist, eurosat), in half the training time, and serve faster (docs/backbone.md)
+    depth: int = setting(3, "prompted blocks per tower")  # capped at the tower's depth
+    prompt_placement: Literal["input", "output"] = setting(
+        "output", "which blocks hold the prompts: the last --depth of each tower, or the first (the reference "
+                  "recipe: --depth 8 --prompt-placement input); with 'output' the service runs the blocks below them "
+                  "once per image, for routing and answering alike")
     n_prefix: int = setting(8, "prefix tokens per prompted block")
     epochs: int = setting(10, "training epochs")
     batch_size: int = setting(128, "global batch, split across workers")
@@ -56,6 +62,10 @@ class ResidualPromptSettings(SplitSettings):
         "none", "training images only: 'random-crop' takes a random crop of each image at every step (no flips)")
     crop_scale: float = setting(0.5, "random-crop: the smallest crop as a fraction of the image area")
 
+    def prompt_shape(self) -> dict[str, Any]:
+        """The recipe's `backbone.PromptConfig` fields (key_init aside: ResidualPromptLearner.prompt_config)."""
+        return {"depth": self.depth, "n_prefix": self.n_prefix, "placement": self.prompt_placement}
+
     def __post_init__(self):
         positive = ("depth", "n_prefix", "epochs", "batch_size", "eval_batch_size")
         for name in positive:
@@ -74,6 +84,8 @@ class ResidualPromptSettings(SplitSettings):
             raise InputError(f"--final-lr-ratio must be in (0, 1], got {self.final_lr_ratio}")
         if not 0 <= self.val_fraction < 1:
             raise InputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.prompt_placement not in ("input", "output"):
+            raise InputError(f"--prompt-placement must be 'input' or 'output', got {self.prompt_placement!r}")
         if self.augment not in ("none", "random-crop"):
             raise InputError(f"--augment must be 'none' or 'random-crop', got {self.augment!r}")
         if not 0 < self.crop_scale <= 1:

@@ -18,10 +18,10 @@ class RecordingRuntime(TorchRuntime):
         super().__init__(backbone)
         self.prompted_passes: list[list[str]] = []
 
-    def encode_image(self, images, tasks=None, weights=None):
+    def encode_image(self, images, tasks=None, weights=None, resume=None):
         if tasks is not None:
             self.prompted_passes.append(list(tasks))
-        return super().encode_image(images, tasks, weights)
+        return super().encode_image(images, tasks, weights, resume)
 
 
 @pytest.fixture

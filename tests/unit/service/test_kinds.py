@@ -24,9 +24,13 @@ class CountingRuntime(TorchRuntime):
         super().__init__(backbone)
         self.passes: list[list[str] | None] = []
 
-    def encode_image(self, images, tasks=None, weights=None):
+    def encode_frozen(self, images):
+        self.passes.append(None)
+        return super().encode_frozen(images)
+
+    def encode_image(self, images, tasks=None, weights=None, resume=None):
         self.passes.append(None if tasks is None else list(tasks))
-        return super().encode_image(images, tasks, weights)
+        return super().encode_image(images, tasks, weights, resume)
 
 
 @pytest.fixture

@@ -88,6 +88,23 @@ def test_a_task_larger_than_the_graphs_is_served_by_torch_and_logged(runtimes, t
             rt.delete_task("blue#1"), rt.delete_task("red#2")
 
 
+def test_a_task_placed_in_the_last_blocks_is_served_by_torch(runtimes, task_maker, caplog):
+    onnx, ref = runtimes
+    top = make_color_task(task_maker, "green", config=PromptConfig(depth=1, n_prefix=4, placement="output"), prompt_scale=0.5)
+    with caplog.at_level("WARNING", logger="service.runtime_onnx"):
+        load_both(runtimes, "green#9", top)
+    assert "task green#9 does not fit the ONNX graphs (placement output): it is served by torch" in caplog.text
+    try:
+        images = color_batch(onnx, "green", "red")
+        frozen, resume = onnx.encode_frozen(images)
+        assert resume is None and (frozen - ref.encode_image(images)).abs().max() <= PARITY
+        tasks, weights = ["green#9", None], [1.0, 0.0]
+        assert (onnx.encode_image(images, tasks, weights) - ref.encode_image(images, tasks, weights)).abs().max() <= PARITY
+    finally:
+        for rt in runtimes:
+            rt.delete_task("green#9")
+
+
 def summary(results):
     return [(r.task, r.version, [s.label for s in r.scores]) for r in results]
 

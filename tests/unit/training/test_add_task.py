@@ -30,7 +30,7 @@ def test_add_task_publishes_an_artifact_that_classifies_its_own_validation_image
     assert artifact.kind == "residual-prompts" and artifact.class_names == CLASS_NAMES
     assert artifact.templates == list(DEFAULT_TEMPLATES)  # the default, recorded
     recipe, metrics = artifact.recipe, artifact.metrics
-    assert recipe["prompts"] == PromptConfig(depth=8, n_prefix=8).to_dict()
+    assert recipe["prompts"] == PromptConfig(depth=3, n_prefix=8, placement="output").to_dict()
     assert recipe["optimizer"] == {"name": "sgd", "lr": 5.0, "lr_reference_logit_scale": 100.0, "momentum": 0.0, "weight_decay": 0.0}
     assert metrics["peak_lr_applied"] == pytest.approx(5.0 * 100 / backbone_logit_scale())
     assert recipe["schedule"]["name"] == "cosine" and recipe["epochs"] == 12 and recipe["batch_size"] == 16
@@ -118,7 +118,7 @@ def test_defaults_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("KEEPCLIP_STORE", "/somewhere/store")
     args = build_parser().parse_args(["x", "--data", "d"])
     assert args.model == TINY_MODEL and args.store == "/somewhere/store"
-    assert (args.epochs, args.lr, args.batch_size, args.depth, args.n_prefix) == (10, 5.0, 128, 8, 8)
+    assert (args.epochs, args.lr, args.batch_size, args.depth, args.n_prefix, args.prompt_placement) == (10, 5.0, 128, 3, 8, "output")
 
 
 def backbone_logit_scale() -> float:
@@ -174,3 +174,15 @@ def test_ray_train_actors_get_the_jobs_own_cluster_address(monkeypatch, given, e
     (call,) = ray.calls
     assert call["address"] == (given or env)
     assert call["runtime_env"] == (None if pinned is None else {"env_vars": {"RAY_ADDRESS": pinned}})
+
+
+def test_prompts_placed_in_the_last_blocks_train_there_and_say_so_in_the_recipe(paths, add_task):
+    data = write_npz(paths.root / "colours.npz", per_class=8, classnames_beside=True)
+    run = add_task(tiny_args("top", data, paths.store, paths.checkpoints, "--depth", "1", "--prompt-placement", "output", epochs=1))
+    assert run.code == 0, run.err
+    artifact = open_store(paths.store).get("top")
+    assert artifact.recipe["prompts"]["placement"] == "output"
+    assert sorted(artifact.prompts) == ["text.2.key", "text.2.value", "visual.2.key", "visual.2.value"]  # 3-block towers
+    assert artifact.prompts["visual.2.value"].abs().sum() > 0  # trained (P_V starts at zero)
+    bad = add_task(tiny_args("top", data, paths.store, paths.checkpoints, "--prompt-placement", "middle"))
+    assert bad.code == 2 and "--prompt-placement" in bad.err

@@ -1,0 +1,64 @@
+"""Prompts placed in the last blocks of each tower, and the image tower resumed from the blocks below them."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backbone import PromptConfig, PromptedCLIP
+from tests.conftest import randomize_prompts, tiny_backbone
+
+IMAGES = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture
+def model() -> PromptedCLIP:
+    return PromptedCLIP(tiny_backbone())
+
+
+def test_output_placement_prompts_the_last_blocks_of_each_tower(model):
+    model.add_task("top", PromptConfig(depth=2, n_prefix=4, placement="output"))
+    assert sorted(model.task_state("top")) == sorted(f"{t}.{l}.{k}" for t in ("visual", "text") for l in (1, 2) for k in ("key", "value"))
+    model.add_task("bottom", PromptConfig(depth=2, n_prefix=4))
+    assert {k.split(".")[1] for k in model.task_state("bottom")} == {"0", "1"}
+
+
+def test_the_placement_is_part_of_the_recipe_and_old_recipes_mean_input():
+    config = PromptConfig(depth=3, placement="output")
+    assert PromptConfig.from_dict(config.to_dict()) == config
+    assert PromptConfig.from_dict({"depth": 3, "n_prefix": 8, "key_init": 0.02}).placement == "input"
+    with pytest.raises(ValueError, match="placement must be one of input, output"):
+        PromptConfig(placement="middle")
+
+
+def test_the_lowest_prompted_block_is_what_every_loaded_task_leaves_frozen(model):
+    assert model.first_prompted_block() == 3  # no task: the whole tower is shared
+    model.add_task("top", PromptConfig(depth=1, placement="output"))
+    assert model.first_prompted_block() == 2
+    model.add_task("bottom", PromptConfig(depth=1))
+    assert model.first_prompted_block() == 0
+    model.delete_task("bottom")
+    assert model.first_prompted_block() == 2
+
+
+@torch.no_grad()
+def test_resuming_from_the_shared_blocks_gives_the_whole_pass(model):
+    model.add_task("a", PromptConfig(depth=2, n_prefix=4, placement="output"))
+    model.add_task("b", PromptConfig(depth=1, n_prefix=4, placement="output"))
+    randomize_prompts(model, "a", seed=1)
+    randomize_prompts(model, "b", seed=2)
+    block = model.first_prompted_block()
+    assert model.can_resume() and block == 1
+    frozen, kept = model.encode_image_keeping(IMAGES, block, normalize=True)
+    assert torch.equal(frozen, model.encode_image(IMAGES, normalize=True))  # the same ops: bit for bit
+    tasks, weights = ["a", None, "b", "a", "b"], [1.0, 1.0, 0.5, 0.0, 1.0]
+    resumed = model.encode_image_from(kept, block, tasks, weights, normalize=True)
+    whole = model.encode_image(IMAGES, tasks=tasks, weights=weights, normalize=True)
+    assert torch.allclose(resumed, whole, atol=1e-6)
+    assert torch.equal(resumed[1], frozen[1]) and torch.equal(resumed[3], frozen[3])  # no task, w = 0: frozen bits
+
+
+def test_a_task_prompting_below_the_resume_point_is_refused(model):
+    model.add_task("bottom", PromptConfig(depth=1))
+    _, kept = model.encode_image_keeping(IMAGES, 1)
+    with pytest.raises(ValueError, match="task 'bottom' prompts image blocks below 1"):
+        model.encode_image_from(kept, 1, ["bottom"] * len(IMAGES))
