@@ -152,7 +152,8 @@ class PromptedCLIP(nn.Module):
         """The lowest image block any loaded task prompts (the tower's depth when none does): every block below it
         sees the same frozen activations whatever the task, so a batch can run them once for all its passes."""
         blocks = len(self._blocks["visual"])
-        return min((self.prompted_layers("visual", c).start for c in self._configs.values()), default=blocks)
+        configs = list(self._configs.values())  # a snapshot: the service loads tasks from another thread
+        return min((self.prompted_layers("visual", c).start for c in configs), default=blocks)
 
     def can_resume(self) -> bool:
         """Does the image tower have the open_clip ViT layout that `encode_image_keeping`/`_from` step through?"""
