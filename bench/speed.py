@@ -24,7 +24,7 @@ and one number of torch threads; the engine runs on torch eager like the baselin
    backbone's embedding dimension, float32 as a replica holds them, --classes-per-task class keys, a calibration
    sample) fed to `service.router.Router` with a 1,000-name vocabulary, as the engine builds it: build and calibration
    seconds, µs per image of `route()` at batch 1 and at --batch-size, FAISS index bytes, bytes of the stats' tensors;
-3. **memory per task**: one default-recipe task (`PromptConfig()` prompts, a real fingerprint, --classes-per-task
+3. **memory per task**: one default-recipe task (add-task's prompt shape, a real fingerprint, --classes-per-task
    classes) published to a temporary store: its files' bytes and its prompt parameters; then --load-tasks copies
    loaded into an engine already serving one: resident memory added per task (RSS delta / N, free heap pages given
    back to the OS before and after, so it counts what the tasks keep) and the exact bytes one loaded task holds
@@ -109,9 +109,9 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--store", help="a store of learned tasks, copied first (default: hand-made tasks in a temp store)")
     p.add_argument("--engine-kinds", default="prompts,head", help="engine runs: 'prompts' (the tasks of --store, or hand-made "
                    "prompt tasks), 'head' (head tasks learned here) [prompts,head]")
-    p.add_argument("--prompt-depth", type=_positive(int), help="hand-made prompt tasks: prompted blocks per tower [the recipe's 8]")
-    p.add_argument("--prompt-placement", default="input", choices=("input", "output"),
-                   help="hand-made prompt tasks: the first or the last blocks (output: the blocks below run once) [input]")
+    p.add_argument("--prompt-depth", type=_positive(int), help="hand-made prompt tasks: prompted blocks per tower [add-task's default]")
+    p.add_argument("--prompt-placement", choices=("input", "output"),
+                   help="hand-made prompt tasks: the first or the last blocks (output: the blocks below run once) [add-task's default]")
     p.add_argument("--head-images", type=_positive(int), default=300, help="training images per head task learned here")
     p.add_argument("--data", type=Path, default=SHARED / "data", help="the shared domains (<domain>/test.npz)")
     p.add_argument("--domains", default=",".join(DOMAINS))
@@ -217,10 +217,9 @@ def publish_hand_made(args, maker, store) -> None:
 
 
 def hand_made_config(args):
-    """The prompts of hand-made tasks: the default recipe's, unless --prompt-depth/--prompt-placement say otherwise."""
-    from backbone import PromptConfig
-
-    return PromptConfig(**({"depth": args.prompt_depth} if args.prompt_depth else {}), placement=args.prompt_placement)
+    """The prompts of hand-made tasks: add-task's default shape, unless --prompt-depth/--prompt-placement say otherwise."""
+    shape = {"depth": args.prompt_depth, "placement": args.prompt_placement}
+    return recipe_prompts(**{k: v for k, v in shape.items() if v is not None})
 
 
 def sample_pngs(args) -> list[bytes]:
@@ -476,12 +475,12 @@ def bench_memory(args, settings, artifact, work: Path) -> dict:
     return out
 
 
-def recipe_prompts():
-    """add-task's default prompt shape (depth, prefixes, placement)."""
+def recipe_prompts(**changes):
+    """add-task's default prompt shape (depth, prefixes, placement), with `changes`."""
     from backbone import PromptConfig
     from training.settings import ResidualPromptSettings
 
-    return PromptConfig(**ResidualPromptSettings().prompt_shape())
+    return PromptConfig(**{**ResidualPromptSettings().prompt_shape(), **changes})
 
 
 def bench_memory_at(args, work: Path) -> dict:

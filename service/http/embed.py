@@ -62,10 +62,8 @@ async def embed_texts(req: S.EmbedRequest, task: str | None, engine: Engine, set
         raise ApiError(422, "validation_error", f"text: 1 to {settings.max_labels} non-empty strings of at most {MAX_TEXT_CHARS} characters")
     try:
         feats, version = await in_engine(engine.embed_texts, texts, task, req.weight)
-    except TaskNotLoaded as e:
-        raise ApiError(404, "task_not_found", str(e)) from None
-    except WeightNotSupported as e:
-        raise ApiError(422, "validation_error", str(e)) from None
+    except (TaskNotLoaded, WeightNotSupported) as e:
+        raise_task_error(e)  # the same answers as an image's refusal
     return S.EmbedResponse(
         kind="text", embeddings=feats.tolist(), dim=int(feats.shape[1]), task=req.task, version=version,
         weight=req.weight if req.task else 0.0,
