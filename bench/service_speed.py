@@ -270,6 +270,7 @@ def summarise(results: dict) -> dict:
         "http_over_zero_shot_8_clients": one["images_per_s"] / zero_shot,
         "mean_batch_8_clients": one["mean_batch"],
         "replica_threads": results["replica_threads"],
+        "ingress": results.get("ingress"),
     }
     multi = next((r for r in results["http"] if r["clients"] == 8 and r["images_per_request"] > 1), None)
     if multi is not None:
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the in-process baseline (measured with 1 and with this many; the faster counts)")
     p.add_argument("--replica-threads", type=int, default=None,
                    help="torch threads of the replica (default: the service's default, KEEPCLIP_TORCH_THREADS or 1 on CPU)")
+    p.add_argument("--ingress", choices=["haproxy", "proxy"], default=defaults.ingress,
+                   help="what takes HTTP in front of the replica (the service's setting `ingress`)")
     p.add_argument("--batch-wait-s", type=float, default=None,
                    help="the replica's batch_wait_timeout_s (default: the service's default, continuous batching)")
     p.add_argument("--seconds", type=float, default=15.0, help="duration of each measurement")
@@ -324,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     store = open_store(store_url)
     settings = ServiceSettings(
         model=args.model, pretrained=args.pretrained, device=args.device, store=store_url,
-        max_batch_size=args.batch_size, replica_cpus=1, ui=False, poll_interval_s=0.1,
+        max_batch_size=args.batch_size, replica_cpus=1, ui=False, poll_interval_s=0.1, ingress=args.ingress,
         **({"torch_threads": args.replica_threads} if args.replica_threads else {}),
         **({"batch_wait_timeout_s": args.batch_wait_s} if args.batch_wait_s is not None else {}),
     )
@@ -360,8 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from service.app import build_app
+    from service.ingress import haproxy_on, prepare_local_cluster
     from testkit.net import free_port
 
+    prepare_local_cluster(settings)
+    results["ingress"] = "haproxy" if haproxy_on() else "proxy"
+    print(f"ingress: {results['ingress']}", flush=True)
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()

@@ -34,6 +34,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from .ingress import haproxy_on, prepare_local_cluster
 from .settings import RUNTIME_KNOBS, ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ def build_app(args: ServiceSettings) -> Application:
         "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         "user_config": args.runtime_config(),
     }
-    if args.replica_routing == "primary":
+    if args.replica_routing == "primary" and not haproxy_on():  # under HAProxy: its balance algorithm `first`
         options["request_router_config"] = RequestRouterConfig(request_router_class=PrimaryFirstRouter)
     return KeepclipDeployment.options(**options).bind(args)
 
@@ -174,6 +175,8 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
 
     started_ray = False
     if not ray.is_initialized():
+        if address is None:
+            prepare_local_cluster(settings)
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         started_ray = address is None
     serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -185,7 +188,8 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"keepclip serving on {url}  (API docs {url}/docs, UI {url}/ui)  — Ctrl-C to stop", flush=True)
+        front = "HAProxy" if haproxy_on() else "Serve's proxy"
+        print(f"keepclip serving on {url} through {front}  (API docs {url}/docs, UI {url}/ui)  — Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):
             pass
     finally:

