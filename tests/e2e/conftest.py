@@ -61,8 +61,11 @@ def serve_http(ray_cluster):
     """Serve's HTTP proxy on a free local port, once per session."""
     from ray import serve
 
+    from service.ingress import http_options
+    from service.settings import ServiceSettings
+
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options=http_options(ServiceSettings(), host="127.0.0.1", port=port))
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 

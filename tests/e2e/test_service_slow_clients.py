@@ -42,6 +42,18 @@ def read_response(s: socket.socket, deadline: float) -> tuple[int, dict, bytes]:
         data += chunk
 
 
+def closed_by_server(s: socket.socket, deadline: float) -> bool:
+    """After the response: does the server close the connection (EOF or reset) by `deadline`, rather than wait for
+    the body?"""
+    s.settimeout(max(0.1, deadline - time.monotonic()))
+    try:
+        return s.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
 def timed(fn) -> tuple[httpx.Response, float]:
     start = time.monotonic()
     response = fn()
@@ -67,14 +79,21 @@ def test_stalled_bodies_neither_starve_health_nor_classify_and_time_out_with_408
         deadline = opened + timeout_s + 30
         answers = [read_response(s, deadline) for s in sockets]
         waited = time.monotonic() - opened
+        # the replica closes at once; HAProxy (the default ingress) once the client has been silent for its client
+        # and keep-alive timeouts, body_timeout_s + 5 s after the 408 (service/ingress.py; measured: 25.1 s)
+        closed_by = opened + 2 * timeout_s + 5 + 10
+        closed = [closed_by_server(s, closed_by) for s in sockets]
     finally:
         for s in sockets:
             s.close()
     print(f"{len(answers)} stalled requests answered after {waited:.1f} s (body_timeout_s {timeout_s:g})")
     assert {status for status, _, _ in answers} == {408}
     for _, headers, body in answers:
-        assert headers["content-type"] == "application/json" and headers.get("connection") == "close"
+        # the replica says `Connection: close`; HAProxy (the default ingress) answers the client itself and drops
+        # the hop-by-hop header, but closes the connection all the same
+        assert headers["content-type"] == "application/json" and headers.get("connection", "close") == "close"
         assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert all(closed), f"{closed.count(False)} connections left open after the 408"
     assert waited >= timeout_s  # not before the deadline
     with httpx.Client(base_url=keepclip_service.url, timeout=10) as c:  # and the replica is fine afterwards
         assert c.get("/healthz").status_code == 200

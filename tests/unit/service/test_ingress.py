@@ -13,7 +13,7 @@ from service.settings import ServiceSettings
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in (ingress.ENABLE, ingress.BALANCE):
+    for key in (ingress.ENABLE, ingress.BALANCE, ingress.CLIENT_TIMEOUT):
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -23,6 +23,8 @@ def test_haproxy_is_the_default_and_primary_routing_becomes_balance_first(clean_
     assert ServiceSettings().ingress == "haproxy"
     ingress.prepare_local_cluster(ServiceSettings())
     assert (os.environ[ingress.ENABLE], os.environ[ingress.BALANCE]) == ("1", "first") and ingress.haproxy_on()
+    assert os.environ[ingress.CLIENT_TIMEOUT] == "15"  # body_timeout_s 10 + 5: a stalled sender is closed then
+    assert ingress.http_options(ServiceSettings(), port=9) == {"host": "127.0.0.1", "port": 9, "keep_alive_timeout_s": 15}
 
 
 def test_balanced_routing_is_leastconn_and_proxy_sets_nothing(clean_env):
@@ -44,8 +46,8 @@ def test_an_explicit_environment_wins(clean_env):
     assert os.environ[ingress.ENABLE] == "0" and ingress.BALANCE not in os.environ
     clean_env.setenv(ingress.ENABLE, "1")
     clean_env.setenv(ingress.BALANCE, "roundrobin")
-    ingress.prepare_local_cluster(ServiceSettings())
-    assert os.environ[ingress.BALANCE] == "roundrobin"
+    ingress.prepare_local_cluster(ServiceSettings(body_timeout_s=2.5))
+    assert os.environ[ingress.BALANCE] == "roundrobin" and os.environ[ingress.CLIENT_TIMEOUT] == "8"
 
 
 def test_build_app_leaves_routing_to_haproxy(clean_env, tmp_path):
