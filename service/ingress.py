@@ -7,7 +7,7 @@ port instead and forwards each connection to the ingress replica's own HTTP serv
 
 The choice is cluster-wide and read by Ray's processes when they start, so it is made by whoever starts the cluster:
 `keepclip serve` and the benchmarks set it from `ServiceSettings.ingress` before `ray.init` (`cluster_env`); a
-KubeRay cluster sets it in its containers' environment (k8s/rayservice.yaml). `build_app` then asks `haproxy_on()`:
+KubeRay cluster sets it in its containers' environment (docs/k8s.md, "Ingress"). `build_app` then asks `haproxy_on()`:
 HAProxy ignores Serve's request routers, so `replica_routing` becomes HAProxy's balance algorithm (`first`: every
 connection to the first replica that is up, the others standbys; `leastconn`: spread). HAProxy's client timeout
 (Ray's default: an hour) and the keep-alive timeout (Serve's default: 90 s) become `body_timeout_s` + 5 s

@@ -58,7 +58,7 @@ def wait_healthy(url: str, timeout_s: float = 120) -> None:
 
 @pytest.fixture(scope="session")
 def serve_http(ray_cluster):
-    """Serve's HTTP proxy on a free local port, once per session."""
+    """Serve's HTTP ingress (the service's default: HAProxy) on a free local port, once per session."""
     from ray import serve
 
     from service.ingress import http_options
