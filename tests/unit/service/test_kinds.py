@@ -9,35 +9,15 @@ from PIL import Image
 
 from backbone import DEFAULT_TEMPLATES, TaskStats, fit_task_stats, image_features, text_classifier
 from prompts_store import TaskArtifact
-from service.engine import Engine
 from service.kinds import ServedKind, UnservableTask, register_kind, servable_kinds
-from service.runtime import TorchRuntime
 from testkit.tasks import color_sample, color_task_data, make_color_task
 from training.head_learner import Features, fit_head
 from training.settings import HeadSettings
 
 
-class CountingRuntime(TorchRuntime):
-    """The real torch runtime, counting image-tower passes (frozen and prompted)."""
-
-    def __init__(self, backbone):
-        super().__init__(backbone)
-        self.passes: list[list[str] | None] = []
-
-    def encode_frozen(self, images):
-        self.passes.append(None)
-        return super().encode_frozen(images)
-
-    def encode_image(self, images, tasks=None, weights=None, resume=None):
-        self.passes.append(None if tasks is None else list(tasks))
-        return super().encode_image(images, tasks, weights, resume)
-
-
 @pytest.fixture
-def engine(settings, store):
-    engine = Engine(CountingRuntime(TorchRuntime.load(settings.model, settings.pretrained, "cpu").backbone), store, settings)
-    yield engine
-    engine.close()
+def engine(recording_engine):
+    return recording_engine  # its runtime records the tower passes (conftest.RecordingRuntime)
 
 
 def make_head_task(model, name: str, n: int = 32) -> TaskArtifact:

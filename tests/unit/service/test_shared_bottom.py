@@ -7,31 +7,14 @@ import torch
 from PIL import Image
 
 from backbone import PromptConfig
-from service.engine import Engine
-from service.runtime import TorchRuntime
 from testkit.tasks import color_sample, make_color_task
 
 TOP = PromptConfig(depth=1, n_prefix=4, placement="output")  # the tiny image tower has 3 blocks: prompts in block 2
 
 
-class ResumeRecordingRuntime(TorchRuntime):
-    """The real torch runtime, recording where each prompted pass started."""
-
-    def __init__(self, backbone):
-        super().__init__(backbone)
-        self.resumed_at: list[int | None] = []
-
-    def encode_image(self, images, tasks=None, weights=None, resume=None):
-        if tasks is not None:
-            self.resumed_at.append(None if resume is None else resume.block)
-        return super().encode_image(images, tasks, weights, resume)
-
-
 @pytest.fixture
-def engine(settings, store):
-    engine = Engine(ResumeRecordingRuntime(TorchRuntime.load(settings.model, settings.pretrained, "cpu").backbone), store, settings)
-    yield engine
-    engine.close()
+def engine(recording_engine):
+    return recording_engine  # its runtime records the tower passes (conftest.RecordingRuntime)
 
 
 def batch(engine, *names, seed=11):
