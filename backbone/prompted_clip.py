@@ -161,6 +161,13 @@ class PromptedCLIP(nn.Module):
         return (all(hasattr(visual, name) for name in ("_embeds", "_pool", "proj", "transformer"))
                 and getattr(visual.transformer, "batch_first", False) and not getattr(visual, "output_tokens", False))
 
+    def pools_first_token(self) -> bool:
+        """Is the image feature a function of the last block's first token alone (open_clip's 'tok' pool, no
+        attention pool, plain residual blocks)? Then that block may compute the first token only (`pooled=True`)."""
+        visual = self.clip.visual
+        return (self.can_resume() and getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", None) is None
+                and all(hasattr(layer, "attention") and not hasattr(layer, "ln_1_kv") for layer in self._blocks["visual"][-1:]))
+
     def encode_image_keeping(self, images: torch.Tensor, block: int, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen image features, the same ops as `encode_image` (so the same bits), and the activations entering
         image block `block`, from which `encode_image_from` runs the blocks above it with prompts."""
@@ -173,19 +180,43 @@ class PromptedCLIP(nn.Module):
             x = layer(x)
         return self._image_head(x, normalize), kept
 
+    def encode_image_pooled(self, images: torch.Tensor, block: int, normalize: bool = False
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frozen image features with the last block computed for the pooled token only (`pools_first_token`):
+        the same math as `encode_image`, to rounding (~1e-6), at a fraction of that block's cost. -> (features,
+        the activations entering block `block`, those entering the last block: `finish_frozen` gives the exact
+        features of any of its rows)."""
+        blocks = self._blocks["visual"]
+        x = self.clip.visual._embeds(images)
+        for layer in blocks[:block]:
+            x = layer(x)
+        kept = x
+        for layer in blocks[block:-1]:
+            x = layer(x)
+        return self._image_head(_pooled_block(blocks[-1], x), normalize), kept, x
+
+    def finish_frozen(self, last: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """`encode_image`'s frozen features from the activations entering the last image block: the whole block,
+        the same ops (so the same bits as the frozen pass of the same rows)."""
+        return self._image_head(self._blocks["visual"][-1](last), normalize)
+
     def encode_image_from(self, activations: torch.Tensor, block: int, tasks: TaskSpec, weights=1.0,
-                          normalize: bool = False) -> torch.Tensor:
+                          normalize: bool = False, pooled: bool = False) -> torch.Tensor:
         """`encode_image` from the activations entering image block `block` (`encode_image_keeping`'s); every task
-        named must prompt only blocks at or above it."""
+        named must prompt only blocks at or above it. `pooled`: the last block computes the pooled token only
+        (`pools_first_token`), to rounding of the whole pass, also on rows without prompts."""
         below = [t for t in ([tasks] if isinstance(tasks, str) else tasks or ()) if t is not None
                  and self.prompted_layers("visual", self.config(t)).start < block]
         if below:
             raise ValueError(f"task '{below[0]}' prompts image blocks below {block}: it needs the whole pass")
         groups = self._groups(tasks, weights, activations.shape[0], activations.device)
+        blocks = self._blocks["visual"][block:]
         with self.routing.use("visual", groups):
             x = activations
-            for layer in self._blocks["visual"][block:]:
+            for layer in blocks[:-1] if pooled else blocks:
                 x = layer(x)
+            if pooled:
+                x = _pooled_block(blocks[-1], x)
         return self._image_head(x, normalize)
 
     def _image_head(self, x: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -271,3 +302,11 @@ class PromptedCLIP(nn.Module):
         if torch.is_grad_enabled() and any(v.requires_grad for v in values):
             return False
         return not any(bool(v.any()) for v in values)
+
+
+def _pooled_block(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's ResidualAttentionBlock at the first token only: its query attends over every token; the rest of
+    the block is per token. (B, L, D) -> (B, 1, D)."""
+    y = layer.ln_1(x)
+    h = x[:, :1] + layer.ls_1(layer.attention(q_x=y[:, :1], k_x=y, v_x=y))
+    return h + layer.ls_2(layer.mlp(layer.ln_2(h)))

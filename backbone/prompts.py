@@ -106,16 +106,25 @@ def fused_attention(
     prefix_values: torch.Tensor,
     prefix_mask: torch.Tensor | None,
     weight: torch.Tensor,
+    queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`W_o (softmax(q kᵀ/√h + attn_mask) v + w · softmax(q P_Kᵀ/√h) P_V) + b_o` per head, for batch-first x.
 
     x (B, L, D); attn_mask None or additive float, (L, L) or (B, H, L, L) (see `additive_mask`);
     prefix_keys/prefix_values (B or 1, n, D): each sample's prompts (a leading 1: the same for every sample);
-    prefix_mask (B or 1, n) or None: 1 = real prefix, 0 = padding (see `prefix_attention`); weight (B,) or (1,).
-    -> (B, L, D). The frozen term is open_clip's own math (same in-projection, same SDPA call as
+    prefix_mask (B or 1, n) or None: 1 = real prefix, 0 = padding (see `prefix_attention`); weight (B,) or (1,);
+    queries (B, M, D) or None: the positions whose output is wanted (the pooled token of a tower's last block),
+    attending over all of x; None: every position of x.
+    -> (B, L or M, D). The frozen term is open_clip's own math (same in-projection, same SDPA call as
     nn.MultiheadAttention and open_clip's `Attention`); the prompt term has its own softmax and no attention mask.
     """
-    q, k, v = (_split_heads(t, heads) for t in F.linear(x, in_proj_weight, in_proj_bias).chunk(3, dim=-1))
+    if queries is None:
+        q, k, v = (_split_heads(t, heads) for t in F.linear(x, in_proj_weight, in_proj_bias).chunk(3, dim=-1))
+    else:  # the same rows of the same in-projection, q for the wanted positions only
+        q = _split_heads(_query_projection(queries, in_proj_weight, in_proj_bias), heads)
+        width = x.shape[-1]
+        kv_bias = in_proj_bias[width:] if in_proj_bias is not None else None
+        k, v = (_split_heads(t, heads) for t in F.linear(x, in_proj_weight[width:], kv_bias).chunk(2, dim=-1))
     frozen = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, h)
     prompt = prefix_attention(q, _split_heads(prefix_keys, heads), _split_heads(prefix_values, heads), prefix_mask)
     o = frozen + weight.to(x.dtype).view(-1, 1, 1, 1) * prompt
@@ -138,9 +147,7 @@ def prompt_delta(
     Arguments as `fused_attention`'s (no attention mask: the prompt term has none). For the prompted rows of a batch
     whose other rows keep the frozen module's output: that output is computed anyway, so only q is projected again.
     """
-    width = x.shape[-1]
-    q_bias = in_proj_bias[:width] if in_proj_bias is not None else None
-    q = _split_heads(F.linear(x, in_proj_weight[:width], q_bias), heads)
+    q = _split_heads(_query_projection(x, in_proj_weight, in_proj_bias), heads)
     prompt = prefix_attention(q, _split_heads(prefix_keys, heads), _split_heads(prefix_values, heads), prefix_mask)
     prompt = weight.to(x.dtype).view(-1, 1, 1, 1) * prompt
     return F.linear(prompt.transpose(1, 2).flatten(2), out_proj.weight)
@@ -177,6 +184,11 @@ def additive_mask(mask: torch.Tensor | None, batch: int, heads: int, dtype: torc
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
     mask = mask.to(dtype)
     return mask.view(batch, heads, *mask.shape[-2:]) if mask.dim() == 3 else mask
+
+
+def _query_projection(x: torch.Tensor, in_proj_weight: torch.Tensor, in_proj_bias: torch.Tensor | None) -> torch.Tensor:
+    width = x.shape[-1]
+    return F.linear(x, in_proj_weight[:width], in_proj_bias[:width] if in_proj_bias is not None else None)
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -234,12 +246,15 @@ class PromptedAttention(nn.Module):
         prompts = self.sample_prompts(batch)
         if prompts is None:  # no sample has prompts here: the frozen module, unchanged
             return self.base_layer(x, *args, **kwargs)
-        attn_mask = self._attn_mask(x, batch, args, kwargs)  # also refuses a call the prompted math cannot answer
+        # x is the query; `source` the keys and values: x itself, or the whole sequence when x holds only the
+        # positions whose output is wanted (PromptedCLIP's last image block computes the pooled token alone)
+        attn_mask, source = self._call(x, batch, args, kwargs)  # also refuses a call the prompted math cannot answer
         x_bf = x if self.batch_first else x.transpose(0, 1)  # (B, L, D)
         base, p = self.base_layer, prompts
         if p.rows is None:  # every sample has prompts: one fused pass, the frozen module is not needed
-            out = fused_attention(x_bf, base.in_proj_weight, base.in_proj_bias, base.out_proj, self.num_heads,
-                                  attn_mask, p.keys, p.values, p.mask, p.weight)
+            source_bf = source if self.batch_first else source.transpose(0, 1)
+            out = fused_attention(source_bf, base.in_proj_weight, base.in_proj_bias, base.out_proj, self.num_heads,
+                                  attn_mask, p.keys, p.values, p.mask, p.weight, queries=None if source is x else x_bf)
         else:  # a mixed batch: the frozen module's output (bit for bit on the rows without prompts) plus, on the
             # prompted rows, the prompt term through W_o (cheaper than fusing them: only q is projected again)
             frozen = base(x, *args, **kwargs)
@@ -280,17 +295,20 @@ class PromptedAttention(nn.Module):
             mask = real.to(keys.dtype)[which]  # (p, n)
         return SamplePrompts(None if len(rows) == batch else rows, keys[which], values[which], mask, weight)
 
-    def _attn_mask(self, x: torch.Tensor, batch: int, args, kwargs) -> torch.Tensor | None:
-        """The call's attention mask for `fused_attention`; a call the fused math cannot answer is refused."""
+    def _call(self, x: torch.Tensor, batch: int, args, kwargs) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the call's attention mask for `fused_attention`, the keys' and values' tensor); a call the fused math
+        cannot answer is refused."""
         call = self._signature.bind(x, *args, **kwargs).arguments
-        if self.returns_tuple:  # nn.MultiheadAttention(query, key, value, ...): open_clip calls it as self-attention
-            if call["key"] is not x or call["value"] is not x:
-                raise NotImplementedError("prompted attention is self-attention only (key and value must be the query)")
+        source = x
+        if self.returns_tuple:  # nn.MultiheadAttention(query, key, value, ...): self-attention, or a query subset
+            source = call["key"]
+            if call["value"] is not source:
+                raise NotImplementedError("prompted attention takes one tensor as key and value")
             if call.get("key_padding_mask") is not None or call.get("is_causal", False):
                 raise NotImplementedError("prompted attention takes attn_mask only (no key_padding_mask, is_causal)")
             if call.get("need_weights", True):
                 raise NotImplementedError("prompted attention does not return attention weights (need_weights=False)")
-        return additive_mask(call.get("attn_mask"), batch, self.num_heads, x.dtype)
+        return additive_mask(call.get("attn_mask"), batch, self.num_heads, x.dtype), source
 
 
 def _check_supported(base: nn.Module) -> None:

@@ -422,7 +422,8 @@ class Engine:
         self.metrics.observe_batch(len(jobs))
         with self.lease() as state:
             images = torch.stack([j.image for j in jobs])
-            # (B, D) frozen pass: retrieval embedding + router input; `resume`: the blocks below every task's prompts
+            # (B, D) frozen pass: router input, then retrieval embeddings and frozen answers (made exact below when
+            # it is provisional); `resume`: the blocks below every task's prompts
             frozen, resume = self.runtime.encode_frozen(images)
             classify = [i for i, j in enumerate(jobs) if isinstance(j, ClassifyJob)]
             routes: dict[int, Route] = {}
@@ -445,9 +446,12 @@ class Engine:
                 else:
                     refused = _weight_error(state.tasks[job.task], job.weight) if job.task else None
                     plan.append(refused or (job.task, float(job.weight)))
-            features = frozen.clone()
             prompted = [i for i, p in enumerate(plan) if not isinstance(p, Exception) and p[0] is not None and p[1] > 0
                         and state.tasks[p[0]].slot is not None]  # kinds answered from the frozen pass need no other
+            answered_frozen = sorted(set(range(len(jobs))) - set(prompted))
+            if resume is not None and resume.provisional and answered_frozen:  # exact frozen bits for those rows
+                frozen[answered_frozen] = self.runtime.finish_frozen(resume.rows(answered_frozen))
+            features = frozen.clone()
             if prompted:  # one pass; the wrappers group the samples by task
                 slots = [state.tasks[plan[i][0]].slot for i in prompted]
                 weights = [plan[i][1] for i in prompted]

@@ -24,14 +24,23 @@ from backbone.zeroshot import text_classifier
 
 @dataclass(frozen=True)
 class Resume:
-    """What a frozen pass kept for the prompted pass of the same images: the activations entering image block
-    `block`, below which no loaded task has prompts (so those blocks run once per image)."""
+    """What a frozen pass kept for the other passes of the same images: the activations entering image block
+    `block`, below which no loaded task has prompts (so those blocks run once per image); and, when that pass
+    computed its last block for the pooled token only (`provisional` features, good for routing), the activations
+    entering the last block, from which `Runtime.finish_frozen` gives the exact frozen features of the rows that
+    are answered from them (the images routed to a prompt task never need them)."""
 
     block: int
     activations: torch.Tensor  # (B, tokens, width)
+    last: torch.Tensor | None = None  # (B, tokens, width), or None: the frozen features are exact
+
+    @property
+    def provisional(self) -> bool:
+        return self.last is not None
 
     def rows(self, index: Sequence[int]) -> "Resume":
-        return Resume(self.block, self.activations[list(index)])
+        index = list(index)
+        return Resume(self.block, self.activations[index], None if self.last is None else self.last[index])
 
 
 @runtime_checkable
@@ -48,7 +57,11 @@ class Runtime(Protocol):
 
     def encode_frozen(self, images: torch.Tensor) -> tuple[torch.Tensor, Resume | None]:
         """(B, D) frozen features, and what a prompted pass of (some of) these images may start from (None: the
-        whole pass; `encode_image(..., resume=resume.rows(index))`)."""
+        whole pass; `encode_image(..., resume=resume.rows(index))`). When `resume.provisional`, the features are
+        the frozen ones to rounding only: rows answered from them go through `finish_frozen` first."""
+
+    def finish_frozen(self, resume: Resume) -> torch.Tensor:
+        """(B, D) the exact frozen features of a provisional frozen pass's rows (`resume.rows(index)`)."""
 
     def encode_text(self, texts: Sequence[str], task: str | None = None, weight: float = 1.0) -> torch.Tensor:
         """(N, D) L2-normalised text features of raw strings, with `task`'s prompts scaled by `weight`."""
@@ -97,13 +110,22 @@ class TorchRuntime:
     @torch.no_grad()
     def encode_frozen(self, images):
         """Keeps the activations below the lowest prompted block when some task is placed higher (and the tower
-        has the ViT layout to resume from): the prompted pass then runs only the blocks from there up."""
+        has the ViT layout to resume from): the prompted pass then runs only the blocks from there up. While any
+        prompt task is loaded and the feature is the first token's, the last block runs for that token alone, in
+        this pass and in the prompted one (provisional features: `finish_frozen` makes the exact ones)."""
         images = images.to(self.device, non_blocking=True)
         block = self.model.first_prompted_block()
+        if block < len(self.backbone.image_blocks) and self.model.pools_first_token():
+            feats, kept, last = self.model.encode_image_pooled(images, block, normalize=True)
+            return feats.float().cpu(), Resume(block, kept, last)
         if not 0 < block < len(self.backbone.image_blocks) or not self.model.can_resume():
             return self._residual_pass(images, [None] * len(images), [0.0] * len(images)), None
         feats, kept = self.model.encode_image_keeping(images, block, normalize=True)
         return feats.float().cpu(), Resume(block, kept)
+
+    @torch.no_grad()
+    def finish_frozen(self, resume):
+        return self.model.finish_frozen(resume.last, normalize=True).float().cpu()
 
     @torch.no_grad()
     def encode_image(self, images, tasks=None, weights=None, resume: Resume | None = None):
@@ -134,7 +156,8 @@ class TorchRuntime:
         if all(t is None for t in names):
             feats = self.model.encode_image(images, normalize=True)
         elif resume is not None:
-            feats = self.model.encode_image_from(resume.activations, resume.block, names, weights, normalize=True)
+            feats = self.model.encode_image_from(resume.activations, resume.block, names, weights, normalize=True,
+                                                 pooled=resume.provisional)
         else:
             feats = self.model.encode_image(images, tasks=names, weights=weights, normalize=True)
         return feats.float().cpu()

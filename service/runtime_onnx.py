@@ -179,6 +179,9 @@ class OnnxRuntime:
         """The frozen graph; a prompted pass reruns the whole graph (no resume point)."""
         return self.encode_image(images), None
 
+    def finish_frozen(self, resume):
+        raise ValueError("the ONNX runtime's frozen pass is exact: there is nothing to finish")
+
     def encode_image(self, images, tasks=None, weights=None, resume=None):
         images = images.detach().float().cpu()
         batch = images.shape[0]

@@ -138,6 +138,10 @@ def test_the_pure_function_takes_per_sample_prompts_and_padding_changes_nothing(
         mask = torch.cat([torch.ones(3, 4), torch.zeros(3, 2)], dim=1)
         padded = fused_attention(x, *proj, causal, torch.cat([keys, pad], 1), torch.cat([values, pad], 1), mask, weight)
         assert torch.equal(padded, fused_attention(x, *proj, causal, keys, values, torch.ones(3, 4), weight))
+        # queries for the first position only (a tower's pooled token), attending over every position
+        first = fused_attention(x, *proj, None, keys, values, None, weight, queries=x[:, :1])
+        assert first.shape == (3, 1, 32)
+        torch.testing.assert_close(first, fused_attention(x, *proj, None, keys, values, None, weight)[:, :1], **CLOSE)
 
 
 @pytest.mark.parametrize("mixed", [False, True])

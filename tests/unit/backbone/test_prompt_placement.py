@@ -57,6 +57,24 @@ def test_resuming_from_the_shared_blocks_gives_the_whole_pass(model):
     assert torch.equal(resumed[1], frozen[1]) and torch.equal(resumed[3], frozen[3])  # no task, w = 0: frozen bits
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("depths", [(2, 1), (3, 3)], ids=["shared-bottom", "whole-tower"])
+def test_the_last_block_at_the_pooled_token_alone_gives_the_whole_pass(model, depths):
+    for name, depth, seed in zip("ab", depths, (1, 2)):
+        model.add_task(name, PromptConfig(depth=depth, n_prefix=4, placement="output"))
+        randomize_prompts(model, name, seed=seed)
+    block = model.first_prompted_block()
+    assert model.pools_first_token()
+    provisional, kept, last = model.encode_image_pooled(IMAGES, block, normalize=True)
+    frozen = model.encode_image(IMAGES, normalize=True)
+    assert torch.allclose(provisional, frozen, atol=1e-6)
+    assert torch.equal(model.finish_frozen(last, normalize=True), frozen)  # the whole last block: the same bits
+    for tasks in (["a", None, "b", "a", "b"], ["b"] * 5):  # a mixed batch (frozen module + delta); all fused
+        weights = [1.0, 1.0, 0.5, 0.0, 1.0]
+        pooled = model.encode_image_from(kept, block, tasks, weights, normalize=True, pooled=True)
+        assert torch.allclose(pooled, model.encode_image(IMAGES, tasks=tasks, weights=weights, normalize=True), atol=1e-6)
+
+
 def test_a_task_prompting_below_the_resume_point_is_refused(model):
     model.add_task("bottom", PromptConfig(depth=1))
     _, kept = model.encode_image_keeping(IMAGES, 1)

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from backbone import PromptConfig
+from service.engine import EmbedJob
 from testkit.tasks import color_sample, make_color_task
 
 TOP = PromptConfig(depth=1, n_prefix=4, placement="output")  # the tiny image tower has 3 blocks: prompts in block 2
@@ -32,7 +33,9 @@ def test_prompted_pass_resumes_above_the_shared_blocks_and_answers_like_the_whol
     whole = engine.runtime.encode_image(torch.stack(images), tasks=[slot] * 3, weights=[1.0] * 3)  # no resume point
     assert torch.allclose(torch.stack([e.embedding for e in embedded]), whole, atol=1e-6)
     frozen, resume = engine.runtime.encode_frozen(torch.stack(images))
-    assert torch.equal(frozen, engine.runtime.encode_image(torch.stack(images)))  # the frozen pass, bit for bit
+    exact = engine.runtime.encode_image(torch.stack(images))
+    assert resume.provisional and torch.allclose(frozen, exact, atol=1e-6)  # the last block at the pooled token only
+    assert torch.equal(engine.runtime.finish_frozen(resume), exact)  # finished: the frozen pass, bit for bit
     assert resume.block == 2 and resume.activations.shape[0] == 3
     results = engine.classify(images)  # task-agnostic: routed per image, one prompted pass from block 2
     assert [r.task for r in results] == ["red", "green", "red"] and engine.runtime.resumed_at[-1] == 2
@@ -43,6 +46,23 @@ def test_a_task_prompting_the_first_blocks_turns_the_shared_bottom_off(engine, s
     store.publish(make_color_task(task_maker, "blue", prompt_scale=0.5))  # the reference placement: blocks 0 and 1
     engine.sync()
     _, resume = engine.runtime.encode_frozen(torch.stack(batch(engine, "red")))
-    assert resume is None
+    assert resume.block == 0  # every block reruns; only the last block's pooled token is still computed once
     engine.embed_images(batch(engine, "red", "blue"), task="red")
-    assert engine.runtime.resumed_at == [None]
+    assert engine.runtime.resumed_at == [0]
+
+
+def test_images_answered_from_the_frozen_pass_get_its_whole_last_block(engine, store, task_maker):
+    store.publish(make_color_task(task_maker, "red", config=TOP, prompt_scale=0.5))
+    engine.sync()
+    images = batch(engine, "red", "blue", "red", "green")
+    jobs = [EmbedJob(images[0], task="red"), EmbedJob(images[1]), EmbedJob(images[2], task="red", weight=0.0),
+            EmbedJob(images[3])]
+    out = engine.run_batch(jobs)
+    exact = engine.runtime.encode_image(torch.stack(images))
+    for i in (1, 2, 3):  # no task, or w = 0: frozen CLIP (its last block run for these rows alone: rounding may differ)
+        assert out[i].weight == 0.0 and torch.allclose(out[i].embedding, exact[i], atol=1e-6)
+    assert not torch.allclose(out[0].embedding, exact[0], atol=1e-3)
+    frozen_only = [EmbedJob(image) for image in images]  # no image routed: the frozen pass of the batch, bit for bit
+    assert torch.equal(torch.stack([r.embedding for r in engine.run_batch(frozen_only)]), exact)
+    [alone] = engine.run_batch([EmbedJob(images[1], task="red", weight=0.0)])
+    assert torch.equal(alone.embedding, engine.runtime.encode_image(images[1][None])[0])
