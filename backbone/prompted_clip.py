@@ -130,8 +130,13 @@ class PromptedCLIP(nn.Module):
         tasks: TaskSpec = None,
         weights: float | Sequence[float] | torch.Tensor = 1.0,
         normalize: bool = False,
+        pooled: bool = False,
     ) -> torch.Tensor:
-        """Image features; `tasks` is one name for the batch or one name/None per sample, `weights` a scalar or per sample."""
+        """Image features; `tasks` is one name for the batch or one name/None per sample, `weights` a scalar or per sample.
+        `pooled`: the last block computes the pooled token only where the tower allows (`pools_first_token`): the
+        same math to rounding, and cheaper to run and to backpropagate through (training takes it)."""
+        if pooled and self.pools_first_token():
+            return self.encode_image_from(self.clip.visual._embeds(images), 0, tasks, weights, normalize, pooled=True)
         groups = self._groups(tasks, weights, images.shape[0], images.device)
         with self.routing.use("visual", groups):
             return self.clip.encode_image(images, normalize=normalize)

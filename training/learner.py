@@ -239,7 +239,7 @@ class ResidualPromptLearner:
         for start in range(0, len(shard), self.settings.eval_batch_size):
             chunk = shard[start : start + self.settings.eval_batch_size]
             batch = pipeline.to_batch(images.pixels[chunk], model.backbone.device)
-            features = model.encode_image(batch, tasks=task, normalize=True)
+            features = model.encode_image(batch, tasks=task, normalize=True, pooled=True)
             predicted = (features @ classifier.T).argmax(-1).cpu().numpy()
             correct += int((predicted == images.labels[chunk]).sum())
         counts = comm.all_reduce_sum(torch.tensor([correct, len(shard)], dtype=torch.float64))
@@ -395,7 +395,8 @@ class _Training:
             return 0.0, 0, 0
         device = self.backbone.device
         text = self.learner._text_features(self.model, self.tokens, self.task.name, seed)  # (C, D), prompted
-        features = self.model.encode_image(self.pipeline.to_batch(pixels, device), tasks=self.task.name, normalize=True)
+        features = self.model.encode_image(self.pipeline.to_batch(pixels, device), tasks=self.task.name, normalize=True,
+                                           pooled=True)  # the loss reads the pooled token only
         logits = self.model.logit_scale() * features @ text.T  # (b, C)
         target = self.labels[batch].to(device)
         loss = F.cross_entropy(logits, target)

@@ -80,3 +80,21 @@ def test_a_task_prompting_below_the_resume_point_is_refused(model):
     _, kept = model.encode_image_keeping(IMAGES, 1)
     with pytest.raises(ValueError, match="task 'bottom' prompts image blocks below 1"):
         model.encode_image_from(kept, 1, ["bottom"] * len(IMAGES))
+
+
+def test_training_through_the_pooled_last_block_gets_the_same_gradients(model):
+    model.add_task("a", PromptConfig(depth=2, n_prefix=4, placement="output"))
+    randomize_prompts(model, "a", seed=1)
+    model.set_trainable("a")
+    target = torch.randn(len(IMAGES), model.clip.visual.output_dim, generator=torch.Generator().manual_seed(4))
+
+    def grads(pooled: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        features = model.encode_image(IMAGES, tasks="a", normalize=True, pooled=pooled)
+        (features * target).sum().backward()
+        return [p.grad.clone() for p in model.prompt_parameters("a") if p.grad is not None]
+
+    whole, pooled = grads(False), grads(True)
+    assert len(pooled) == len(whole) == 4  # keys and values of both prompted image blocks
+    for got, want in zip(pooled, whole):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
