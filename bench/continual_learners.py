@@ -255,7 +255,7 @@ class KeepclipLearner(RoutedLearner):
             artifact = self.reuse.get(task.name, backbone=self.backbone.fingerprint.to_dict())
         except StoreError as e:
             raise InputError(f"{where}: {e}") from None
-        expected = json.loads(json.dumps(ResidualPromptLearner(self.settings).recipe(task)))
+        expected = json.loads(json.dumps(ResidualPromptLearner(self.settings.for_tower(len(self.backbone.image_blocks))).recipe(task)))
         differ = sorted(k for k in expected.keys() | artifact.recipe.keys() if expected.get(k) != artifact.recipe.get(k))
         if differ:
             raise InputError(f"{where}: task '{task.name}' was learnt with another recipe or data ({', '.join(differ)} differ)")

@@ -209,17 +209,17 @@ def publish_hand_made(args, maker, store) -> None:
     domains = [d for d in present_domains(args, "train") if (args.data / d / "classnames.json").is_file()]
     if domains:
         log.info("publishing hand-made tasks for %s", ", ".join(domains))
-        publish_domain_tasks(maker, store, args.data, domains, n=300, config=hand_made_config(args))
+        publish_domain_tasks(maker, store, args.data, domains, n=300, config=hand_made_config(args, maker))
         return
     log.info("no domains under %s: publishing hand-made colour tasks %s", args.data, ", ".join(COLOR_TASKS))
     for i, name in enumerate(COLOR_TASKS):
-        store.publish(make_color_task(maker, name, seed=i, config=hand_made_config(args)))
+        store.publish(make_color_task(maker, name, seed=i, config=hand_made_config(args, maker)))
 
 
-def hand_made_config(args):
+def hand_made_config(args, maker):
     """The prompts of hand-made tasks: add-task's default shape, unless --prompt-depth/--prompt-placement say otherwise."""
     shape = {"depth": args.prompt_depth, "placement": args.prompt_placement}
-    return recipe_prompts(**{k: v for k, v in shape.items() if v is not None})
+    return recipe_prompts(maker, **{k: v for k, v in shape.items() if v is not None})
 
 
 def sample_pngs(args) -> list[bytes]:
@@ -409,7 +409,7 @@ def default_task(maker, classes: int):
     n = max(8, 4 * classes)
     images = color_images((128, 128, 128), n, noise=60.0)
     labels = [i % classes for i in range(n)]
-    return make_task(maker, "probe", images, labels, [f"class {i}" for i in range(classes)], config=recipe_prompts(),
+    return make_task(maker, "probe", images, labels, [f"class {i}" for i in range(classes)], config=recipe_prompts(maker),
                      prompt_scale=0.02, metrics={"note": "bench.speed: default recipe, random prompts"})
 
 
@@ -475,12 +475,13 @@ def bench_memory(args, settings, artifact, work: Path) -> dict:
     return out
 
 
-def recipe_prompts(**changes):
-    """add-task's default prompt shape (depth, prefixes, placement), with `changes`."""
+def recipe_prompts(maker, **changes):
+    """add-task's default prompt shape (depth, prefixes, placement) on the maker's backbone, with `changes`."""
     from backbone import PromptConfig
     from training.settings import ResidualPromptSettings
 
-    return PromptConfig(**{**ResidualPromptSettings().prompt_shape(), **changes})
+    default = ResidualPromptSettings().for_tower(len(maker.backbone.image_blocks))
+    return PromptConfig(**{**default.prompt_shape(), **changes})
 
 
 def bench_memory_at(args, work: Path) -> dict:
@@ -510,7 +511,7 @@ def bench_memory_at(args, work: Path) -> dict:
     train, val = split_train_val(labels, 0.25, 0)
     task = TaskData("head", names, list(DEFAULT_TEMPLATES), ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val]))
     store.publish(HeadLearner().fit(task, maker.backbone, RunContext(progress=False)))
-    store.publish(make_task(maker, "prompts", list(images), list(labels), names, config=recipe_prompts(), prompt_scale=0.02))
+    store.publish(make_task(maker, "prompts", list(images), list(labels), names, config=recipe_prompts(maker), prompt_scale=0.02))
     settings = ServiceSettings(model=args.memory_model, pretrained=pretrained, device=args.device, store=store.url, ui=False)
     engine = Engine.from_settings(settings)
     engine.sync()

@@ -39,7 +39,7 @@ def info(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     prompted = PromptedCLIP(backbone)
-    recipe = ResidualPromptSettings()
+    recipe = ResidualPromptSettings().for_tower(len(backbone.image_blocks))
     prompted.add_task("probe", PromptConfig(**recipe.prompt_shape()))
     typer.echo(f"backbone     {backbone.fingerprint.name}")
     typer.echo(f"weights      sha256 {backbone.fingerprint.sha256}")

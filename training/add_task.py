@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
@@ -158,14 +158,19 @@ def _recipe_option(group, settings: type, name: str, metavar: str | None, flag: 
     hint = get_type_hints(settings)[name]
     if get_origin(hint) is Literal:
         typed = {"choices": get_args(hint)}
-    else:  # int, float, or float | None (written 'none')
-        typed = {"type": _optional_float if hint == float | None else hint, "metavar": metavar}
+    else:  # int, float, or int | None, float | None (written 'none')
+        optional = {float | None: _optional(float), int | None: _optional(int)}
+        typed = {"type": optional.get(hint, hint), "metavar": metavar}
     shown = "none" if spec.default is None else spec.default
     group.add_argument(flag or f"--{name.replace('_', '-')}", default=spec.default, help=f"{spec.metadata['help']} [{shown}]", **typed)
 
 
-def _optional_float(text: str) -> float | None:
-    return None if text.strip().lower() in ("none", "") else float(text)
+def _optional(kind: type):
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "") else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message: "invalid int value"
+    return parse
 
 
 def recipe_settings(args: argparse.Namespace) -> RecipeSettings:
@@ -274,6 +279,7 @@ def add_task(args: argparse.Namespace, plan: Plan) -> int:
     train_source = scan(args.data, plan.class_names, plan.names_from)  # layout, labels, class names: nothing decoded yet
     test_source = scan(args.test, reference=train_source, option="--test") if args.test else None
     target = open_target(args, plan.name)
+    plan = replace(plan, recipes=plan.recipes.for_backbone(target.backbone))  # --depth's default is per backbone
     task = load_task(args, plan, target, train_source, test_source)
     learner = make_learner(args.kind, plan.recipes)
     runner = "ray-train" if args.workers else "local"

@@ -133,6 +133,8 @@ class ResidualPromptLearner:
         }
 
     def fit(self, task: TaskData, backbone: Backbone, run: RunContext | None = None) -> TaskArtifact:
+        if self.settings.depth is None:  # the default depth is a share of this backbone's tower
+            return ResidualPromptLearner(self.settings.for_tower(len(backbone.image_blocks))).fit(task, backbone, run)
         training = _Training(self, task, backbone, run or RunContext())
         state = training.checkpoint_to_resume()  # None: a fresh run
         frozen = training.frozen_pass() if state is None else _FrozenPass.restore(state)

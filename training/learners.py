@@ -33,6 +33,10 @@ class RecipeSettings:
     prompts: ResidualPromptSettings = field(default_factory=ResidualPromptSettings)
     head: HeadSettings = field(default_factory=HeadSettings)
 
+    def for_backbone(self, backbone: Backbone) -> "RecipeSettings":
+        """With what depends on the backbone resolved (the prompts' default depth)."""
+        return RecipeSettings(self.prompts.for_tower(len(backbone.image_blocks)), self.head)
+
     def to_dict(self) -> dict[str, Any]:
         return {"prompts": self.prompts.to_dict(), "head": self.head.to_dict()}
 

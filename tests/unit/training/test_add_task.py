@@ -16,7 +16,7 @@ from training.add_task import build_parser
 from training.data import split_train_val
 from training.learner import ResidualPromptLearner, TaskData
 from training.data import ImageSet
-from training.settings import ResidualPromptSettings
+from training.settings import ResidualPromptSettings, default_depth
 
 
 def test_add_task_publishes_an_artifact_that_classifies_its_own_validation_images(paths, add_task):
@@ -30,7 +30,7 @@ def test_add_task_publishes_an_artifact_that_classifies_its_own_validation_image
     assert artifact.kind == "residual-prompts" and artifact.class_names == CLASS_NAMES
     assert artifact.templates == list(DEFAULT_TEMPLATES)  # the default, recorded
     recipe, metrics = artifact.recipe, artifact.metrics
-    assert recipe["prompts"] == PromptConfig(depth=3, n_prefix=8, placement="output").to_dict()
+    assert recipe["prompts"] == PromptConfig(depth=1, n_prefix=8, placement="output").to_dict()  # a third of 3 blocks
     assert recipe["optimizer"] == {"name": "sgd", "lr": 5.0, "lr_reference_logit_scale": 100.0, "momentum": 0.0, "weight_decay": 0.0}
     assert metrics["peak_lr_applied"] == pytest.approx(5.0 * 100 / backbone_logit_scale())
     assert recipe["schedule"]["name"] == "cosine" and recipe["epochs"] == 12 and recipe["batch_size"] == 16
@@ -77,6 +77,7 @@ def test_earlier_tasks_and_the_backbone_are_untouched(paths, add_task):
     task = TaskData("third", CLASS_NAMES, list(DEFAULT_TEMPLATES), ImageSet(pixels, labels))
     artifact = ResidualPromptLearner(ResidualPromptSettings(epochs=1, batch_size=8, val_fraction=0)).fit(task, backbone)
     assert isinstance(artifact, TaskArtifact) and artifact.backbone == backbone.fingerprint.to_dict()
+    assert artifact.recipe["prompts"]["depth"] == 1  # the default: a third of the tiny tower's 3 blocks
     assert PromptedCLIP(backbone).frozen_state_sha256() == frozen_hash
     assert all(not p.requires_grad for p in backbone.model.parameters())
 
@@ -118,7 +119,15 @@ def test_defaults_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("KEEPCLIP_STORE", "/somewhere/store")
     args = build_parser().parse_args(["x", "--data", "d"])
     assert args.model == TINY_MODEL and args.store == "/somewhere/store"
-    assert (args.epochs, args.lr, args.batch_size, args.depth, args.n_prefix, args.prompt_placement) == (10, 5.0, 128, 3, 8, "output")
+    assert (args.epochs, args.lr, args.batch_size, args.depth, args.n_prefix, args.prompt_placement) == (10, 5.0, 128, None, 8, "output")
+    assert build_parser().parse_args(["x", "--data", "d", "--depth", "none"]).depth is None
+
+
+def test_the_default_depth_is_a_third_of_the_image_tower():
+    assert [default_depth(blocks) for blocks in (1, 3, 6, 12, 24, 32)] == [1, 1, 2, 4, 8, 11]
+    assert ResidualPromptSettings().for_tower(12).depth == 4 and ResidualPromptSettings(depth=5).for_tower(12).depth == 5
+    with pytest.raises(ValueError, match="resolve it first"):
+        ResidualPromptSettings().prompt_shape()
 
 
 def backbone_logit_scale() -> float:

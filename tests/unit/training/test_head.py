@@ -164,7 +164,7 @@ def test_prompts_plus_head_is_served_with_its_prompted_pass(paths, add_task):
     data = write(paths.root / "a" / "train.npz", images, labels, CLASS_NAMES)
     assert add_task(head_args("colours", data, paths, "--kind", "prompts+head")).code == 0
     artifact = open_store(paths.store).get("colours")
-    assert artifact.kind == "prompts+head" and "head.weights" in artifact.prompts and "visual.0.key" in artifact.prompts
+    assert artifact.kind == "prompts+head" and "head.weights" in artifact.prompts and "visual.2.key" in artifact.prompts
     assert {"val_accuracy", "prompts", "fusion"} <= set(artifact.metrics)
     runtime = TorchRuntime(tiny_backbone())
     served = load_kind(artifact, runtime, "slot")
