@@ -449,8 +449,10 @@ class Engine:
             prompted = [i for i, p in enumerate(plan) if not isinstance(p, Exception) and p[0] is not None and p[1] > 0
                         and state.tasks[p[0]].slot is not None]  # kinds answered from the frozen pass need no other
             answered_frozen = sorted(set(range(len(jobs))) - set(prompted))
-            if resume is not None and resume.provisional and answered_frozen:  # exact frozen bits for those rows
-                frozen[answered_frozen] = self.runtime.finish_frozen(resume.rows(answered_frozen))
+            if resume is not None and resume.provisional and answered_frozen:
+                # exact frozen bits for those rows: the whole last block over the whole batch, the frozen pass's own
+                # op (over a subset of rows the same math may round differently)
+                frozen[answered_frozen] = self.runtime.finish_frozen(resume)[answered_frozen]
             features = frozen.clone()
             if prompted:  # one pass; the wrappers group the samples by task
                 slots = [state.tasks[plan[i][0]].slot for i in prompted]

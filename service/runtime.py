@@ -61,7 +61,8 @@ class Runtime(Protocol):
         the frozen ones to rounding only: rows answered from them go through `finish_frozen` first."""
 
     def finish_frozen(self, resume: Resume) -> torch.Tensor:
-        """(B, D) the exact frozen features of a provisional frozen pass's rows (`resume.rows(index)`)."""
+        """(B, D) the exact frozen features of a provisional frozen pass (the same bits as `encode_image` of its
+        batch; `resume.rows(index)` gives those of a subset, to rounding)."""
 
     def encode_text(self, texts: Sequence[str], task: str | None = None, weight: float = 1.0) -> torch.Tensor:
         """(N, D) L2-normalised text features of raw strings, with `task`'s prompts scaled by `weight`."""

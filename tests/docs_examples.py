@@ -373,6 +373,7 @@ PYTHON_MODULES = {
     "bench.learn_domains": parse_learn_domains,
     "bench.service_speed": _inline("bench.service_speed"),
     "bench.onnx_speed": _inline("bench.onnx_speed"),
+    "bench.engine_passes": _inline("bench.engine_passes"),
     "bench.leak": _module_parser("bench.leak"),
 }
 

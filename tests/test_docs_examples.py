@@ -137,6 +137,7 @@ def test_parses_with_the_real_parser(command, tmp_path, monkeypatch):
     ("keepclip bench continual --learners nobody", "invalid choice: 'nobody'"),
     ("keepclip serve --prot 1", "No such option: --prot"),
     ("python -m bench.onnx_speed --jsn x", "unrecognized arguments: --jsn x"),
+    ("python -m bench.engine_passes --dpeth 2", "unrecognized arguments: --dpeth 2"),
     ("python -m bench.service_speed --stroe x", "unrecognized arguments: --stroe x"),
     ("python -m bench.learn_domains --knid head", "unrecognized arguments: --knid head"),
     ("python -m bench.leak --vocabluary none", "unrecognized arguments: --vocabluary none"),
