@@ -25,22 +25,19 @@ from backbone.zeroshot import text_classifier
 @dataclass(frozen=True)
 class Resume:
     """What a frozen pass kept for the other passes of the same images: the activations entering image block
-    `block`, below which no loaded task has prompts (so those blocks run once per image); and, when that pass
-    computed its last block for the pooled token only (`provisional` features, good for routing), the activations
-    entering the last block, from which `Runtime.finish_frozen` gives the exact frozen features of the rows that
-    are answered from them (the images routed to a prompt task never need them)."""
+    `block`, below which no loaded task has prompts (so those blocks run once per image). `provisional`: that pass
+    computed its last block for the pooled token only (features good for routing), and so do the passes resumed from
+    it; `last`, the activations entering that block for the whole batch, from which `Runtime.finish_frozen` gives
+    the exact frozen features of the images answered from them."""
 
     block: int
     activations: torch.Tensor  # (B, tokens, width)
-    last: torch.Tensor | None = None  # (B, tokens, width), or None: the frozen features are exact
-
-    @property
-    def provisional(self) -> bool:
-        return self.last is not None
+    provisional: bool = False
+    last: torch.Tensor | None = None  # (B, tokens, width) of a provisional pass; not carried by `rows`
 
     def rows(self, index: Sequence[int]) -> "Resume":
-        index = list(index)
-        return Resume(self.block, self.activations[index], None if self.last is None else self.last[index])
+        """The resume point of some of the images (for their prompted pass)."""
+        return Resume(self.block, self.activations[list(index)], self.provisional)
 
 
 @runtime_checkable
@@ -61,8 +58,7 @@ class Runtime(Protocol):
         the frozen ones to rounding only: rows answered from them go through `finish_frozen` first."""
 
     def finish_frozen(self, resume: Resume) -> torch.Tensor:
-        """(B, D) the exact frozen features of a provisional frozen pass (the same bits as `encode_image` of its
-        batch; `resume.rows(index)` gives those of a subset, to rounding)."""
+        """(B, D) the exact frozen features of a provisional frozen pass's batch (the same bits as `encode_image`)."""
 
     def encode_text(self, texts: Sequence[str], task: str | None = None, weight: float = 1.0) -> torch.Tensor:
         """(N, D) L2-normalised text features of raw strings, with `task`'s prompts scaled by `weight`."""
@@ -118,7 +114,7 @@ class TorchRuntime:
         block = self.model.first_prompted_block()
         if block < len(self.backbone.image_blocks) and self.model.pools_first_token():
             feats, kept, last = self.model.encode_image_pooled(images, block, normalize=True)
-            return feats.float().cpu(), Resume(block, kept, last)
+            return feats.float().cpu(), Resume(block, kept, provisional=True, last=last)
         if not 0 < block < len(self.backbone.image_blocks) or not self.model.can_resume():
             return self._residual_pass(images, [None] * len(images), [0.0] * len(images)), None
         feats, kept = self.model.encode_image_keeping(images, block, normalize=True)
