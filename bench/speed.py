@@ -21,9 +21,10 @@ and one number of torch threads; the engine runs on torch eager like the baselin
    each colour task): images routed to them are answered from the frozen pass, so the engine should run close to
    zero-shot;
 2. **router vs number of tasks**: for each count in --tasks, synthetic fingerprints (random `TaskStats` of the
-   backbone's embedding dimension, float32 as a replica holds them, --classes-per-task class keys, a calibration
-   sample) fed to `service.router.Router` with a 1,000-name vocabulary, as the engine builds it: build and calibration
-   seconds, µs per image of `route()` at batch 1 and at --batch-size, FAISS index bytes, bytes of the stats' tensors;
+   backbone's embedding dimension, as a replica holds them: float16 whitener tiles, --classes-per-task class keys,
+   a calibration sample) fed to `service.router.Router` with a 1,000-name vocabulary, as the engine builds it: build and calibration
+   seconds, µs per image of `route()` at batch 1 and at --batch-size (the median of 5 timing windows; every window's
+   figure is kept in the JSON), FAISS index bytes, bytes of the stats' tensors;
 3. **memory per task**: one default-recipe task (add-task's prompt shape, a real fingerprint, --classes-per-task
    classes) published to a temporary store: its files' bytes and its prompt parameters; then --load-tasks copies
    loaded into an engine already serving one: resident memory added per task (RSS delta / N, free heap pages given
@@ -50,6 +51,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import shlex
 import shutil
 import subprocess
@@ -122,7 +124,7 @@ def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     p.add_argument("--rounds", type=_positive(int), default=2, help="pairs of engine/zero-shot runs (ABBA order)")
     p.add_argument("--tasks", type=_positive(int), nargs="+", default=[10, 100, 1000], help="router task counts")
     p.add_argument("--classes-per-task", type=_positive(int), default=10)
-    p.add_argument("--router-seconds", type=_positive(float), default=1.0, help="duration of each route() timing")
+    p.add_argument("--router-seconds", type=_positive(float), default=1.0, help="seconds per router figure: the median of 5 windows of a fifth each")
     p.add_argument("--load-tasks", type=_positive(int), default=100, help="tasks loaded for the RSS per task")
     p.add_argument("--memory-model", default="ViT-B-16", help="backbone (random init) of the bytes-per-task section: "
                    "ViT-B-16 has the 512-d features the memory target is stated at; 'skip' leaves it out [%(default)s]")
@@ -354,15 +356,22 @@ def queries_for(stats: dict, n: int, seed: int = 0):
     return (means + sigma * torch.randn(means.shape, generator=gen, dtype=torch.float64)).float()
 
 
-def route_us_per_image(router, queries, batch: int, min_s: float) -> float:
+ROUTER_WINDOWS = 5  # timing windows per router figure; the median is reported (a busy neighbour hits one or two)
+
+
+def route_us_per_image(router, queries, batch: int, min_s: float) -> tuple[float, list[float]]:
+    """(median, every window's) µs per image of `router.route` over `ROUTER_WINDOWS` windows of `min_s` / 5 each."""
     batches = list(queries.split(batch))[: max(1, len(queries) // batch)]
     router.route(batches[0])  # warm-up
-    done, start, k = 0, time.perf_counter(), 0
-    while time.perf_counter() - start < min_s:
-        router.route(batches[k % len(batches)])
-        done += batches[k % len(batches)].shape[0]
-        k += 1
-    return 1e6 * (time.perf_counter() - start) / done
+    windows, k = [], 0
+    for _ in range(ROUTER_WINDOWS):
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < min_s / ROUTER_WINDOWS:
+            router.route(batches[k % len(batches)])
+            done += batches[k % len(batches)].shape[0]
+            k += 1
+        windows.append(1e6 * (time.perf_counter() - start) / done)
+    return statistics.median(windows), windows
 
 
 def bench_router(args, dim: int, top_k: int, threshold: float) -> list[dict]:
@@ -390,9 +399,11 @@ def bench_router(args, dim: int, top_k: int, threshold: float) -> list[dict]:
         checked = router.calibrate()  # new tasks only: the checks are memoised on the (shared) fingerprints
         calibrate_s = time.perf_counter() - start
         queries = queries_for(subset, 16 * args.batch_size)
-        per_image = {str(b): route_us_per_image(router, queries, b, args.router_seconds) for b in (1, args.batch_size)}
+        timed = {str(b): route_us_per_image(router, queries, b, args.router_seconds) for b in (1, args.batch_size)}
+        per_image = {b: median for b, (median, _) in timed.items()}
         rows.append({"tasks": n, "router_keys": router.index.ntotal, "build_s": build_s, "calibrate_new_s": calibrate_s,
                      "checked_tasks": checked, "route_us_per_image": per_image,
+                     "route_us_per_image_windows": {b: windows for b, (_, windows) in timed.items()},
                      "faiss_index_bytes": int(faiss.serialize_index(router.index).nbytes),
                      "stats_bytes": sum(s.nbytes for s in subset.values())})
         log.info("router, %d tasks: build %.3f s, calibrate %.1f s, route %s µs/image (batch 1, %d)", n, build_s,

@@ -4,8 +4,10 @@
 once per backbone and cached. Task prompts are graph inputs: `load_task` only pads the task's tensors to the graph's
 fixed `depth` × `n` (with a mask, see `backbone/onnx_export.py`), nothing is re-exported. A prompted image pass
 gathers, per sample, the prompts of its task (zeros and `w = 0` for samples without one), so a mixed batch is one
-call. A task whose depth or prefix count exceeds the graph's, or an image-text prompt task, is served by the torch path
-(logged at load), and so are the samples routed to it; everything else never touches torch.
+call. A task whose depth or prefix count exceeds the graph's, one placed in the last blocks (add-task's default), or an
+image-text prompt task, is served by the torch path (logged at load), and so are the samples routed to it. While a
+residual-prompt task is served there, the image passes go through torch whole (`images_by_torch`: its frozen pass keeps
+the activations that task resumes from); otherwise images never touch torch.
 
 `select_runtime(settings)` is what `Engine.from_settings` calls: `runtime = torch | onnx | auto`. `auto` measures
 both on a probe batch at startup (frozen + prompted pass, interleaved repeats, figures logged) and keeps the faster.
@@ -104,7 +106,8 @@ class OnnxRuntime:
         self.device = torch.device("cuda", backbone.device.index or 0) if used == "CUDAExecutionProvider" else torch.device("cpu")
         self._scale = self.torch.logit_scale()
         self._tasks: dict[str, _TaskPrompts] = {}  # slot -> padded prompts (graph path)
-        self._torch_tasks: set[str] = set()  # slots served by the torch path (too deep / too many prefixes)
+        self._torch_tasks: set[str] = set()  # slots served by the torch path (too deep / too many prefixes / placed higher)
+        self._torch_residual: set[str] = set()  # those with residual prompts: while any is loaded, images go through torch
         log.info("ONNX runtime for %s: %s, %d intra-op threads, graphs %s (prompted depth %d/%d, n %d)",
                  self.fingerprint.name, used, opts.intra_op_num_threads, self.graphs.directory,
                  self.spec.depth_image, self.spec.depth_text, self.spec.n_prefix)
@@ -139,6 +142,7 @@ class OnnxRuntime:
             too_big.append(f"n_prefix {config.n_prefix} > {self.spec.n_prefix}")
         if too_big:
             self._torch_tasks.add(slot)
+            self._torch_residual.add(slot)
             self._tasks.pop(slot, None)
             log.warning("task %s does not fit the ONNX graphs (%s): it is served by torch", slot, ", ".join(too_big))
             return
@@ -152,12 +156,14 @@ class OnnxRuntime:
                 values[tower][layer, : config.n_prefix] = prompts[f"{tower}.{layer}.value"].detach().float().cpu().numpy()
                 mask[tower][layer, : config.n_prefix] = 1.0
         self._torch_tasks.discard(slot)
+        self._torch_residual.discard(slot)
         self._tasks[slot] = _TaskPrompts(keys, values, mask)
 
     def delete_task(self, slot: str) -> None:
         self.torch.delete_task(slot)  # UnknownTask if it was never loaded
         self._tasks.pop(slot, None)
         self._torch_tasks.discard(slot)
+        self._torch_residual.discard(slot)
 
     def served_by_torch(self, slot: str) -> bool:
         return slot in self._torch_tasks
@@ -175,14 +181,27 @@ class OnnxRuntime:
     def _run(self, graph: str, **inputs: np.ndarray) -> np.ndarray:
         return self.sessions[graph].run(None, inputs)[0]
 
+    def images_by_torch(self) -> bool:
+        """While a residual-prompt task the graphs cannot take is loaded (e.g. add-task's default, placed in the last
+        blocks), images go through torch whole: its frozen pass keeps the activations that task's prompted pass
+        resumes from and runs the last block for the pooled token only, where the graphs' frozen pass would be
+        thrown away for that task's images and the whole tower run again. Frozen answers then come from that same
+        torch pass, so w = 0 is still bit for bit the frozen pass."""
+        return bool(self._torch_residual)
+
     def encode_frozen(self, images):
-        """The frozen graph; a prompted pass reruns the whole graph (no resume point)."""
+        """The frozen graph (a prompted pass reruns the whole graph: no resume point), or torch's frozen pass."""
+        if self.images_by_torch():
+            return self.torch.encode_frozen(images)
         return self.encode_image(images), None
 
     def finish_frozen(self, resume):
-        raise ValueError("the ONNX runtime's frozen pass is exact: there is nothing to finish")
+        """Only torch's frozen pass is provisional (the graphs' is exact)."""
+        return self.torch.finish_frozen(resume)
 
     def encode_image(self, images, tasks=None, weights=None, resume=None):
+        if resume is not None or self.images_by_torch():  # a resume point only ever comes from torch's frozen pass
+            return self.torch.encode_image(images, tasks, weights, resume)
         images = images.detach().float().cpu()
         batch = images.shape[0]
         names = [None] * batch if tasks is None else list(tasks)
@@ -196,14 +215,18 @@ class OnnxRuntime:
         for i in active:
             if names[i] not in self._torch_tasks:
                 self._task(names[i])
-        by_torch = [i for i in active if names[i] in self._torch_tasks]
-        by_graph = [i for i in active if names[i] not in self._torch_tasks]
-        x = images.numpy()
-        if not by_graph:
-            out = self._run("image_frozen", images=x)
-        else:
-            out = self._run("image_prompted", images=x, **self._image_prompts(names, w, by_graph, batch))
-        out = torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+        by_torch = [i for i in active if names[i] in self._torch_tasks]  # image-text prompt tasks
+        rows = [i for i in range(batch) if i not in set(by_torch)]  # the graph's
+        out = torch.empty(batch, self.embed_dim)
+        if rows:
+            prompted = [j for j, i in enumerate(rows) if i in active]
+            x = (images if len(rows) == batch else images[rows]).numpy()
+            if not prompted:
+                feats = self._run("image_frozen", images=x)
+            else:
+                feats = self._run("image_prompted", images=x,
+                                  **self._image_prompts([names[i] for i in rows], [w[i] for i in rows], prompted, len(rows)))
+            out[rows] = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
         if by_torch:
             out[by_torch] = self.torch.encode_image(
                 images[by_torch], tasks=[names[i] for i in by_torch], weights=[w[i] for i in by_torch]

@@ -52,6 +52,8 @@ def test_router_rows_per_task_count(run):
         assert r["router_keys"] == r["tasks"] and r["build_s"] > 0  # one FAISS key per task
         assert r["checked_tasks"] == r["tasks"]  # every task's zero-shot check is part of the measured routing
         assert set(r["route_us_per_image"]) == {"1", str(BATCH)} and min(r["route_us_per_image"].values()) > 0
+        for batch, windows in r["route_us_per_image_windows"].items():  # the figure is the median of its windows
+            assert len(windows) == 5 and r["route_us_per_image"][batch] == sorted(windows)[2]
         assert r["faiss_index_bytes"] >= r["router_keys"] * dim * 4  # float32 keys
         # float32 mean, a whitener in float16 tiles (at most the square's d² halves), class keys, a float16 calibration sample
         assert r["stats_bytes"] <= r["tasks"] * (dim * 4 + dim * dim * 2 + CLASSES * dim * 4 + 256 * (dim * 2 + 4))

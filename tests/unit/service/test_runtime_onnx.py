@@ -94,24 +94,36 @@ def test_a_task_placed_in_the_last_blocks_is_served_by_torch(runtimes, task_make
     with caplog.at_level("WARNING", logger="service.runtime_onnx"):
         load_both(runtimes, "green#9", top)
     assert "task green#9 does not fit the ONNX graphs (placement output): it is served by torch" in caplog.text
+    images = color_batch(onnx, "green", "red")
+    tasks, weights = ["green#9", None], [1.0, 0.0]
     try:
-        images = color_batch(onnx, "green", "red")
+        # while it is loaded, images go through torch whole: the frozen pass keeps the block its prompted pass
+        # resumes from (the graphs' frozen pass would be done twice for its images)
+        assert onnx.images_by_torch()
         frozen, resume = onnx.encode_frozen(images)
-        assert resume is None and (frozen - ref.encode_image(images)).abs().max() <= PARITY
-        tasks, weights = ["green#9", None], [1.0, 0.0]
+        assert resume is not None and resume.block == len(onnx.backbone.image_blocks) - 1
+        exact = onnx.finish_frozen(resume)
+        assert torch.equal(exact, onnx.encode_image(images))  # the frozen answer: bit for bit the frozen pass
+        assert (exact - ref.encode_image(images)).abs().max() <= PARITY and (frozen - exact).abs().max() <= PARITY
+        resumed = onnx.encode_image(images[:1], tasks[:1], weights[:1], resume=resume.rows([0]))
+        assert (resumed - ref.encode_image(images[:1], tasks[:1], weights[:1])).abs().max() <= PARITY
         assert (onnx.encode_image(images, tasks, weights) - ref.encode_image(images, tasks, weights)).abs().max() <= PARITY
     finally:
         for rt in runtimes:
             rt.delete_task("green#9")
+    frozen, resume = onnx.encode_frozen(images)  # gone: the graphs again, exact and without a resume point
+    assert not onnx.images_by_torch() and resume is None and (frozen - ref.encode_image(images)).abs().max() <= PARITY
 
 
 def summary(results):
     return [(r.task, r.version, [s.label for s in r.scores]) for r in results]
 
 
-def test_engine_with_runtime_onnx_classifies_like_runtime_torch(settings, store, task_maker, onnx_cache):
+@pytest.mark.parametrize("placement", ["input", "output"])  # output: the graphs cannot take it, torch serves the images
+def test_engine_with_runtime_onnx_classifies_like_runtime_torch(settings, store, task_maker, onnx_cache, placement):
+    config = PromptConfig(depth=2, n_prefix=4, placement=placement)
     for i, name in enumerate(("red", "green", "blue")):
-        store.publish(make_color_task(task_maker, name, seed=i, prompt_scale=0.2))
+        store.publish(make_color_task(task_maker, name, seed=i, prompt_scale=0.2, config=config))
     engines = {
         rt: Engine.from_settings(settings.model_copy(update={"runtime": rt, "onnx_cache_dir": onnx_cache}))
         for rt in ("onnx", "torch")
@@ -121,6 +133,8 @@ def test_engine_with_runtime_onnx_classifies_like_runtime_torch(settings, store,
         results = {}
         for rt, engine in engines.items():
             assert engine.sync() and set(engine.state.tasks) == {"red", "green", "blue"}
+        assert engines["onnx"].runtime.images_by_torch() == (placement == "output")
+        for rt, engine in engines.items():
             pil = [Image.fromarray(color_sample(n, 1, seed=31 + i)[0]) for i, n in enumerate(["red", "blue", "yellow", "green", "red"])]
             images = [engine.preprocess(p) for p in pil]
             results[rt] = (engine.classify(images), engine.classify(images[:2], labels=["red", "blue", "cat"]))
