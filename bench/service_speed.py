@@ -24,7 +24,8 @@ benchmarks to pick up.
 
 A local store is copied to a temporary directory first, so the probe publishes never touch it. Test images are the
 domains' test splits (`--data`, ../shared/data by default). `--fill-hand-made` first publishes hand-made tasks
-(real fingerprints, random prompts) for the domains into an empty store — only to check that this script runs.
+(real fingerprints, random prompts of add-task's default shape) for the domains into an empty store: a dry run of the
+script, or the speed of prompt tasks (the learned ones' accuracy does not matter to it).
 """
 from __future__ import annotations
 
@@ -333,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.fill_hand_made and not store.list():
         from backbone import PromptedCLIP, load_backbone
-        from testkit.tasks import publish_domain_tasks
+        from testkit.tasks import default_prompt_config, publish_domain_tasks
 
         maker = PromptedCLIP(load_backbone(settings.model, settings.pretrained, "cpu"))
-        publish_domain_tasks(maker, store, args.data, domains, n=300)
+        publish_domain_tasks(maker, store, args.data, domains, n=300, config=default_prompt_config(maker))
         del maker
     tasks = store.list()
     if not tasks:

@@ -220,8 +220,10 @@ def publish_hand_made(args, maker, store) -> None:
 
 def hand_made_config(args, maker):
     """The prompts of hand-made tasks: add-task's default shape, unless --prompt-depth/--prompt-placement say otherwise."""
+    from testkit.tasks import default_prompt_config
+
     shape = {"depth": args.prompt_depth, "placement": args.prompt_placement}
-    return recipe_prompts(maker, **{k: v for k, v in shape.items() if v is not None})
+    return default_prompt_config(maker, **{k: v for k, v in shape.items() if v is not None})
 
 
 def sample_pngs(args) -> list[bytes]:
@@ -415,12 +417,12 @@ def bench_router(args, dim: int, top_k: int, threshold: float) -> list[dict]:
 def default_task(maker, classes: int):
     """A default-recipe task: the recipe's prompt shape (random prompts), a real fingerprint of noisy images, `classes`
     classes."""
-    from testkit.tasks import color_images, make_task
+    from testkit.tasks import color_images, default_prompt_config, make_task
 
     n = max(8, 4 * classes)
     images = color_images((128, 128, 128), n, noise=60.0)
     labels = [i % classes for i in range(n)]
-    return make_task(maker, "probe", images, labels, [f"class {i}" for i in range(classes)], config=recipe_prompts(maker),
+    return make_task(maker, "probe", images, labels, [f"class {i}" for i in range(classes)], config=default_prompt_config(maker),
                      prompt_scale=0.02, metrics={"note": "bench.speed: default recipe, random prompts"})
 
 
@@ -486,15 +488,6 @@ def bench_memory(args, settings, artifact, work: Path) -> dict:
     return out
 
 
-def recipe_prompts(maker, **changes):
-    """add-task's default prompt shape (depth, prefixes, placement) on the maker's backbone, with `changes`."""
-    from backbone import PromptConfig
-    from training.settings import ResidualPromptSettings
-
-    default = ResidualPromptSettings().for_tower(len(maker.backbone.image_blocks))
-    return PromptConfig(**{**default.prompt_shape(), **changes})
-
-
 def bench_memory_at(args, work: Path) -> dict:
     """Exact bytes per loaded task of each kind on a --memory-model backbone (ViT-B-16: 512-d features, the width the
     issue's memory target is stated at): a head task (the default kind) and a default-recipe prompt task, each of
@@ -503,7 +496,7 @@ def bench_memory_at(args, work: Path) -> dict:
     from prompts_store import open_store
     from service.engine import Engine
     from service.settings import ServiceSettings
-    from testkit.tasks import color_task_data, make_task
+    from testkit.tasks import color_task_data, default_prompt_config, make_task
     from training.data import ImageSet, split_train_val
     from training.head_learner import HeadLearner
     from training.learner import RunContext, TaskData
@@ -522,7 +515,7 @@ def bench_memory_at(args, work: Path) -> dict:
     train, val = split_train_val(labels, 0.25, 0)
     task = TaskData("head", names, list(DEFAULT_TEMPLATES), ImageSet(pixels[train], labels[train]), ImageSet(pixels[val], labels[val]))
     store.publish(HeadLearner().fit(task, maker.backbone, RunContext(progress=False)))
-    store.publish(make_task(maker, "prompts", list(images), list(labels), names, config=recipe_prompts(maker), prompt_scale=0.02))
+    store.publish(make_task(maker, "prompts", list(images), list(labels), names, config=default_prompt_config(maker), prompt_scale=0.02))
     settings = ServiceSettings(model=args.memory_model, pretrained=pretrained, device=args.device, store=store.url, ui=False)
     engine = Engine.from_settings(settings)
     engine.sync()

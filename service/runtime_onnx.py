@@ -144,7 +144,9 @@ class OnnxRuntime:
             self._torch_tasks.add(slot)
             self._torch_residual.add(slot)
             self._tasks.pop(slot, None)
-            log.warning("task %s does not fit the ONNX graphs (%s): it is served by torch", slot, ", ".join(too_big))
+            # placed in the last blocks is add-task's default, not a task too large for the graphs: no warning
+            level = logging.INFO if too_big == [f"placement {config.placement}"] else logging.WARNING
+            log.log(level, "task %s does not fit the ONNX graphs (%s): it is served by torch", slot, ", ".join(too_big))
             return
         keys, values, mask = {}, {}, {}
         for tower in TOWERS:
@@ -210,16 +212,17 @@ class OnnxRuntime:
         w = [1.0] * batch if weights is None else [float(x) for x in weights]
         if len(w) != batch:
             raise ValueError(f"got {len(w)} weights for a batch of {batch}")
-        # samples with no task or w = 0: frozen; tasks too large for the graphs: torch; the rest: prompted graph
+        # samples with no task or w = 0: frozen; image-text prompt tasks: torch (here, residual prompts the graphs
+        # cannot take have sent the whole call to torch above); the rest: prompted graph
         active = [i for i in range(batch) if names[i] is not None and w[i] != 0]
         for i in active:
             if names[i] not in self._torch_tasks:
                 self._task(names[i])
-        by_torch = [i for i in active if names[i] in self._torch_tasks]  # image-text prompt tasks
-        rows = [i for i in range(batch) if i not in set(by_torch)]  # the graph's
+        by_torch = [i for i in active if names[i] in self._torch_tasks]
+        rows = sorted(set(range(batch)) - set(by_torch))  # the graph's: torch's rows are not run twice
         out = torch.empty(batch, self.embed_dim)
         if rows:
-            prompted = [j for j, i in enumerate(rows) if i in active]
+            prompted = [j for j, i in enumerate(rows) if names[i] is not None and w[i] != 0]
             x = (images if len(rows) == batch else images[rows]).numpy()
             if not prompted:
                 feats = self._run("image_frozen", images=x)

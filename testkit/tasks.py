@@ -137,6 +137,14 @@ def make_image_text_task(model: PromptedCLIP, name: str, n: int = 32, epochs: in
     return ImageTextPromptLearner(settings).fit(task, model.backbone, RunContext(progress=False))
 
 
+def default_prompt_config(model: PromptedCLIP, **changes) -> PromptConfig:
+    """add-task's default prompt shape (depth, prefixes, placement) on the model's backbone, with `changes`."""
+    from training.settings import ResidualPromptSettings
+
+    default = ResidualPromptSettings().for_tower(len(model.backbone.image_blocks))
+    return PromptConfig(**{**default.prompt_shape(), **changes})
+
+
 def publish_domain_tasks(
     model: PromptedCLIP,
     store,
