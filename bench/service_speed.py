@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads of the replica (default: the service's default, KEEPCLIP_TORCH_THREADS or 1 on CPU)")
     p.add_argument("--ingress", choices=["haproxy", "proxy"], default=defaults.ingress,
                    help="what takes HTTP in front of the replica (the service's setting `ingress`)")
+    p.add_argument("--engine-batches", type=int, default=None,
+                   help="batches the replica runs at once (default: the service's default, 1)")
     p.add_argument("--batch-wait-s", type=float, default=None,
                    help="the replica's batch_wait_timeout_s (default: the service's default, continuous batching)")
     p.add_argument("--seconds", type=float, default=15.0, help="duration of each measurement")
@@ -331,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.batch_size, replica_cpus=1, ui=False, poll_interval_s=0.1, ingress=args.ingress,
         **({"torch_threads": args.replica_threads} if args.replica_threads else {}),
         **({"batch_wait_timeout_s": args.batch_wait_s} if args.batch_wait_s is not None else {}),
+        **({"engine_batches": args.engine_batches} if args.engine_batches else {}),
     )
     if args.fill_hand_made and not store.list():
         from backbone import PromptedCLIP, load_backbone
@@ -351,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch_size}, {args.threads} torch threads in-process, {replica_threads or 'default'} in the replica", flush=True)
 
     results: dict = {"tasks": [t.name for t in tasks], "classes": len(class_names), "batch_size": args.batch_size,
-                     "threads": args.threads, "replica_threads": replica_threads, "batch_wait_s": settings.batch_wait_timeout_s,
+                     "threads": args.threads, "replica_threads": replica_threads, "batch_wait_s": settings.batch_wait_timeout_s, "engine_batches": settings.engine_batches,
                      "images": len(pngs), "model": args.model}
     thread_counts = sorted({1, args.threads})
     first = baselines(settings, pngs, args.batch_size, class_names, args.seconds, thread_counts)

@@ -57,8 +57,9 @@ class KeepclipDeployment:
         self.settings = settings
         self.metrics = ServiceMetrics()
         self.engine = Engine.from_settings(settings, metrics=self.metrics).start()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keepclip-engine")
-        self.batcher = MicroBatcher(self.engine.run_batch, self.executor, settings.max_batch_size, settings.batch_wait_timeout_s)
+        self.executor = ThreadPoolExecutor(max_workers=settings.engine_batches, thread_name_prefix="keepclip-engine")
+        self.batcher = MicroBatcher(self.engine.run_batch, self.executor, settings.max_batch_size,
+                                    settings.batch_wait_timeout_s, settings.engine_batches)
         log.info("keepclip replica up: %s, store %s, %d tasks, %d torch threads", self.engine.fingerprint["name"],
                  settings.store, len(self.engine.state.tasks), torch.get_num_threads())
 

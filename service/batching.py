@@ -3,7 +3,8 @@
 results.
 
 Continuous batching: the batch runs as soon as the engine is free, with every job queued by then (up to
-`max_batch_size`). A request that finds the engine idle runs at once, alone; requests that arrive while a batch runs
+`max_batch_size`); with `concurrency` > 1 (the setting `engine_batches`) that many batches run at once, each on its
+own executor thread. A request that finds the engine idle runs at once, alone; requests that arrive while a batch runs
 form the next one. (Serve's `@serve.batch` cuts the next batch `batch_wait_timeout_s` after its first request even
 while the engine is still busy, then queues it on a semaphore: under load the queue is cut into batches of one or two.)
 """
@@ -24,11 +25,14 @@ class MicroBatcher:
     out can join it. A job that finds the engine idle never waits.
     """
 
-    def __init__(self, run: Callable[[Sequence[Any]], list[Any]], executor: Executor, max_batch_size: int = 16, wait_s: float = 0.0):
+    def __init__(self, run: Callable[[Sequence[Any]], list[Any]], executor: Executor, max_batch_size: int = 16,
+                 wait_s: float = 0.0, concurrency: int = 1):
         self.run = run
-        self.executor = executor
+        self.executor = executor  # needs `concurrency` workers
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
+        self.concurrency = concurrency  # batches running at once (each on its own executor thread)
+        self._running: set[asyncio.Task] = set()
         self._pending: deque[tuple[Any, asyncio.Future]] = deque()
         self._wake: asyncio.Event | None = None  # set whenever jobs are queued
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -68,17 +72,22 @@ class MicroBatcher:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
-        busy = False  # did jobs queue up while the last batch ran?
+        free = asyncio.Semaphore(self.concurrency)  # engine threads without a batch
         while True:
             if not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
-            elif busy and self.wait_s > 0:
+            busy = free.locked()  # every engine thread is running a batch: these jobs queued meanwhile
+            await free.acquire()
+            if busy and self.wait_s > 0:
                 await self._top_up(loop)
             batch = self._take()
-            if batch:
-                await self._run(loop, batch)
-            busy = bool(self._pending)
+            if not batch:
+                free.release()
+                continue
+            running = loop.create_task(self._run(loop, batch))
+            self._running.add(running)
+            running.add_done_callback(lambda task: (self._running.discard(task), free.release()))
 
     async def _top_up(self, loop: asyncio.AbstractEventLoop) -> None:
         deadline = loop.time() + self.wait_s

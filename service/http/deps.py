@@ -15,7 +15,7 @@ from ..settings import ServiceSettings
 
 
 class InEngine:
-    """Runs a call on the engine's executor (the thread that runs its batches), off the event loop."""
+    """Runs a call on the engine's executor (the threads that run its batches), off the event loop."""
 
     def __init__(self, executor: ThreadPoolExecutor):
         self.executor = executor

@@ -180,6 +180,79 @@ def test_a_lone_job_runs_at_once_and_the_queue_forms_the_next_batch():
     assert batches == [[2], [3, 4, 5], [6]]
 
 
+def test_with_engine_batches_two_batches_run_at_once_and_no_more():
+    """concurrency 2 (the setting `engine_batches`): a second batch starts while the first runs; a third job waits
+    for one of them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    both = threading.Barrier(2, timeout=GUARD_S)  # broken (an error) unless two batches run at the same time
+    batches = []
+
+    def run(jobs):
+        batches.append(list(jobs))
+        if len(batches) <= 2:
+            both.wait()
+        return [job * 10 for job in jobs]
+
+    async def scenario(batcher):
+        first = asyncio.ensure_future(batcher.submit(1))
+        await until(lambda: len(batches) == 1)
+        second = asyncio.ensure_future(batcher.submit(2))
+        return await first, await second, await batcher.submit(3)
+
+    with ThreadPoolExecutor(2) as pool:
+        assert asyncio.run(scenario(MicroBatcher(run, pool, concurrency=2))) == (10, 20, 30)
+    assert batches == [[1], [2], [3]]
+
+    one = threading.Barrier(2, timeout=0.5)  # with concurrency 1 the second batch cannot start: the first times out
+    batches.clear()
+
+    def run_alone(jobs):
+        batches.append(list(jobs))
+        if len(batches) == 1:
+            with pytest.raises(threading.BrokenBarrierError):
+                one.wait()
+        return [job * 10 for job in jobs]
+
+    async def alone(batcher):
+        first = asyncio.ensure_future(batcher.submit(1))
+        await until(lambda: len(batches) == 1)
+        return await first, await batcher.submit(2)
+
+    with ThreadPoolExecutor(2) as pool:
+        assert asyncio.run(alone(MicroBatcher(run_alone, pool))) == (10, 20)
+    assert batches == [[1], [2]]
+
+
+def test_concurrent_engine_batches_answer_like_one_at_a_time(settings, store, task_maker):
+    """Two engine threads at once (prompt tasks in the last blocks: shared bottom, pooled last block) give the bits
+    one thread gives: per-call routing state is per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from backbone import PromptConfig
+    from testkit.tasks import color_sample, make_color_task
+    from PIL import Image
+
+    config = PromptConfig(depth=1, n_prefix=4, placement="output")
+    for i, name in enumerate(("red", "green")):
+        store.publish(make_color_task(task_maker, name, seed=i, prompt_scale=0.5, config=config))
+    engine = Engine.from_settings(settings).start()
+    try:
+        batches = [[engine.preprocess(Image.fromarray(color_sample(n, 1, seed=17 * b + i)[0]))
+                    for i, n in enumerate(["red", "green", "blue", "red"][b % 4:] + ["green"] * (b % 4))] for b in range(6)]
+
+        def answers(images):
+            return [(r.task, r.gate, [(s.label, s.score) for s in r.scores]) for r in engine.classify(images)]
+
+        alone = [answers(images) for images in batches]
+        with ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(answers, batches * 3))
+    finally:
+        engine.close()
+    assert {task for batch in alone for task, _, _ in batch} == {"red", "green", None}
+    assert together == alone * 3
+
+
 def test_a_batch_failure_reaches_every_caller():
     from concurrent.futures import ThreadPoolExecutor
 
