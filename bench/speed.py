@@ -51,9 +51,9 @@ import logging
 import math
 import os
 import platform
-import statistics
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
