@@ -89,7 +89,7 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     )
     engine_batches: int = Field(
         1, ge=1, le=16, description="batches one replica runs at once, each on its own engine thread with torch_threads "
-        "threads (on 2 cores over HTTP, 2 ran prompt tasks 1.3-1.5x faster and head tasks 0.7x as fast)",
+        "threads (on 2 cores over HTTP, 2 ran prompt tasks 1.3-1.5x faster and head tasks 0.7-0.9x as fast)",
     )
     max_ongoing_requests: int = Field(
         256, ge=1, description="requests one replica holds at once, those still receiving their body included "
