@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ingress", choices=["haproxy", "proxy"], default=defaults.ingress,
                    help="what takes HTTP in front of the replica (the service's setting `ingress`)")
     p.add_argument("--engine-batches", type=int, default=None,
-                   help="batches the replica runs at once (default: the service's default, 1)")
+                   help="batches the replica runs at once (default: the service's auto: 2 on CPU while images run in torch eager, else 1)")
     p.add_argument("--batch-wait-s", type=float, default=None,
                    help="the replica's batch_wait_timeout_s (default: the service's default, continuous batching)")
     p.add_argument("--seconds", type=float, default=15.0, help="duration of each measurement")

@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .batching import MicroBatcher
+from .batching import AUTO_ENGINE_BATCHES, MicroBatcher, engine_batches
 from .docs_assets import mount_offline_docs
 from .engine import Engine
 from .http import ROUTERS
@@ -42,8 +42,8 @@ def create_app(
     metrics: ServiceMetrics | None = None,
 ) -> FastAPI:
     """The FastAPI app. Without `engine`, one is built from `settings` and started (and closed on shutdown);
-    without `batcher`, one is made that feeds `engine.run_batch` on `executor` (by default a pool of `engine_batches`
-    threads)."""
+    without `batcher`, one is made that feeds `engine.run_batch` on `executor` (by default a pool of as many threads
+    as `engine_batches` may run batches)."""
     settings = settings or ServiceSettings()
     metrics = metrics or (engine.metrics if engine is not None and isinstance(engine.metrics, ServiceMetrics) else ServiceMetrics())
     on_shutdown = []
@@ -51,11 +51,11 @@ def create_app(
         engine = Engine.from_settings(settings, metrics=metrics).start()
         on_shutdown.append(engine.close)
     if executor is None:
-        executor = ThreadPoolExecutor(max_workers=settings.engine_batches, thread_name_prefix="keepclip-engine")
+        executor = ThreadPoolExecutor(max_workers=settings.engine_batches or AUTO_ENGINE_BATCHES, thread_name_prefix="keepclip-engine")
         on_shutdown.append(lambda: executor.shutdown(wait=False))
     if batcher is None:
         batcher = MicroBatcher(engine.run_batch, executor, settings.max_batch_size, settings.batch_wait_timeout_s,
-                               settings.engine_batches)
+                               engine_batches(settings.engine_batches, engine.runtime))
 
     app = FastAPI(
         title="keepclip",

@@ -46,7 +46,7 @@ class KeepclipDeployment:
     def __init__(self, settings: ServiceSettings):
         import torch
 
-        from .batching import MicroBatcher
+        from .batching import AUTO_ENGINE_BATCHES, MicroBatcher, engine_batches
         from .engine import Engine
         from .metrics import ServiceMetrics
 
@@ -57,9 +57,10 @@ class KeepclipDeployment:
         self.settings = settings
         self.metrics = ServiceMetrics()
         self.engine = Engine.from_settings(settings, metrics=self.metrics).start()
-        self.executor = ThreadPoolExecutor(max_workers=settings.engine_batches, thread_name_prefix="keepclip-engine")
+        self.executor = ThreadPoolExecutor(max_workers=settings.engine_batches or AUTO_ENGINE_BATCHES,
+                                           thread_name_prefix="keepclip-engine")
         self.batcher = MicroBatcher(self.engine.run_batch, self.executor, settings.max_batch_size,
-                                    settings.batch_wait_timeout_s, settings.engine_batches)
+                                    settings.batch_wait_timeout_s, engine_batches(settings.engine_batches, self.engine.runtime))
         log.info("keepclip replica up: %s, store %s, %d tasks, %d torch threads", self.engine.fingerprint["name"],
                  settings.store, len(self.engine.state.tasks), torch.get_num_threads())
 

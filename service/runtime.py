@@ -74,6 +74,9 @@ class Runtime(Protocol):
 
     def logit_scale(self) -> float: ...
 
+    def images_by_torch(self) -> bool:
+        """Whether the image passes run in torch eager now (`engine_batches` auto runs two batches at once then)."""
+
 
 class TorchRuntime:
     """Eager torch on the backbone's device (CUDA when present with device=auto, else CPU)."""
@@ -193,3 +196,6 @@ class TorchRuntime:
 
     def logit_scale(self) -> float:
         return self._scale
+
+    def images_by_torch(self) -> bool:
+        return True

@@ -87,9 +87,11 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         None, ge=1, description="torch intra-op threads per replica (None: 1 on CPU, so that HTTP parsing, image "
         "decoding and Serve's proxy keep a core beside the model; torch's default on GPU)",
     )
-    engine_batches: int = Field(
-        1, ge=1, le=16, description="batches one replica runs at once, each on its own engine thread with torch_threads "
-        "threads (on 2 cores over HTTP, 2 ran prompt tasks 1.3-1.5x faster and head tasks 0.7-0.9x as fast)",
+    engine_batches: int | None = Field(
+        None, ge=1, le=16, description="batches one replica runs at once, each on its own engine thread with "
+        "torch_threads threads. None (auto): on CPU with 2+ cores, 2 while the image passes run in torch eager (its ops "
+        "leave the GIL: a second batch uses another core; 1.2-1.5x over HTTP on 2 cores), 1 while they run in the ONNX "
+        "graphs (0.7-0.9x with 2); 1 on GPU",
     )
     max_ongoing_requests: int = Field(
         256, ge=1, description="requests one replica holds at once, those still receiving their body included "

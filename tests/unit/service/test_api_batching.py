@@ -108,7 +108,7 @@ def test_concurrent_requests_share_one_engine_batch(settings, store, task_maker)
     publish_colors(store, task_maker, "red", "green")
     engine = Engine.from_settings(settings).start()
     held = engine.run_batch = HeldEngine(engine.run_batch)
-    app = create_app(settings, engine=engine)
+    app = create_app(settings.model_copy(update={"engine_batches": 1}), engine=engine)  # one batch at a time
     bodies = [color_png("red", seed=i) for i in range(5)]
 
     async def scenario():
@@ -139,7 +139,7 @@ def test_a_requests_images_enter_the_batch_together(settings, store, task_maker)
 
     engine.run_batch = run
     try:
-        with TestClient(create_app(settings.model_copy(update={"max_batch_size": 3}), engine=engine)) as c:
+        with TestClient(create_app(settings.model_copy(update={"max_batch_size": 3, "engine_batches": 1}), engine=engine)) as c:
             files = [("images", (f"{i}.png", color_png("red", seed=i))) for i in range(5)]
             assert len(c.post("/v1/classify", files=files).json()["results"]) == 5
     finally:
@@ -203,6 +203,11 @@ def test_with_engine_batches_two_batches_run_at_once_and_no_more():
     with ThreadPoolExecutor(2) as pool:
         assert asyncio.run(scenario(MicroBatcher(run, pool, concurrency=2))) == (10, 20, 30)
     assert batches == [[1], [2], [3]]
+    batches.clear()
+    both.reset()
+    with ThreadPoolExecutor(2) as pool:  # a callable limit (engine_batches auto) is asked per batch
+        assert asyncio.run(scenario(MicroBatcher(run, pool, concurrency=lambda: 2))) == (10, 20, 30)
+    assert batches == [[1], [2], [3]]
 
     one = threading.Barrier(2, timeout=0.5)  # with concurrency 1 the second batch cannot start: the first times out
     batches.clear()
@@ -220,7 +225,7 @@ def test_with_engine_batches_two_batches_run_at_once_and_no_more():
         return await first, await batcher.submit(2)
 
     with ThreadPoolExecutor(2) as pool:
-        assert asyncio.run(alone(MicroBatcher(run_alone, pool))) == (10, 20)
+        assert asyncio.run(alone(MicroBatcher(run_alone, pool, concurrency=lambda: 1))) == (10, 20)
     assert batches == [[1], [2]]
 
 

@@ -118,6 +118,28 @@ def test_a_task_placed_in_the_last_blocks_is_served_by_torch(runtimes, task_make
     assert not onnx.images_by_torch() and resume is None and (frozen - ref.encode_image(images)).abs().max() <= PARITY
 
 
+def test_engine_batches_auto_follows_where_the_images_run(runtimes, task_maker, monkeypatch):
+    """`engine_batches` auto: two batches at once on a 2-core CPU while the image passes run in torch eager, one while
+    they run in the ONNX graphs; a number set is kept; a single core gets one."""
+    from service.batching import engine_batches
+
+    onnx, ref = runtimes
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert engine_batches(3, onnx) == 3 and engine_batches(None, ref)() == 2
+    limit = engine_batches(None, onnx)
+    assert limit() == 1
+    top = make_color_task(task_maker, "green", config=PromptConfig(depth=1, n_prefix=4, placement="output"))
+    load_both(runtimes, "green#8", top)
+    try:
+        assert limit() == 2  # asked per batch: the task the graphs cannot take sends the images to torch
+    finally:
+        for rt in runtimes:
+            rt.delete_task("green#8")
+    assert limit() == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert engine_batches(None, ref) == 1
+
+
 def summary(results):
     return [(r.task, r.version, [s.label for s in r.scores]) for r in results]
 
