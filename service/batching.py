@@ -3,9 +3,9 @@
 results.
 
 Continuous batching: the batch runs as soon as the engine is free, with every job queued by then (up to
-`max_batch_size`); with `concurrency` > 1 (the setting `engine_batches`, `service.app.engine_batches`) that many
-batches run at once, each on its own executor thread. A request that finds the engine idle runs at once, alone; requests that arrive while a batch runs
-form the next one. (Serve's `@serve.batch` cuts the next batch `batch_wait_timeout_s` after its first request even
+`max_batch_size`); with `concurrency` > 1 (the setting `engine_batches`, resolved by `engine_batches` below) that
+many batches run at once, each on its own executor thread. A request that finds the engine idle runs at once, alone;
+requests that arrive while a batch runs form the next one. (Serve's `@serve.batch` cuts the next batch `batch_wait_timeout_s` after its first request even
 while the engine is still busy, then queues it on a semaphore: under load the queue is cut into batches of one or two.)
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.concurrency = concurrency  # batches running at once, each on its own executor thread (a callable: asked per batch)
-        self._running: set[asyncio.Task] = set()
+        self._running: set[asyncio.Task] = set()  # the running batches' tasks (kept referenced), set by the worker
         self._pending: deque[tuple[Any, asyncio.Future]] = deque()
         self._wake: asyncio.Event | None = None  # set whenever jobs are queued
         self._loop: asyncio.AbstractEventLoop | None = None
