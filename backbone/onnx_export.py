@@ -1,6 +1,6 @@
 """ONNX graphs of a frozen backbone's towers, exported once per backbone and cached.
 
-Four graphs per backbone, all fp32, batch dimension dynamic:
+Four graphs per backbone for prompts in the first blocks (the reference placement), all fp32, batch dimension dynamic:
 
 | graph | inputs | output |
 |---|---|---|
@@ -8,6 +8,22 @@ Four graphs per backbone, all fp32, batch dimension dynamic:
 | `image_prompted` | `images`, `prefix_keys`/`prefix_values (B, depth, n, width)`, `prefix_mask (B, depth, n)`, `weight (B,)` | `features (B, D)` |
 | `text_frozen` | `tokens (N, L)` int64 | `features (N, D)` |
 | `text_prompted` | `tokens`, `prefix_keys`/`prefix_values (depth, n, width)`, `prefix_mask (depth, n)`, `weight (1,)` | `features (N, D)` |
+
+and four for prompts in the last `depth_top` image blocks (add-task's default placement), split at block
+`k = blocks − depth_top` so that a batch runs the blocks below k once for routing and answering, as the torch engine
+does (`service/runtime.py`, `Resume`); the last block of the two top graphs computes the pooled token only
+(`PromptedCLIP.encode_pooled_from`):
+
+| graph | inputs | output |
+|---|---|---|
+| `image_bottom` | `images` | `activations (B, T, width)` entering block k |
+| `image_top_frozen` | `activations` | `features (B, D)` (pooled last block), `last (B, T, width)` entering the last block |
+| `image_top_prompted` | `activations`, prompts as `image_prompted`'s with `depth_top` layers | `features (B, D)` (pooled) |
+| `image_last` | `last` | `features (B, D)`: the whole last block, the exact frozen features |
+
+The top graphs are exported when the tower has the layout (`PromptedCLIP.pools_first_token`); otherwise
+`depth_top` is 0 and tasks placed there are served by torch. A task of depth d < `depth_top` sits in the graph's
+last d layers; the layers below are padding.
 
 Prompts are graph *inputs*, so one prompted graph serves every task, present and future: publishing a task never
 re-exports anything. The image side is per sample (one call serves a mixed batch of tasks; a sample with no task
@@ -31,7 +47,7 @@ of the torch engine's routing): every sample goes through the same `fused_attent
 towers in seconds with `dynamic_axes`, needs only the `onnx` package, and supports opsets down to 7 (so the opset is a
 real setting); see `export_graphs`.
 
-**Cache.** `OnnxCache(root).ensure(backbone, spec)` -> a directory `<root>/<name>-<sha256[:16]>/` with the four
+**Cache.** `OnnxCache(root).ensure(backbone, spec)` -> a directory `<root>/<name>-<sha256[:16]>/` with the
 `.onnx` files and `manifest.json` (spec, opset, torch/onnx/onnxruntime versions, SHA-256 of every graph). A missing,
 stale (other spec or versions) or damaged (checksum) cache is re-exported. Exports are written to a temporary
 directory beside it and renamed into place in one step, so concurrent replicas never read half-written files.
@@ -55,15 +71,18 @@ import torch
 from torch import nn
 
 from .loading import Backbone, sha256_file
-from .prompts import PromptConfig, PromptedAttention, RoutingState, SamplePrompts
+from .prompted_clip import PromptedCLIP
+from .prompts import PromptConfig, PromptedAttention, RoutingState, SamplePrompts, default_depth
 from .scoped import ScopedValue
 
 log = logging.getLogger(__name__)
 
 GRAPHS = ("image_frozen", "image_prompted", "text_frozen", "text_prompted")
+TOP_GRAPHS = ("image_bottom", "image_top_frozen", "image_top_prompted", "image_last")  # when spec.depth_top > 0
 MANIFEST = "manifest.json"
-FORMAT = 2  # bump when the graphs change (inputs, outputs or math): older caches are then re-exported
+FORMAT = 3  # bump when the graphs change (inputs, outputs or math): older caches are then re-exported
 # 2: prompted blocks are `fused_attention` (one in-projection, one W_o), no longer frozen module + branch
+# 3: the top graphs (prompts in the last blocks)
 DEFAULT_OPSET = 17  # LayerNormalization is native from 17; onnxruntime >= 1.14 runs it
 
 
@@ -83,15 +102,26 @@ class GraphSpec:
     image_size: tuple[int, int]  # (H, W) the image graphs were traced with (static)
     context_length: int  # L of the text graphs (static)
     opset: int = DEFAULT_OPSET
+    depth_top: int = 0  # image blocks the top graphs prompt (the last ones); 0: no top graphs
+
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        return GRAPHS + (TOP_GRAPHS if self.depth_top else ())
 
     @classmethod
     def for_backbone(
-        cls, backbone: Backbone, depth: int | None = None, n_prefix: int | None = None, opset: int = DEFAULT_OPSET
+        cls, backbone: Backbone, depth: int | None = None, n_prefix: int | None = None, opset: int = DEFAULT_OPSET,
+        depth_top: int | None = None,
     ) -> "GraphSpec":
-        """Depth and n default to `PromptConfig()`'s (8, 8), the depth capped at each tower's layers."""
+        """Depth and n default to `PromptConfig()`'s (8, 8), the depth capped at each tower's layers; `depth_top` to
+        add-task's default depth (`default_depth`), 0 when the tower cannot be split and pooled there."""
         default = PromptConfig()
         depth = default.depth if depth is None else depth
         n_prefix = default.n_prefix if n_prefix is None else n_prefix
+        blocks = len(backbone.image_blocks)
+        if not PromptedCLIP(backbone).pools_first_token():
+            depth_top = 0
+        depth_top = min(default_depth(blocks) if depth_top is None else depth_top, blocks)
         size = backbone.model.visual.image_size
         return cls(
             depth_image=min(depth, len(backbone.image_blocks)),
@@ -102,10 +132,15 @@ class GraphSpec:
             image_size=tuple(size) if isinstance(size, (tuple, list)) else (size, size),
             context_length=_context_length(backbone),
             opset=opset,
+            depth_top=depth_top,
         )
 
     def depth(self, tower: str) -> int:
         return self.depth_image if tower == "visual" else self.depth_text
+
+    def top_block(self, blocks: int) -> int:
+        """k: the first image block of the top graphs, in a tower of `blocks` blocks."""
+        return blocks - self.depth_top
 
     def width(self, tower: str) -> int:
         return self.width_image if tower == "visual" else self.width_text
@@ -154,9 +189,19 @@ class _FeedAttention(PromptedAttention):
         return SamplePrompts(None, f.keys[:, i], f.values[:, i], f.mask[:, i], f.weight)
 
 
+def _fed_blocks(graph: str, spec: GraphSpec, image_blocks: int) -> dict[str, range]:
+    """The blocks of each tower whose prompts `graph` takes as inputs (the feed's layer i is the range's i-th)."""
+    if graph == "image_top_prompted":
+        return {"visual": range(spec.top_block(image_blocks), image_blocks)}
+    if graph.endswith("prompted"):
+        return {tower: range(spec.depth(tower)) for tower in ("visual", "text")}
+    return {}
+
+
 @contextmanager
-def _export_mode(backbone: Backbone, feed: ScopedValue[_FeedInputs | None] | None, spec: GraphSpec) -> Iterator[None]:
-    """Inject the feed wrappers into the first `depth` blocks of each tower (restored on exit); MHA fast path off.
+def _export_mode(backbone: Backbone, feed: ScopedValue[_FeedInputs | None] | None,
+                 fed: dict[str, range]) -> Iterator[None]:
+    """Inject the feed wrappers into the `fed` blocks of each tower (restored on exit); MHA fast path off.
 
     The fast path (`torch._native_multi_head_attention`) has no ONNX export; the slow path is the same math. The
     backbone must not serve torch forwards while this runs (the runtime exports before it serves).
@@ -165,11 +210,11 @@ def _export_mode(backbone: Backbone, feed: ScopedValue[_FeedInputs | None] | Non
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        if feed is not None:
-            for tower, blocks in (("visual", backbone.image_blocks), ("text", backbone.text_blocks)):
-                for layer, block in enumerate(list(blocks)[: spec.depth(tower)]):
-                    swapped.append((block, block.attn))
-                    block.attn = _FeedAttention(_base(block.attn), tower, layer, feed)
+        for tower, blocks in (("visual", backbone.image_blocks), ("text", backbone.text_blocks)):
+            for layer, index in enumerate(fed.get(tower, ())):
+                block = blocks[index]
+                swapped.append((block, block.attn))
+                block.attn = _FeedAttention(_base(block.attn), tower, layer, feed)
         yield
     finally:
         for block, attn in swapped:
@@ -198,11 +243,37 @@ class TowerGraph(nn.Module):
             return encode(x, normalize=True)
 
 
+class ImageTopGraph(nn.Module):
+    """The forward of one of the split image graphs (`TOP_GRAPHS`), `PromptedCLIP`'s own steps from block `block`.
+    The prompted top's wrappers read their prompts from the feed, so it names no task."""
+
+    def __init__(self, model: PromptedCLIP, graph: str, block: int, feed: ScopedValue[_FeedInputs | None] | None = None):
+        super().__init__()
+        self.model, self.graph, self.block, self.feed = model, graph, block, feed
+
+    def forward(self, x: torch.Tensor, *prompts: torch.Tensor):
+        model, block = self.model, self.block
+        if self.graph == "image_bottom":
+            return model.image_activations(x, block)
+        if self.graph == "image_top_frozen":
+            return model.encode_pooled_from(x, block, normalize=True)
+        if self.graph == "image_last":
+            return model.finish_frozen(x, normalize=True)
+        with self.feed.use(_FeedInputs(*prompts)):
+            return model.encode_image_from(x, block, None, normalize=True, pooled=True)
+
+
 # ----------------------------------------------------------------------------- export
 
 
-def example_inputs(graph: str, spec: GraphSpec, batch: int = 2) -> dict[str, torch.Tensor]:
-    """Inputs of `graph` by name, shaped per `spec` (random images/prompts, all prefixes real, w = 1)."""
+OUTPUTS = {"image_bottom": ["activations"], "image_top_frozen": ["features", "last"]}  # the others: ["features"]
+TOP_INPUT = {"image_top_frozen": "activations", "image_top_prompted": "activations", "image_last": "last"}
+
+
+def example_inputs(graph: str, spec: GraphSpec, batch: int = 2, model: PromptedCLIP | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Inputs of `graph` by name, shaped per `spec` (random images/prompts, all prefixes real, w = 1); a top graph's
+    activations are `model`'s for random images."""
     g = torch.Generator().manual_seed(0)
     if graph.startswith("image"):
         inputs = {"images": torch.randn(batch, 3, *spec.image_size, generator=g)}
@@ -210,8 +281,15 @@ def example_inputs(graph: str, spec: GraphSpec, batch: int = 2) -> dict[str, tor
     else:
         inputs = {"tokens": torch.randint(1, 1000, (batch, spec.context_length), generator=g)}
         lead, tower = (), "text"
+    if graph in TOP_INPUT:
+        blocks = len(model.backbone.image_blocks)
+        block = spec.top_block(blocks) if graph != "image_last" else blocks - 1
+        images = inputs.pop("images").to(model.backbone.device)
+        with torch.no_grad():
+            inputs[TOP_INPUT[graph]] = model.image_activations(images, block).cpu()
     if graph.endswith("prompted"):
-        shape = (*lead, spec.depth(tower), spec.n_prefix, spec.width(tower))
+        depth = spec.depth_top if graph == "image_top_prompted" else spec.depth(tower)
+        shape = (*lead, depth, spec.n_prefix, spec.width(tower))
         inputs["prefix_keys"] = torch.randn(shape, generator=g) * 0.02
         inputs["prefix_values"] = torch.randn(shape, generator=g) * 0.02
         inputs["prefix_mask"] = torch.ones(shape[:-1])
@@ -219,10 +297,10 @@ def example_inputs(graph: str, spec: GraphSpec, batch: int = 2) -> dict[str, tor
     return inputs
 
 
-def _dynamic_axes(graph: str) -> dict[str, dict[int, str]]:
-    axes = {"features": {0: "batch"}}
+def _dynamic_axes(graph: str, inputs: list[str]) -> dict[str, dict[int, str]]:
+    axes = {name: {0: "batch"} for name in OUTPUTS.get(graph, ["features"])}
     if graph.startswith("image"):
-        axes["images"] = {0: "batch"}
+        axes.update({name: {0: "batch"} for name in inputs[:1]})
         if graph.endswith("prompted"):
             axes.update({k: {0: "batch"} for k in ("prefix_keys", "prefix_values", "prefix_mask", "weight")})
     else:
@@ -240,16 +318,22 @@ def export_graph(backbone: Backbone, graph: str, spec: GraphSpec, path: str | os
     """Export one graph to `path` (TorchScript-based exporter, fp32, dynamic batch); OnnxExportError on failure."""
     feed = ScopedValue(None) if graph.endswith("prompted") else None
     clip = backbone.model
-    module = TowerGraph(clip, "visual" if graph.startswith("image") else "text", feed).eval()
-    inputs = example_inputs(graph, spec)
+    model = PromptedCLIP(backbone)
+    if graph in TOP_GRAPHS:
+        module = ImageTopGraph(model, graph, spec.top_block(len(backbone.image_blocks)), feed).eval()
+    else:
+        module = TowerGraph(clip, "visual" if graph.startswith("image") else "text", feed).eval()
+    inputs = example_inputs(graph, spec, model=model)
     device = next(clip.parameters()).device
     args = tuple(t.to(device) for t in inputs.values())
     try:
-        with _export_mode(backbone, feed, spec), torch.no_grad(), _quiet_exporter():
+        with _export_mode(backbone, feed, _fed_blocks(graph, spec, len(backbone.image_blocks))), torch.no_grad(), \
+                _quiet_exporter():
             torch.onnx.export(
                 module, args, str(path),
                 dynamo=False,  # TorchScript exporter: see the module docstring
-                input_names=list(inputs), output_names=["features"], dynamic_axes=_dynamic_axes(graph),
+                input_names=list(inputs), output_names=OUTPUTS.get(graph, ["features"]),
+                dynamic_axes=_dynamic_axes(graph, list(inputs)),
                 opset_version=spec.opset, do_constant_folding=True,
             )
     except Exception as e:  # noqa: BLE001 - every exporter failure becomes one clear error
@@ -274,12 +358,12 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def export_graphs(backbone: Backbone, out_dir: str | os.PathLike, spec: GraphSpec) -> dict[str, float]:
-    """All four graphs into `out_dir`; -> seconds per graph. Checks each loads in onnxruntime (OnnxExportError if not)."""
+    """All the spec's graphs into `out_dir`; -> seconds per graph. Checks each loads in onnxruntime (OnnxExportError if not)."""
     import onnxruntime as ort
 
     out_dir = Path(out_dir)
     seconds = {}
-    for graph in GRAPHS:
+    for graph in spec.graphs:
         start = time.perf_counter()
         path = out_dir / f"{graph}.onnx"
         export_graph(backbone, graph, spec, path)
@@ -338,7 +422,7 @@ class OnnxCache:
 
     def manifest_for(self, backbone: Backbone, spec: GraphSpec) -> dict[str, Any]:
         return {"format": FORMAT, "backbone": backbone.fingerprint.to_dict(), "spec": spec.to_dict(),
-                "versions": _versions(), "exporter": "torchscript"}
+                "graphs": list(spec.graphs), "versions": _versions(), "exporter": "torchscript"}
 
     def check(self, directory: Path, expected: dict[str, Any]) -> str | None:
         """None if `directory` holds a complete, intact cache for `expected`; else why not."""
@@ -354,7 +438,7 @@ class OnnxCache:
             if manifest.get(key) != value:
                 return f"stale: {key} is {manifest.get(key)!r}, expected {value!r}"
         sums = manifest.get("sha256", {})
-        for graph in GRAPHS:
+        for graph in expected["graphs"]:
             path = directory / f"{graph}.onnx"
             if not path.is_file():
                 return f"damaged: {path.name} is missing"
@@ -377,7 +461,7 @@ class OnnxCache:
             start = time.perf_counter()
             seconds = export_graphs(backbone, tmp, spec)
             total = time.perf_counter() - start
-            manifest = dict(expected, sha256={g: sha256_file(tmp / f"{g}.onnx") for g in GRAPHS},
+            manifest = dict(expected, sha256={g: sha256_file(tmp / f"{g}.onnx") for g in spec.graphs},
                             export_seconds={g: round(s, 3) for g, s in seconds.items()},
                             created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
             _write_json(tmp / MANIFEST, manifest)

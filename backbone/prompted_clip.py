@@ -176,14 +176,18 @@ class PromptedCLIP(nn.Module):
     def encode_image_keeping(self, images: torch.Tensor, block: int, normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen image features, the same ops as `encode_image` (so the same bits), and the activations entering
         image block `block`, from which `encode_image_from` runs the blocks above it with prompts."""
-        blocks = self._blocks["visual"]
-        x = self.clip.visual._embeds(images)
-        for layer in blocks[:block]:
-            x = layer(x)
-        kept = x
-        for layer in blocks[block:]:
+        kept = self.image_activations(images, block)
+        x = kept
+        for layer in self._blocks["visual"][block:]:
             x = layer(x)
         return self._image_head(x, normalize), kept
+
+    def image_activations(self, images: torch.Tensor, block: int) -> torch.Tensor:
+        """The frozen activations entering image block `block` (the shared bottom of every pass)."""
+        x = self.clip.visual._embeds(images)
+        for layer in self._blocks["visual"][:block]:
+            x = layer(x)
+        return x
 
     def encode_image_pooled(self, images: torch.Tensor, block: int, normalize: bool = False
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,14 +195,19 @@ class PromptedCLIP(nn.Module):
         the same math as `encode_image`, to rounding (~1e-6), at a fraction of that block's cost. -> (features,
         the activations entering block `block`, those entering the last block: `finish_frozen` gives the exact
         features of any of its rows)."""
+        kept = self.image_activations(images, block)
+        features, last = self.encode_pooled_from(kept, block, normalize)
+        return features, kept, last
+
+    def encode_pooled_from(self, activations: torch.Tensor, block: int, normalize: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode_image_pooled` from the activations entering image block `block`, frozen: -> (features, the
+        activations entering the last block)."""
         blocks = self._blocks["visual"]
-        x = self.clip.visual._embeds(images)
-        for layer in blocks[:block]:
-            x = layer(x)
-        kept = x
+        x = activations
         for layer in blocks[block:-1]:
             x = layer(x)
-        return self._image_head(_pooled_block(blocks[-1], x), normalize), kept, x
+        return self._image_head(_pooled_block(blocks[-1], x), normalize), x
 
     def finish_frozen(self, last: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """`encode_image`'s frozen features from the activations entering the last image block: the whole block,

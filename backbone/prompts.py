@@ -34,6 +34,12 @@ PLACEMENTS = ("input", "output")  # where a task's prompts sit in each tower (Pr
 MASKED_LOGIT = -1e9  # logit of a padded prefix slot: exp(-1e9 - max) == 0 exactly in fp32
 
 
+def default_depth(image_blocks: int) -> int:
+    """add-task's prompt depth when --depth is not given: a third of the image tower's blocks, rounded (at least 1).
+    The ONNX graphs' top part (`backbone/onnx_export.py`) is this deep, so the default shape runs in the graphs."""
+    return max(1, round(image_blocks / 3))
+
+
 @dataclass(frozen=True)
 class PromptConfig:
     """Shape of one task's prompts; defaults follow the reference recipe."""

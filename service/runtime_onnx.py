@@ -1,13 +1,18 @@
 """ONNX Runtime implementation of the `Runtime` seam, and the choice between it and torch.
 
-`OnnxRuntime` runs the four graphs of `backbone.onnx_export` (frozen and prompted image and text towers), exported
-once per backbone and cached. Task prompts are graph inputs: `load_task` only pads the task's tensors to the graph's
-fixed `depth` × `n` (with a mask, see `backbone/onnx_export.py`), nothing is re-exported. A prompted image pass
-gathers, per sample, the prompts of its task (zeros and `w = 0` for samples without one), so a mixed batch is one
-call. A task whose depth or prefix count exceeds the graph's, one placed in the last blocks (add-task's default), or an
-image-text prompt task, is served by the torch path (logged at load), and so are the samples routed to it. While a
-residual-prompt task is served there, the image passes go through torch whole (`images_by_torch`: its frozen pass keeps
-the activations that task resumes from); otherwise images never touch torch.
+`OnnxRuntime` runs the graphs of `backbone.onnx_export` (frozen and prompted image and text towers, and the image
+tower split for prompts in its last blocks), exported once per backbone and cached. Task prompts are graph inputs:
+`load_task` only pads the task's tensors to the graph's fixed `depth` × `n` (with a mask, see
+`backbone/onnx_export.py`), nothing is re-exported. A prompted image pass gathers, per sample, the prompts of its task
+(zeros and `w = 0` for samples without one), so a mixed batch is one call.
+
+A task placed in the last blocks (add-task's default) runs in the split graphs, as the torch engine runs it: while one
+is loaded, the frozen pass is `image_bottom` + `image_top_frozen` (provisional features for routing, and a resume
+point), the prompted pass resumes from it in `image_top_prompted`, and `finish_frozen` runs `image_last`; its class
+text, prompted in the text tower's last blocks, comes from torch (once per task, at load). A task whose depth or
+prefix count exceeds the graphs', or an image-text prompt task, is served by the torch path (logged at load), and so
+are the samples routed to it. While a residual-prompt task is served there, the image passes go through torch whole
+(`images_by_torch`: its frozen pass keeps the activations that task resumes from); otherwise images never touch torch.
 
 `select_runtime(settings)` is what `Engine.from_settings` calls: `runtime = torch | onnx | auto`. `auto` measures
 both on a probe batch at startup (frozen + prompted pass, interleaved repeats, figures logged) and keeps the faster.
@@ -31,10 +36,11 @@ import numpy as np
 import torch
 
 from backbone import Backbone, PromptConfig, UnknownTask, load_backbone
-from backbone.onnx_export import DEFAULT_OPSET, GRAPHS, CachedGraphs, GraphSpec, OnnxCache
+from backbone.onnx_export import DEFAULT_OPSET, CachedGraphs, GraphSpec, OnnxCache
+from backbone.prompts import default_depth
 from backbone.zeroshot import zero_shot_classifier
 
-from .runtime import Runtime, TorchRuntime
+from .runtime import Resume, Runtime, TorchRuntime
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,14 @@ class _TaskPrompts:
     keys: dict[str, np.ndarray]  # tower -> (depth, n, width) float32
     values: dict[str, np.ndarray]
     mask: dict[str, np.ndarray]  # tower -> (depth, n) float32, 1 = real prefix
+
+
+@dataclass(frozen=True)
+class _GraphResume(Resume):
+    """A resume point kept by the split graphs: its prompted pass runs in `image_top_prompted`, not in torch."""
+
+    def rows(self, index: Sequence[int]) -> "_GraphResume":
+        return _GraphResume(self.block, self.activations[list(index)], self.provisional)
 
 
 def _threads(threads: int | None) -> int:
@@ -101,16 +115,18 @@ class OnnxRuntime:
         # spinning threads would take those cores (measured: torch passes ran up to 50x slower right after a run)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = providers or providers_for(backbone.device)
-        self.sessions = {g: ort.InferenceSession(str(self.graphs.path(g)), opts, providers=self.providers) for g in GRAPHS}
+        self.sessions = {g: ort.InferenceSession(str(self.graphs.path(g)), opts, providers=self.providers)
+                         for g in self.spec.graphs}
         used = self.sessions["image_frozen"].get_providers()[0]
         self.device = torch.device("cuda", backbone.device.index or 0) if used == "CUDAExecutionProvider" else torch.device("cpu")
         self._scale = self.torch.logit_scale()
-        self._tasks: dict[str, _TaskPrompts] = {}  # slot -> padded prompts (graph path)
-        self._torch_tasks: set[str] = set()  # slots served by the torch path (too deep / too many prefixes / placed higher)
+        self._tasks: dict[str, _TaskPrompts] = {}  # slot -> padded prompts (graph path, first blocks)
+        self._top: dict[str, _TaskPrompts] = {}  # slot -> padded image prompts of the top graphs (last blocks)
+        self._torch_tasks: set[str] = set()  # slots served by the torch path (too deep / too many prefixes / image-text)
         self._torch_residual: set[str] = set()  # those with residual prompts: while any is loaded, images go through torch
-        log.info("ONNX runtime for %s: %s, %d intra-op threads, graphs %s (prompted depth %d/%d, n %d)",
+        log.info("ONNX runtime for %s: %s, %d intra-op threads, graphs %s (prompted depth %d/%d, last %d, n %d)",
                  self.fingerprint.name, used, opts.intra_op_num_threads, self.graphs.directory,
-                 self.spec.depth_image, self.spec.depth_text, self.spec.n_prefix)
+                 self.spec.depth_image, self.spec.depth_text, self.spec.depth_top, self.spec.n_prefix)
 
     @classmethod
     def load(cls, model: str, pretrained: str | None, device: str = "auto", **kwargs) -> "OnnxRuntime":
@@ -129,43 +145,59 @@ class OnnxRuntime:
         # the torch model checks the shapes against the backbone (same errors as TorchRuntime) and keeps a copy
         # (a few hundred KB) so the task can always be served there
         self.torch.load_task(slot, prompts, config)
+        self._forget(slot)
         if not isinstance(config, PromptConfig):  # image-text prompt tokens: the graphs take residual prompts only
             self._torch_tasks.add(slot)
-            self._tasks.pop(slot, None)
             log.info("task %s (%s) is served by torch", slot, type(config).__name__)
             return
-        depths = {t: min(config.depth, self._layers(t)) for t in TOWERS}
-        too_big = [f"{t} depth {depths[t]} > {self.spec.depth(t)}" for t in TOWERS if depths[t] > self.spec.depth(t)]
-        if config.placement != "input":  # the graphs hold prompt inputs for the first blocks of each tower
-            too_big.append(f"placement {config.placement}")
-        if config.n_prefix > self.spec.n_prefix:
-            too_big.append(f"n_prefix {config.n_prefix} > {self.spec.n_prefix}")
-        if too_big:
+        misfit = self._misfit(config)
+        if misfit:
             self._torch_tasks.add(slot)
             self._torch_residual.add(slot)
-            self._tasks.pop(slot, None)
-            # placed in the last blocks is add-task's default, not a task too large for the graphs: no warning
-            level = logging.INFO if too_big == [f"placement {config.placement}"] else logging.WARNING
-            log.log(level, "task %s does not fit the ONNX graphs (%s): it is served by torch", slot, ", ".join(too_big))
-            return
-        keys, values, mask = {}, {}, {}
-        for tower in TOWERS:
-            shape = (self.spec.depth(tower), self.spec.n_prefix, self.spec.width(tower))
-            keys[tower], values[tower] = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-            mask[tower] = np.zeros(shape[:2], np.float32)
-            for layer in range(depths[tower]):
-                keys[tower][layer, : config.n_prefix] = prompts[f"{tower}.{layer}.key"].detach().float().cpu().numpy()
-                values[tower][layer, : config.n_prefix] = prompts[f"{tower}.{layer}.value"].detach().float().cpu().numpy()
-                mask[tower][layer, : config.n_prefix] = 1.0
+            log.warning("task %s does not fit the ONNX graphs (%s): it is served by torch", slot, misfit)
+        elif config.placement == "input":
+            self._tasks[slot] = self._padded(prompts, config, top=False)
+        else:
+            self._top[slot] = self._padded(prompts, config, top=True)
+
+    def _forget(self, slot: str) -> None:
+        for table in (self._tasks, self._top):
+            table.pop(slot, None)
         self._torch_tasks.discard(slot)
         self._torch_residual.discard(slot)
-        self._tasks[slot] = _TaskPrompts(keys, values, mask)
+
+    def _misfit(self, config: PromptConfig) -> str:
+        """Why the graphs cannot take a residual-prompt task ('' when they can)."""
+        if config.placement == "input":
+            depths = {t: min(config.depth, self._layers(t)) for t in TOWERS}
+            too_big = [f"{t} depth {depths[t]} > {self.spec.depth(t)}" for t in TOWERS if depths[t] > self.spec.depth(t)]
+        else:
+            depth = min(config.depth, self._layers("visual"))
+            too_big = [] if depth <= self.spec.depth_top else [f"image depth {depth} in the last blocks > {self.spec.depth_top}"]
+        if config.n_prefix > self.spec.n_prefix:
+            too_big.append(f"n_prefix {config.n_prefix} > {self.spec.n_prefix}")
+        return ", ".join(too_big)
+
+    def _padded(self, prompts: dict[str, torch.Tensor], config: PromptConfig, top: bool) -> _TaskPrompts:
+        """The task's prompts zero-padded to the graph's (depth, n), with the mask of the real ones. The top graph
+        takes image prompts only; a task shallower than it sits in its last layers."""
+        keys, values, mask = {}, {}, {}
+        for tower in ("visual",) if top else TOWERS:
+            depth = self.spec.depth_top if top else self.spec.depth(tower)
+            shape = (depth, self.spec.n_prefix, self.spec.width(tower))
+            keys[tower], values[tower] = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+            mask[tower] = np.zeros(shape[:2], np.float32)
+            layers = config.layers(self._layers(tower))
+            first = depth - len(layers) if top else 0
+            for i, layer in enumerate(layers):
+                keys[tower][first + i, : config.n_prefix] = prompts[f"{tower}.{layer}.key"].detach().float().cpu().numpy()
+                values[tower][first + i, : config.n_prefix] = prompts[f"{tower}.{layer}.value"].detach().float().cpu().numpy()
+                mask[tower][first + i, : config.n_prefix] = 1.0
+        return _TaskPrompts(keys, values, mask)
 
     def delete_task(self, slot: str) -> None:
         self.torch.delete_task(slot)  # UnknownTask if it was never loaded
-        self._tasks.pop(slot, None)
-        self._torch_tasks.discard(slot)
-        self._torch_residual.discard(slot)
+        self._forget(slot)
 
     def served_by_torch(self, slot: str) -> bool:
         return slot in self._torch_tasks
@@ -175,34 +207,51 @@ class OnnxRuntime:
 
     def _task(self, slot: str) -> _TaskPrompts:
         try:
-            return self._tasks[slot]
+            return self._tasks[slot] if slot in self._tasks else self._top[slot]
         except KeyError:
-            raise UnknownTask(f"unknown task '{slot}' (loaded: {sorted(self._tasks) or 'none'})") from None
+            loaded = sorted({*self._tasks, *self._top})
+            raise UnknownTask(f"unknown task '{slot}' (loaded: {loaded or 'none'})") from None
+
+    def _text_by_torch(self, slot: str | None) -> bool:
+        """Image-text prompt tasks, tasks too large for the graphs, and tasks placed in the last blocks (whose text
+        prompts sit in the text tower's last blocks: the text graph prompts its first) have their text from torch."""
+        return slot in self._torch_tasks or slot in self._top
 
     # ------------------------------------------------------------------ encoding
     def _run(self, graph: str, **inputs: np.ndarray) -> np.ndarray:
         return self.sessions[graph].run(None, inputs)[0]
 
     def images_by_torch(self) -> bool:
-        """While a residual-prompt task the graphs cannot take is loaded (e.g. add-task's default, placed in the last
-        blocks), images go through torch whole: its frozen pass keeps the activations that task's prompted pass
-        resumes from and runs the last block for the pooled token only, where the graphs' frozen pass would be
-        thrown away for that task's images and the whole tower run again. Frozen answers then come from that same
-        torch pass, so w = 0 is still bit for bit the frozen pass."""
+        """While a residual-prompt task the graphs cannot take is loaded (deeper or with more prefixes than they
+        hold), images go through torch whole: its frozen pass keeps the activations that task's prompted pass
+        resumes from, where the graphs' frozen pass would be thrown away for that task's images and the whole tower
+        run again. Frozen answers then come from that same torch pass, so w = 0 is still bit for bit the frozen
+        pass."""
         return bool(self._torch_residual)
 
     def encode_frozen(self, images):
-        """The frozen graph (a prompted pass reruns the whole graph: no resume point), or torch's frozen pass."""
+        """Torch's frozen pass (`images_by_torch`); while a task placed in the last blocks is loaded, the split
+        graphs' (provisional features and a resume point, like torch's); else the frozen graph (exact, no resume)."""
         if self.images_by_torch():
             return self.torch.encode_frozen(images)
+        if self._top:
+            return self._split_frozen(images)
         return self.encode_image(images), None
 
+    def _split_frozen(self, images: torch.Tensor) -> tuple[torch.Tensor, _GraphResume]:
+        activations = self._run("image_bottom", images=_numpy(images))
+        features, last = self.sessions["image_top_frozen"].run(None, {"activations": activations})
+        block = self.spec.top_block(self._layers("visual"))
+        return _tensor(features), _GraphResume(block, torch.from_numpy(activations), True, torch.from_numpy(last))
+
     def finish_frozen(self, resume):
-        """Only torch's frozen pass is provisional (the graphs' is exact)."""
+        """The whole last block over the split graphs' batch (`image_last`), or torch's."""
+        if isinstance(resume, _GraphResume):
+            return _tensor(self._run("image_last", last=resume.last.numpy()))
         return self.torch.finish_frozen(resume)
 
     def encode_image(self, images, tasks=None, weights=None, resume=None):
-        if resume is not None or self.images_by_torch():  # a resume point only ever comes from torch's frozen pass
+        if self.images_by_torch() or (resume is not None and not isinstance(resume, _GraphResume)):
             return self.torch.encode_image(images, tasks, weights, resume)
         images = images.detach().float().cpu()
         batch = images.shape[0]
@@ -213,44 +262,57 @@ class OnnxRuntime:
         if len(w) != batch:
             raise ValueError(f"got {len(w)} weights for a batch of {batch}")
         # samples with no task or w = 0: frozen; image-text prompt tasks: torch (here, residual prompts the graphs
-        # cannot take have sent the whole call to torch above); the rest: prompted graph
+        # cannot take have sent the whole call to torch above); tasks in the last blocks: the top graph (from the
+        # resume point when given); the rest: the whole prompted graph
         active = [i for i in range(batch) if names[i] is not None and w[i] != 0]
         for i in active:
             if names[i] not in self._torch_tasks:
                 self._task(names[i])
         by_torch = [i for i in active if names[i] in self._torch_tasks]
-        rows = sorted(set(range(batch)) - set(by_torch))  # the graph's: torch's rows are not run twice
+        top = [i for i in active if names[i] in self._top]
+        rows = sorted(set(range(batch)) - set(by_torch) - set(top))  # each row runs in one place only
         out = torch.empty(batch, self.embed_dim)
         if rows:
-            prompted = [j for j, i in enumerate(rows) if names[i] is not None and w[i] != 0]
-            x = (images if len(rows) == batch else images[rows]).numpy()
-            if not prompted:
-                feats = self._run("image_frozen", images=x)
-            else:
-                feats = self._run("image_prompted", images=x,
-                                  **self._image_prompts([names[i] for i in rows], [w[i] for i in rows], prompted, len(rows)))
-            out[rows] = torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))
+            out[rows] = self._whole_graph(images if len(rows) == batch else images[rows],
+                                          [names[i] for i in rows], [w[i] for i in rows])
+        if top:
+            activations = (resume.activations[top].numpy() if resume is not None
+                           else self._run("image_bottom", images=images[top].numpy()))
+            out[top] = _tensor(self._run("image_top_prompted", activations=activations,
+                                         **self._image_prompts([names[i] for i in top], [w[i] for i in top], top=True)))
         if by_torch:
             out[by_torch] = self.torch.encode_image(
                 images[by_torch], tasks=[names[i] for i in by_torch], weights=[w[i] for i in by_torch]
             )
         return out
 
-    def _image_prompts(self, names, w, rows, batch) -> dict[str, np.ndarray]:
-        """Per-sample prompt inputs: the task's padded prompts on `rows`, zeros and w = 0 elsewhere."""
-        d, n, width = self.spec.depth_image, self.spec.n_prefix, self.spec.width_image
+    def _whole_graph(self, images: torch.Tensor, names, w) -> torch.Tensor:
+        """Frozen (while a task placed in the last blocks is loaded, through the split graphs: the same bits as
+        `finish_frozen` of the batch), or the whole prompted graph."""
+        if any(n is not None and x != 0 for n, x in zip(names, w)):
+            return _tensor(self._run("image_prompted", images=images.numpy(), **self._image_prompts(names, w)))
+        if self._top:
+            return self.finish_frozen(self._split_frozen(images)[1])
+        return _tensor(self._run("image_frozen", images=images.numpy()))
+
+    def _image_prompts(self, names, w, top: bool = False) -> dict[str, np.ndarray]:
+        """Per-sample prompt inputs of the whole (or the top) prompted graph: each sample's task's padded prompts,
+        zeros and w = 0 for a sample without one."""
+        batch, table = len(names), self._top if top else self._tasks
+        d, n, width = self.spec.depth_top if top else self.spec.depth_image, self.spec.n_prefix, self.spec.width_image
         keys = np.zeros((batch, d, n, width), np.float32)
         values = np.zeros_like(keys)
         mask = np.zeros((batch, d, n), np.float32)
         weight = np.zeros(batch, np.float32)
-        for i in rows:
-            task = self._tasks[names[i]]
-            keys[i], values[i], mask[i] = task.keys["visual"], task.values["visual"], task.mask["visual"]
-            weight[i] = w[i]
+        for i, name in enumerate(names):
+            if name is not None and w[i] != 0:
+                task = table[name]
+                keys[i], values[i], mask[i] = task.keys["visual"], task.values["visual"], task.mask["visual"]
+                weight[i] = w[i]
         return {"prefix_keys": keys, "prefix_values": values, "prefix_mask": mask, "weight": weight}
 
     def encode_text(self, texts: Sequence[str], task: str | None = None, weight: float = 1.0) -> torch.Tensor:
-        if task is not None and weight != 0 and task in self._torch_tasks:
+        if task is not None and weight != 0 and self._text_by_torch(task):
             return self.torch.encode_text(texts, task, weight)
         tokens = self.backbone.tokenizer(list(texts)).cpu().numpy().astype(np.int64)
         if task is None or weight == 0:
@@ -264,12 +326,20 @@ class OnnxRuntime:
         return torch.from_numpy(np.ascontiguousarray(np.concatenate(chunks), dtype=np.float32))
 
     def class_text(self, class_names, templates, task=None, weight=1.0) -> torch.Tensor:
-        if task is not None and weight != 0 and task in self._torch_tasks:
+        if task is not None and weight != 0 and self._text_by_torch(task):
             return self.torch.class_text(class_names, templates, task, weight)
         return zero_shot_classifier(lambda texts: self.encode_text(texts, task, weight), list(class_names), list(templates))
 
     def logit_scale(self) -> float:
         return self._scale
+
+
+def _numpy(images: torch.Tensor) -> np.ndarray:
+    return images.detach().float().cpu().numpy()
+
+
+def _tensor(features: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
 
 
 # ----------------------------------------------------------------------------------------- choice
@@ -279,21 +349,22 @@ PROBE_TASK = "__keepclip_runtime_probe__"
 
 
 def measure(runtimes: dict[str, Any], image_size: tuple[int, int], batch: int = 4, rounds: int = 2) -> dict[str, float]:
-    """Median seconds of one frozen + one prompted image pass at `batch`, per runtime, repeats interleaved.
+    """Median seconds of one frozen + one prompted image pass at `batch` (the prompted one from the frozen pass's
+    resume point, as the engine runs them), per runtime, repeats interleaved.
 
-    Every runtime gets the same probe task (depth and n of `PromptConfig()`, random keys and values), removed
-    afterwards. One warm-up pass each is not counted.
+    Every runtime gets the same probe task (add-task's default shape: `default_depth` blocks at the top, n of
+    `PromptConfig()`; random keys and values), removed afterwards. One warm-up pass each is not counted.
     """
     images = torch.randn(batch, 3, *image_size, generator=torch.Generator().manual_seed(0))
     any_rt = next(iter(runtimes.values()))
     backbone = any_rt.backbone
-    config = PromptConfig()
+    config = PromptConfig(depth=default_depth(len(backbone.image_blocks)), placement="output")
     g = torch.Generator().manual_seed(1)
     prompts = {}
     for tower, blocks in (("visual", backbone.image_blocks), ("text", backbone.text_blocks)):
         attn = blocks[0].attn
         width = (attn.get_base_layer() if hasattr(attn, "get_base_layer") else attn).in_proj_weight.shape[1]
-        for layer in range(min(config.depth, len(blocks))):
+        for layer in config.layers(len(blocks)):
             prompts[f"{tower}.{layer}.key"] = torch.rand(config.n_prefix, width, generator=g) * 0.04 - 0.02
             prompts[f"{tower}.{layer}.value"] = torch.randn(config.n_prefix, width, generator=g) * 0.02
     weights = [1.0] * batch
@@ -304,17 +375,21 @@ def measure(runtimes: dict[str, Any], image_size: tuple[int, int], batch: int = 
         for name, rt in runtimes.items():
             rt.load_task(slots[name], prompts, config)
             loaded.append(name)
-            rt.encode_image(images), rt.encode_image(images, [slots[name]] * batch, weights)  # warm-up
+            _probe(rt, images, slots[name], weights)  # warm-up
         for _ in range(rounds):
             for name, rt in runtimes.items():
                 start = time.perf_counter()
-                rt.encode_image(images)
-                rt.encode_image(images, [slots[name]] * batch, weights)
+                _probe(rt, images, slots[name], weights)
                 times[name].append(time.perf_counter() - start)
     finally:
         for name in loaded:
             runtimes[name].delete_task(slots[name])
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _probe(runtime, images: torch.Tensor, slot: str, weights: list[float]) -> None:
+    _, resume = runtime.encode_frozen(images)
+    runtime.encode_image(images, [slot] * len(images), weights, resume=resume)
 
 
 def select_runtime(settings) -> Runtime:

@@ -28,11 +28,6 @@ class SplitSettings:
     eval_batch_size: int = setting(256, "images per forward pass when evaluating and fingerprinting")
 
 
-def default_depth(image_blocks: int) -> int:
-    """add-task's prompt depth when --depth is not given: a third of the image tower's blocks, rounded (at least 1)."""
-    return max(1, round(image_blocks / 3))
-
-
 @dataclass(frozen=True)
 class ResidualPromptSettings(SplitSettings):
     """The recipe; defaults follow the reference (DIKI-style residual prompts on MTIL), but for where the prompts sit."""
@@ -71,6 +66,8 @@ class ResidualPromptSettings(SplitSettings):
 
     def for_tower(self, image_blocks: int) -> "ResidualPromptSettings":
         """These settings with the default depth resolved for a backbone of `image_blocks` image blocks."""
+        from backbone.prompts import default_depth  # here, not at the top: `add-task --help` imports no torch
+
         return self if self.depth is not None else replace(self, depth=default_depth(image_blocks))
 
     def prompt_shape(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from backbone import PromptConfig, PromptedCLIP
-from backbone.onnx_export import GRAPHS, MANIFEST, GraphSpec, OnnxCache, OnnxExportError, export_graph
+from backbone.onnx_export import GRAPHS, MANIFEST, TOP_GRAPHS, GraphSpec, OnnxCache, OnnxExportError, export_graph
 from tests.conftest import TINY_NAMES, random_images, tiny_backbone
 
 PARITY = 1e-4  # max abs, fp32, ONNX Runtime vs torch eager
@@ -23,6 +23,9 @@ SAME = 1e-6  # prompted graph at w = 0 vs frozen graph
 ACTS = 1e-3  # prompts that act move features by more than this (10x the parity tolerance)
 FULL = PromptConfig(depth=8, n_prefix=8)  # the graph's size (depth capped at the tiny towers' 2-3 layers)
 SMALL = PromptConfig(depth=1, n_prefix=3)  # padded into the graph: 1 real layer of 3 real prefixes
+TOP = 2  # image blocks of the top graphs in these exports (the default, a third of the tower, is 1 here)
+TOP_FULL = PromptConfig(depth=TOP, n_prefix=8, placement="output")
+TOP_SMALL = PromptConfig(depth=1, n_prefix=3, placement="output")  # in the top graph's last layer, 3 real prefixes
 
 
 def randomize(model: PromptedCLIP, task: str, config: PromptConfig, seed: int) -> None:
@@ -41,7 +44,7 @@ def exports(tmp_path_factory):
     def get(name):
         if name not in done:
             backbone = tiny_backbone(name)
-            done[name] = backbone, OnnxCache(root).ensure(backbone, GraphSpec.for_backbone(backbone))
+            done[name] = backbone, OnnxCache(root).ensure(backbone, GraphSpec.for_backbone(backbone, depth_top=TOP))
         return done[name]
 
     return get
@@ -52,27 +55,33 @@ def g(request, exports):
     """Graphs of one tiny config, ORT sessions, and the torch reference with two tasks."""
     backbone, cached = exports(request.param)
     assert cached.exported
-    sessions = {name: ort.InferenceSession(str(cached.path(name)), providers=["CPUExecutionProvider"]) for name in GRAPHS}
+    sessions = {name: ort.InferenceSession(str(cached.path(name)), providers=["CPUExecutionProvider"])
+                for name in cached.spec.graphs}
     model = PromptedCLIP(backbone)
     randomize(model, "full", FULL, seed=1)
     randomize(model, "small", SMALL, seed=2)
+    randomize(model, "top", TOP_FULL, seed=3)
+    randomize(model, "top_small", TOP_SMALL, seed=4)
     images = random_images(backbone, 6)
     tokens = backbone.tokenizer(["a photo of a cat.", "a dog", "an airplane in the sky"])
     return SimpleNamespace(backbone=backbone, spec=cached.spec, s=sessions, model=model, images=images, tokens=tokens)
 
 
-def padded(g, task: str | None, tower: str, garbage: bool = False):
-    """(keys, values, mask) of `task` zero-padded to the graph's (depth, n); `garbage`: random numbers in the padding."""
-    depth, n, width = g.spec.depth(tower), g.spec.n_prefix, g.spec.width(tower)
+def padded(g, task: str | None, tower: str, garbage: bool = False, top: bool = False):
+    """(keys, values, mask) of `task` zero-padded to the (top) graph's (depth, n), a top task in its last layers;
+    `garbage`: random numbers in the padding."""
+    depth, n, width = g.spec.depth_top if top else g.spec.depth(tower), g.spec.n_prefix, g.spec.width(tower)
     gen = torch.Generator().manual_seed(99)
     fill = (lambda: torch.randn(depth, n, width, generator=gen) * 3) if garbage else (lambda: torch.zeros(depth, n, width))
     keys, values, mask = fill(), fill(), torch.zeros(depth, n)
     if task is not None:
         config, state = g.model.config(task), g.model.task_state(task)
-        for layer in range(min(config.depth, depth)):
-            keys[layer, : config.n_prefix] = state[f"{tower}.{layer}.key"]
-            values[layer, : config.n_prefix] = state[f"{tower}.{layer}.value"]
-            mask[layer, : config.n_prefix] = 1
+        layers = g.model.prompted_layers(tower, config)
+        first = depth - len(layers) if top else 0
+        for i, layer in enumerate(layers):
+            keys[first + i, : config.n_prefix] = state[f"{tower}.{layer}.key"]
+            values[first + i, : config.n_prefix] = state[f"{tower}.{layer}.value"]
+            mask[first + i, : config.n_prefix] = 1
     return keys, values, mask
 
 
@@ -85,6 +94,19 @@ def run_images(g, rows, garbage=False, unmasked=False) -> np.ndarray:
         "prefix_keys": torch.stack([p[0] for p in parts]).numpy(),
         "prefix_values": torch.stack([p[1] for p in parts]).numpy(),
         "prefix_mask": (torch.ones_like(mask) if unmasked else mask).numpy(),
+        "weight": np.array([w for _, w in rows], np.float32),
+    })[0]
+
+
+def run_top(g, rows, garbage=False) -> np.ndarray:
+    """The split graphs, prompted: `image_bottom`, then `image_top_prompted`; rows[i] = (top task or None, w)."""
+    activations = g.s["image_bottom"].run(None, {"images": g.images[: len(rows)].numpy()})[0]
+    parts = [padded(g, task, "visual", garbage, top=True) for task, _ in rows]
+    return g.s["image_top_prompted"].run(None, {
+        "activations": activations,
+        "prefix_keys": torch.stack([p[0] for p in parts]).numpy(),
+        "prefix_values": torch.stack([p[1] for p in parts]).numpy(),
+        "prefix_mask": torch.stack([p[2] for p in parts]).numpy(),
         "weight": np.array([w for _, w in rows], np.float32),
     })[0]
 
@@ -162,6 +184,26 @@ def test_padding_a_smaller_task_is_exact_and_the_mask_is_what_makes_it_so(g):
     assert maxdiff(run_images(g, rows, unmasked=True), zero_padded) > ACTS
 
 
+def test_the_split_graphs_match_torch(g):
+    """Prompts in the last blocks: the bottom once, the frozen top (pooled token, and the last block's input), the
+    whole last block, and the prompted top with a mixed batch (a shallower task padded into its last layer)."""
+    if not g.spec.depth_top:  # this tower's feature is not its last block's first token: torch serves such tasks
+        assert not PromptedCLIP(g.backbone).pools_first_token() and set(g.s) == set(GRAPHS)
+        return
+    assert set(g.s) == set(GRAPHS + TOP_GRAPHS)
+    activations = g.s["image_bottom"].run(None, {"images": g.images.numpy()})[0]
+    pooled, last = g.s["image_top_frozen"].run(None, {"activations": activations})
+    exact = g.s["image_last"].run(None, {"last": last})[0]
+    with torch.no_grad():
+        want = g.model.encode_image(g.images, normalize=True).numpy()
+    assert maxdiff(pooled, want) <= PARITY and maxdiff(exact, want) <= PARITY
+    rows = [("top", 1.0), ("top_small", 0.3), (None, 0.0), ("top", 0.3), ("top_small", 1.0), ("top", 0.0)]
+    got, expected = run_top(g, rows), torch_images(g, rows)
+    assert maxdiff(got, expected) <= PARITY
+    assert maxdiff(expected[0], want[0]) > ACTS and maxdiff(expected[1], want[1]) > ACTS  # the prompts act
+    assert np.array_equal(run_top(g, rows, garbage=True), got)  # the padding adds exactly nothing
+
+
 def test_an_opset_without_an_operator_is_a_clear_export_error(g, tmp_path):
     spec = dataclasses.replace(g.spec, opset=13)  # scaled_dot_product_attention needs opset 14
     with pytest.raises(OnnxExportError, match=r"image_frozen graph .* opset 13 failed at operator aten::scaled_dot_product_attention"):
@@ -175,14 +217,15 @@ def test_the_cache_is_reused_and_a_damaged_or_stale_cache_is_reexported(exports,
     directory = cache.directory(backbone)
     assert directory.name == f"{TINY_NAMES[0]}-{backbone.fingerprint.sha256[:16]}"
     manifest = json.loads((exported.directory / MANIFEST).read_text())
-    assert manifest["spec"]["n_prefix"] == 8 and manifest["spec"]["opset"] == 17 and set(manifest["sha256"]) == set(GRAPHS)
+    assert manifest["spec"]["n_prefix"] == 8 and manifest["spec"]["opset"] == 17
+    assert set(manifest["sha256"]) == set(spec.graphs) == set(GRAPHS + TOP_GRAPHS)
     assert {"torch", "onnx", "onnxruntime"} <= set(manifest["versions"])
     shutil.copytree(exported.directory, directory)  # what an earlier process left in the cache
-    mtimes = {name: (directory / f"{name}.onnx").stat().st_mtime_ns for name in GRAPHS}
+    mtimes = {name: (directory / f"{name}.onnx").stat().st_mtime_ns for name in spec.graphs}
 
     reused = cache.ensure(backbone, spec)  # nothing exported, files untouched
     assert not reused.exported and reused.directory == directory
-    assert {name: reused.path(name).stat().st_mtime_ns for name in GRAPHS} == mtimes
+    assert {name: reused.path(name).stat().st_mtime_ns for name in spec.graphs} == mtimes
 
     path = reused.path("image_prompted")  # damage one graph: overwrite bytes in the middle
     data = bytearray(path.read_bytes())

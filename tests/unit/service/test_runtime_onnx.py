@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from backbone import PromptConfig, UnknownTask, load_backbone
 from service.engine import Engine
 from service.runtime import Runtime, TorchRuntime
-from service.runtime_onnx import OnnxRuntime
+from service.runtime_onnx import OnnxRuntime, _GraphResume
 from service.settings import ServiceSettings
 from testkit.tasks import color_sample, make_color_task
 
@@ -88,34 +88,55 @@ def test_a_task_larger_than_the_graphs_is_served_by_torch_and_logged(runtimes, t
             rt.delete_task("blue#1"), rt.delete_task("red#2")
 
 
-def test_a_task_placed_in_the_last_blocks_is_served_by_torch(runtimes, task_maker, caplog):
+def test_a_task_placed_in_the_last_blocks_runs_in_the_split_graphs(runtimes, task_maker):
     onnx, ref = runtimes
     top = make_color_task(task_maker, "green", config=PromptConfig(depth=1, n_prefix=4, placement="output"), prompt_scale=0.5)
-    with caplog.at_level("INFO", logger="service.runtime_onnx"):
-        load_both(runtimes, "green#9", top)
-    # add-task's default placement: said, but not as a warning (a task too large for the graphs is one, above)
-    [record] = [r for r in caplog.records if "green#9" in r.getMessage()]
-    assert record.getMessage() == "task green#9 does not fit the ONNX graphs (placement output): it is served by torch"
-    assert record.levelname == "INFO"
+    load_both(runtimes, "green#9", top)  # add-task's default placement, as deep as the top graphs (a third of 3 blocks)
     images = color_batch(onnx, "green", "red")
     tasks, weights = ["green#9", None], [1.0, 0.0]
     try:
-        # while it is loaded, images go through torch whole: the frozen pass keeps the block its prompted pass
-        # resumes from (the graphs' frozen pass would be done twice for its images)
-        assert onnx.images_by_torch()
+        assert not onnx.images_by_torch() and not onnx.served_by_torch("green#9")
+        # the frozen pass keeps the block the prompted pass resumes from, as torch's does
         frozen, resume = onnx.encode_frozen(images)
-        assert resume is not None and resume.block == len(onnx.backbone.image_blocks) - 1
+        assert isinstance(resume, _GraphResume) and resume.provisional
+        assert resume.block == len(onnx.backbone.image_blocks) - 1
         exact = onnx.finish_frozen(resume)
         assert torch.equal(exact, onnx.encode_image(images))  # the frozen answer: bit for bit the frozen pass
         assert (exact - ref.encode_image(images)).abs().max() <= PARITY and (frozen - exact).abs().max() <= PARITY
         resumed = onnx.encode_image(images[:1], tasks[:1], weights[:1], resume=resume.rows([0]))
-        assert (resumed - ref.encode_image(images[:1], tasks[:1], weights[:1])).abs().max() <= PARITY
+        want = ref.encode_image(images[:1], tasks[:1], weights[:1])
+        assert (resumed - want).abs().max() <= PARITY and (want - exact[:1]).abs().max() > 1e-3  # the prompts act
         assert (onnx.encode_image(images, tasks, weights) - ref.encode_image(images, tasks, weights)).abs().max() <= PARITY
+        names, templates = ["light green", "dark green"], ["a photo of a {}."]  # text prompts in the last blocks: torch
+        got = onnx.class_text(names, templates, task="green#9")
+        assert (got - ref.class_text(names, templates, task="green#9")).abs().max() <= PARITY
+        assert (got - ref.class_text(names, templates)).abs().max() > 1e-3
     finally:
         for rt in runtimes:
             rt.delete_task("green#9")
-    frozen, resume = onnx.encode_frozen(images)  # gone: the graphs again, exact and without a resume point
-    assert not onnx.images_by_torch() and resume is None and (frozen - ref.encode_image(images)).abs().max() <= PARITY
+    frozen, resume = onnx.encode_frozen(images)  # gone: the whole frozen graph again, exact and without a resume point
+    assert resume is None and (frozen - ref.encode_image(images)).abs().max() <= PARITY
+
+
+def test_a_task_deeper_than_the_top_graphs_sends_the_images_to_torch(runtimes, task_maker, caplog):
+    onnx, ref = runtimes
+    deep = make_color_task(task_maker, "green", config=PromptConfig(depth=2, n_prefix=4, placement="output"), prompt_scale=0.5)
+    with caplog.at_level("WARNING", logger="service.runtime_onnx"):
+        load_both(runtimes, "green#7", deep)
+    assert "task green#7 does not fit the ONNX graphs (image depth 2 in the last blocks > 1): it is served by torch" in caplog.text
+    images = color_batch(onnx, "green", "red")
+    try:
+        # images go through torch whole: its frozen pass keeps the block that task resumes from
+        assert onnx.images_by_torch() and onnx.served_by_torch("green#7")
+        frozen, resume = onnx.encode_frozen(images)
+        assert not isinstance(resume, _GraphResume) and resume.block == len(onnx.backbone.image_blocks) - 2
+        assert torch.equal(onnx.finish_frozen(resume), onnx.encode_image(images))
+        resumed = onnx.encode_image(images[:1], ["green#7"], [1.0], resume=resume.rows([0]))
+        assert (resumed - ref.encode_image(images[:1], ["green#7"], [1.0])).abs().max() <= PARITY
+    finally:
+        for rt in runtimes:
+            rt.delete_task("green#7")
+    assert not onnx.images_by_torch()
 
 
 def test_engine_batches_auto_follows_where_the_images_run(runtimes, task_maker, monkeypatch):
@@ -131,6 +152,13 @@ def test_engine_batches_auto_follows_where_the_images_run(runtimes, task_maker, 
     top = make_color_task(task_maker, "green", config=PromptConfig(depth=1, n_prefix=4, placement="output"))
     load_both(runtimes, "green#8", top)
     try:
+        assert limit() == 1  # add-task's default shape runs in the graphs
+    finally:
+        for rt in runtimes:
+            rt.delete_task("green#8")
+    deep = make_color_task(task_maker, "green", config=PromptConfig(depth=2, n_prefix=4, placement="output"))
+    load_both(runtimes, "green#8", deep)
+    try:
         assert limit() == 2  # asked per batch: the task the graphs cannot take sends the images to torch
     finally:
         for rt in runtimes:
@@ -144,9 +172,10 @@ def summary(results):
     return [(r.task, r.version, [s.label for s in r.scores]) for r in results]
 
 
-@pytest.mark.parametrize("placement", ["input", "output"])  # output: the graphs cannot take it, torch serves the images
-def test_engine_with_runtime_onnx_classifies_like_runtime_torch(settings, store, task_maker, onnx_cache, placement):
-    config = PromptConfig(depth=2, n_prefix=4, placement=placement)
+# output at depth 1: the split graphs; at depth 2 (deeper than they are): torch serves the images
+@pytest.mark.parametrize("placement,depth", [("input", 2), ("output", 1), ("output", 2)])
+def test_engine_with_runtime_onnx_classifies_like_runtime_torch(settings, store, task_maker, onnx_cache, placement, depth):
+    config = PromptConfig(depth=depth, n_prefix=4, placement=placement)
     for i, name in enumerate(("red", "green", "blue")):
         store.publish(make_color_task(task_maker, name, seed=i, prompt_scale=0.2, config=config))
     engines = {
@@ -158,7 +187,7 @@ def test_engine_with_runtime_onnx_classifies_like_runtime_torch(settings, store,
         results = {}
         for rt, engine in engines.items():
             assert engine.sync() and set(engine.state.tasks) == {"red", "green", "blue"}
-        assert engines["onnx"].runtime.images_by_torch() == (placement == "output")
+        assert engines["onnx"].runtime.images_by_torch() == (placement == "output" and depth == 2)
         for rt, engine in engines.items():
             pil = [Image.fromarray(color_sample(n, 1, seed=31 + i)[0]) for i, n in enumerate(["red", "blue", "yellow", "green", "red"])]
             images = [engine.preprocess(p) for p in pil]

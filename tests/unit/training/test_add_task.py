@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from backbone import DEFAULT_TEMPLATES, PixelPipeline, PromptConfig, PromptedCLIP, TaskStats, text_classifier
+from backbone.prompts import default_depth
 from prompts_store import TaskArtifact, open_store
 from tests.conftest import REPO, tiny_backbone
 from tests.unit.training.helpers import CLASS_NAMES, TINY_MODEL, colour_images, tiny_args, write_npz
@@ -16,7 +17,7 @@ from training.add_task import build_parser
 from training.data import split_train_val
 from training.learner import ResidualPromptLearner, TaskData
 from training.data import ImageSet
-from training.settings import ResidualPromptSettings, default_depth
+from training.settings import ResidualPromptSettings
 
 
 def test_add_task_publishes_an_artifact_that_classifies_its_own_validation_images(paths, add_task):
