@@ -38,8 +38,8 @@ slots hold.
 A layer beyond the task's depth is all padding: its branch is multiplied by 0 (the mask's row maximum), so it adds
 exactly 0 (and the finite fill keeps its softmax NaN-free, which `-inf` would not).
 
-**How the graphs are built.** No copy of open_clip's code: for the export, each of the first `depth` blocks' `attn`
-is temporarily replaced (peft-style `setattr` on the parent block, restored afterwards) by `_FeedAttention`, the torch
+**How the graphs are built.** No copy of open_clip's code: for the export, each prompted block's `attn` (the first
+`depth`, or the top graph's) is temporarily replaced (peft-style `setattr` on the parent block, restored afterwards) by `_FeedAttention`, the torch
 engine's `PromptedAttention` with its prompts read from the graph inputs (handed over in a `ScopedValue`, the carrier
 of the torch engine's routing): every sample goes through the same `fused_attention` the torch engine runs (`backbone/prompts.py`: one in-projection, the frozen attention plus
 `w · softmax(q P_Kᵀ/√h + mask) P_V`, one output projection). The export modules then call open_clip's own

@@ -6,12 +6,14 @@
 Per backbone (`proxy` = ../shared/models/proxy-clip; any other name is an open_clip model, random init unless
 `--pretrained` is given — never downloaded):
 
-1. **export**: a child process exports the four graphs into an empty cache directory: wall seconds per graph and the
+1. **export**: a child process exports the graphs into an empty cache directory: wall seconds per graph and the
    child's peak RSS (the exporter holds a traced copy of the weights while it works);
-2. **extra memory**: in this process, RSS before and after building `OnnxRuntime` from that cache (the four
-   onnxruntime sessions; the torch weights are there in both cases);
+2. **extra memory**: in this process, RSS before and after building `OnnxRuntime` from that cache (the frozen
+   graphs' onnxruntime sessions; the torch weights are there in both cases), and after its engine has loaded the
+   tasks (which open the sessions of the prompted graphs they use);
 3. **speed**: two engines over the same store of hand-made tasks (`testkit.tasks.make_task`: real fingerprints of
-   `--fit-images` training images per domain, random prompts of the default size 8 x 8), one on `TorchRuntime`, one
+   `--fit-images` training images per domain, random prompts of add-task's default shape, in the last blocks, or with
+   `--placement input` the reference's 8 x 8 in the first blocks), one on `TorchRuntime`, one
    on `OnnxRuntime`, each on its own copy of the same weights. Jobs are task-agnostic `ClassifyJob`s of domain test
    images (already preprocessed: decoding is the same for both and not measured): frozen pass, routing, prompted
    pass for the routed images, logits — the real engine path. Per batch size, pairs of adjacent `run_batch` calls on
@@ -115,7 +117,7 @@ def bench_backbone(spec: str, args, workdir: Path) -> dict:
     from service.runtime import TorchRuntime
     from service.runtime_onnx import OnnxRuntime
     from service.settings import ServiceSettings
-    from testkit.tasks import make_task
+    from testkit.tasks import default_prompt_config, make_task
 
     model, checkpoint = resolve(spec, args.pretrained, workdir)
     cache = workdir / f"onnx-cache-{spec}"
@@ -130,13 +132,16 @@ def bench_backbone(spec: str, args, workdir: Path) -> dict:
 
     print(f"[{spec}] fingerprinting hand-made tasks ...", flush=True)
     store = open_store(workdir / f"store-{spec}")
+    config = default_prompt_config(torch_rt.model) if args.placement == "output" else PromptConfig()
     for i, (name, (images, labels, classes)) in enumerate(domain_images(args.data, "train", args.fit_images, 0).items()):
-        store.publish(make_task(torch_rt.model, name, images, labels.tolist(), classes, config=PromptConfig(),
+        store.publish(make_task(torch_rt.model, name, images, labels.tolist(), classes, config=config,
                                 prompt_scale=0.02, seed=i))
     settings = ServiceSettings(model=model, pretrained=checkpoint, device="cpu", store=store.url, ui=False)
     engines = {"torch": Engine(torch_rt, store, settings), "onnx": Engine(onnx_rt, store, settings)}
-    for engine in engines.values():
-        engine.sync()
+    engines["torch"].sync()
+    rss1 = rss_mib()
+    engines["onnx"].sync()
+    extra_with_tasks_mib = extra_mib + rss_mib() - rss1
     test = domain_images(args.data, "test", args.images, 1)
     pool = [im for images, _, _ in test.values() for im in images]
     order = np.random.default_rng(0).permutation(len(pool))
@@ -176,6 +181,8 @@ def bench_backbone(spec: str, args, workdir: Path) -> dict:
     for engine in engines.values():
         engine.close()
     return {"backbone": spec, "model": model, "export": export, "extra_rss_mib": extra_mib,
+            "extra_rss_with_tasks_mib": extra_with_tasks_mib, "config": config.to_dict(),
+            "open_graphs": onnx_rt.open_graphs(),
             "same_answers": answers["onnx"] == answers["torch"], "rows": rows,
             "tasks": sorted(engines["onnx"].state.tasks)}
 
@@ -197,14 +204,16 @@ def markdown(results: list[dict], args) -> str:
             lines.append(f"| {res['backbone']} | {row['batch']} | {row['pairs']} | {row['torch']:.2f} | {row['onnx']:.2f} | "
                          f"**{row['ratio']:.2f}x** | {row['ratio_median']:.2f} ({row['ratio_q1']:.2f}–{row['ratio_q3']:.2f}) "
                          f"| {row['routed']:.0%} |")
-    lines += ["", "| backbone | export, 4 graphs (cold cache) | graph files | peak RSS of the exporting process | "
-              "extra RSS of the ONNX sessions | same answers as torch (8 images) |", "|---|---|---|---|---|---|"]
+    lines += ["", "| backbone | export (cold cache) | graph files | peak RSS of the exporting process | "
+              "extra RSS of the ONNX sessions: at start, with the tasks | same answers as torch (8 images) |",
+              "|---|---|---|---|---|---|"]
     for res in results:
         e = res["export"]
         per = ", ".join(f"{g.replace('_', ' ')} {s:.1f}" for g, s in e["per_graph"].items())
         lines.append(f"| {res['backbone']} | {e['seconds']:.1f} s ({per}) | {sum(e['sizes_mib'].values()):.0f} MiB | "
                      f"{e['peak_rss_mib']:.0f} MiB (after loading: {e['rss_before_mib']:.0f}) | "
-                     f"{res['extra_rss_mib']:.0f} MiB | {'yes' if res['same_answers'] else 'NO'} |")
+                     f"{res['extra_rss_mib']:.0f} MiB, {res['extra_rss_with_tasks_mib']:.0f} MiB "
+                     f"({len(res['open_graphs'])} graphs open) | {'yes' if res['same_answers'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -216,6 +225,9 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=4, help="at least this many interleaved pairs of calls per batch size")
     p.add_argument("--images", type=int, default=32, help="images per engine per batch size (at least --rounds calls)")
     p.add_argument("--fit-images", type=int, default=64, help="training images per domain for each task's fingerprint")
+    p.add_argument("--placement", choices=("output", "input"), default="output",
+                   help="the tasks' prompts: add-task's default shape in the last blocks, or the reference's 8 x 8 in the "
+                        "first [output]")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch and onnxruntime threads")
     p.add_argument("--data", type=Path, default=SHARED / "data")
     p.add_argument("--json", type=Path, help="write the results here too")

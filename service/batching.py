@@ -125,17 +125,20 @@ class MicroBatcher:
                 future.set_result(result)
 
 
-AUTO_ENGINE_BATCHES = 2  # batches at once under `engine_batches` auto, while the image passes run in torch eager
+AUTO_ENGINE_BATCHES = 2  # batches at once under `engine_batches` auto, while the image passes run prompted or in torch
 
 
 def engine_batches(setting: int | None, runtime) -> int | Callable[[], int]:
     """A replica's `MicroBatcher` concurrency: `setting` when given. Auto (None): 1 on GPU or a single core; on CPU
-    `AUTO_ENGINE_BATCHES` while the image passes run in torch eager, whose ops leave the GIL while they compute, so a
-    second batch uses a second core (measured on 2 cores over HTTP: 1.2-1.5x the images/s), and 1 while they run in
-    the ONNX graphs (0.7-0.9x with two). Asked per batch: loading a task the graphs cannot take switches it."""
+    `AUTO_ENGINE_BATCHES` while the image passes run in torch eager, or in the ONNX graphs with prompt tasks loaded
+    (several graph calls per batch with routing between them), all of which leave the GIL while they compute, so a
+    second batch uses a second core (measured on 2 cores over HTTP: torch 1.2-1.5x the images/s, prompt tasks in the
+    split graphs 1.0-1.25x in 4 interleaved pairs), and 1 while only frozen graphs run (head tasks: 0.7-0.9x with two
+    in one session's pairs, 1.07x in another's). Asked per batch: loading or removing a task switches it."""
     if setting:
         return setting
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if runtime.device.type != "cpu" or cores < 2:
         return 1
-    return lambda: AUTO_ENGINE_BATCHES if runtime.images_by_torch() else 1
+    prompted_graphs = getattr(runtime, "prompted_graphs_in_use", lambda: False)  # OnnxRuntime's
+    return lambda: AUTO_ENGINE_BATCHES if runtime.images_by_torch() or prompted_graphs() else 1

@@ -20,13 +20,15 @@ When the graphs cannot be exported or loaded, the error (graph, operator, opset)
 
 Execution provider: `CUDAExecutionProvider` when onnxruntime-gpu is installed and the backbone is on a CUDA device,
 else `CPUExecutionProvider`; intra-op threads = torch's (the cores this process may use, or the replica's share),
-all graph optimisations on.
+all graph optimisations on. A graph's session is opened when first needed: the frozen ones at start, the prompted
+ones with the first task that uses them.
 """
 from __future__ import annotations
 
 import logging
 import os
 import statistics
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ import numpy as np
 import torch
 
 from backbone import Backbone, PromptConfig, UnknownTask, load_backbone
-from backbone.onnx_export import DEFAULT_OPSET, CachedGraphs, GraphSpec, OnnxCache
+from backbone.onnx_export import DEFAULT_OPSET, TOP_GRAPHS, CachedGraphs, GraphSpec, OnnxCache
 from backbone.prompts import default_depth
 from backbone.zeroshot import zero_shot_classifier
 
@@ -115,9 +117,11 @@ class OnnxRuntime:
         # spinning threads would take those cores (measured: torch passes ran up to 50x slower right after a run)
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = providers or providers_for(backbone.device)
-        self.sessions = {g: ort.InferenceSession(str(self.graphs.path(g)), opts, providers=self.providers)
-                         for g in self.spec.graphs}
-        used = self.sessions["image_frozen"].get_providers()[0]
+        self._options = opts
+        self._sessions: dict[str, Any] = {}  # graph -> InferenceSession, opened when first needed (`_session`)
+        self._opening = threading.Lock()
+        used = self._session("image_frozen").get_providers()[0]
+        self._session("text_frozen")
         self.device = torch.device("cuda", backbone.device.index or 0) if used == "CUDAExecutionProvider" else torch.device("cpu")
         self._scale = self.torch.logit_scale()
         self._tasks: dict[str, _TaskPrompts] = {}  # slot -> padded prompts (graph path, first blocks)
@@ -138,7 +142,22 @@ class OnnxRuntime:
 
     def close(self) -> None:
         """Drop the sessions (their memory); the object is unusable afterwards."""
-        self.sessions = {}
+        self._sessions = {}
+
+    def _session(self, graph: str):
+        """The graph's session, opened on first use: the frozen graphs at start, the prompted ones when a task that
+        needs them is loaded (in the poller thread, off the request path), so a replica holds the weights of only
+        the graphs its tasks use (a ViT-B's image graphs are ~350 MB each)."""
+        session = self._sessions.get(graph)
+        if session is None:
+            import onnxruntime as ort
+
+            with self._opening:
+                session = self._sessions.get(graph)
+                if session is None:
+                    session = ort.InferenceSession(str(self.graphs.path(graph)), self._options, providers=self.providers)
+                    self._sessions[graph] = session
+        return session
 
     # ------------------------------------------------------------------ tasks
     def load_task(self, slot: str, prompts: dict[str, torch.Tensor], config: PromptConfig) -> None:
@@ -156,9 +175,19 @@ class OnnxRuntime:
             self._torch_residual.add(slot)
             log.warning("task %s does not fit the ONNX graphs (%s): it is served by torch", slot, misfit)
         elif config.placement == "input":
+            self._open("image_prompted", "text_prompted")
             self._tasks[slot] = self._padded(prompts, config, top=False)
         else:
+            self._open(*TOP_GRAPHS)
             self._top[slot] = self._padded(prompts, config, top=True)
+
+    def _open(self, *graphs: str) -> None:
+        for graph in graphs:
+            self._session(graph)
+
+    def open_graphs(self) -> list[str]:
+        """The graphs whose sessions are open (their weights in memory)."""
+        return sorted(self._sessions)
 
     def _forget(self, slot: str) -> None:
         for table in (self._tasks, self._top):
@@ -219,7 +248,7 @@ class OnnxRuntime:
 
     # ------------------------------------------------------------------ encoding
     def _run(self, graph: str, **inputs: np.ndarray) -> np.ndarray:
-        return self.sessions[graph].run(None, inputs)[0]
+        return self._session(graph).run(None, inputs)[0]
 
     def images_by_torch(self) -> bool:
         """While a residual-prompt task the graphs cannot take is loaded (deeper or with more prefixes than they
@@ -228,6 +257,10 @@ class OnnxRuntime:
         run again. Frozen answers then come from that same torch pass, so w = 0 is still bit for bit the frozen
         pass."""
         return bool(self._torch_residual)
+
+    def prompted_graphs_in_use(self) -> bool:
+        """Whether a task loaded runs in the prompted graphs (`engine_batches` auto runs two batches at once then)."""
+        return bool(self._tasks or self._top)
 
     def encode_frozen(self, images):
         """Torch's frozen pass (`images_by_torch`); while a task placed in the last blocks is loaded, the split
@@ -240,7 +273,7 @@ class OnnxRuntime:
 
     def _split_frozen(self, images: torch.Tensor) -> tuple[torch.Tensor, _GraphResume]:
         activations = self._run("image_bottom", images=_numpy(images))
-        features, last = self.sessions["image_top_frozen"].run(None, {"activations": activations})
+        features, last = self._session("image_top_frozen").run(None, {"activations": activations})
         block = self.spec.top_block(self._layers("visual"))
         return _tensor(features), _GraphResume(block, torch.from_numpy(activations), True, torch.from_numpy(last))
 

@@ -89,9 +89,10 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     )
     engine_batches: int | None = Field(
         None, ge=1, le=16, description="batches one replica runs at once, each on its own engine thread with "
-        "torch_threads threads. None (auto): on CPU with 2+ cores, 2 while the image passes run in torch eager (its ops "
-        "leave the GIL: a second batch uses another core; 1.2-1.5x over HTTP on 2 cores), 1 while they run in the ONNX "
-        "graphs (0.7-0.9x with 2); 1 on GPU",
+        "torch_threads threads. None (auto): on CPU with 2+ cores, 2 while the image passes run in torch eager "
+        "(runtime torch, or a prompt task deeper than the ONNX graphs hold) or in the prompted ONNX graphs (any prompt "
+        "task loaded): their calls leave the GIL, so a second batch uses another core (1.0-1.5x over HTTP on 2 cores); "
+        "1 while only the frozen graphs run (head tasks: 0.7-1.07x with 2); 1 on GPU",
     )
     max_ongoing_requests: int = Field(
         256, ge=1, description="requests one replica holds at once, those still receiving their body included "

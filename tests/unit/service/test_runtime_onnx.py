@@ -8,6 +8,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from backbone import PromptConfig, UnknownTask, load_backbone
+from backbone.onnx_export import GRAPHS, TOP_GRAPHS
 from service.engine import Engine
 from service.runtime import Runtime, TorchRuntime
 from service.runtime_onnx import OnnxRuntime, _GraphResume
@@ -118,6 +119,19 @@ def test_a_task_placed_in_the_last_blocks_runs_in_the_split_graphs(runtimes, tas
     assert resume is None and (frozen - ref.encode_image(images)).abs().max() <= PARITY
 
 
+def test_a_graph_is_opened_when_a_task_first_needs_it(tiny_checkpoint, onnx_cache, task_maker):
+    """A replica holds the weights of the graphs its tasks use: the frozen ones from the start, the split image graphs
+    with the first task placed in the last blocks, the whole prompted ones with the first placed in the first."""
+    onnx = OnnxRuntime(load_backbone(TINY_JSON, tiny_checkpoint, "cpu"), cache_dir=onnx_cache)
+    assert onnx.open_graphs() == ["image_frozen", "text_frozen"]
+    top = make_color_task(task_maker, "green", config=PromptConfig(depth=1, n_prefix=4, placement="output"))
+    onnx.load_task("green#6", top.prompts, PromptConfig.from_dict(top.recipe["prompts"]))
+    assert onnx.open_graphs() == sorted(["image_frozen", "text_frozen", *TOP_GRAPHS])
+    first = make_color_task(task_maker, "red", config=PromptConfig(depth=2, n_prefix=4))
+    onnx.load_task("red#6", first.prompts, PromptConfig.from_dict(first.recipe["prompts"]))
+    assert onnx.open_graphs() == sorted(GRAPHS + TOP_GRAPHS)
+
+
 def test_a_task_deeper_than_the_top_graphs_sends_the_images_to_torch(runtimes, task_maker, caplog):
     onnx, ref = runtimes
     deep = make_color_task(task_maker, "green", config=PromptConfig(depth=2, n_prefix=4, placement="output"), prompt_scale=0.5)
@@ -140,19 +154,19 @@ def test_a_task_deeper_than_the_top_graphs_sends_the_images_to_torch(runtimes, t
 
 
 def test_engine_batches_auto_follows_where_the_images_run(runtimes, task_maker, monkeypatch):
-    """`engine_batches` auto: two batches at once on a 2-core CPU while the image passes run in torch eager, one while
-    they run in the ONNX graphs; a number set is kept; a single core gets one."""
+    """`engine_batches` auto: two batches at once on a 2-core CPU while the image passes run in torch eager or in the
+    prompted ONNX graphs, one while only the frozen graphs run; a number set is kept; a single core gets one."""
     from service.batching import engine_batches
 
     onnx, ref = runtimes
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert engine_batches(3, onnx) == 3 and engine_batches(None, ref)() == 2
     limit = engine_batches(None, onnx)
-    assert limit() == 1
+    assert limit() == 1  # no prompt task: the frozen graphs only
     top = make_color_task(task_maker, "green", config=PromptConfig(depth=1, n_prefix=4, placement="output"))
     load_both(runtimes, "green#8", top)
     try:
-        assert limit() == 1  # add-task's default shape runs in the graphs
+        assert limit() == 2 and not onnx.images_by_torch()  # add-task's default shape, in the split graphs
     finally:
         for rt in runtimes:
             rt.delete_task("green#8")
