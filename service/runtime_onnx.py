@@ -21,7 +21,7 @@ When the graphs cannot be exported or loaded, the error (graph, operator, opset)
 Execution provider: `CUDAExecutionProvider` when onnxruntime-gpu is installed and the backbone is on a CUDA device,
 else `CPUExecutionProvider`; intra-op threads = torch's (the cores this process may use, or the replica's share),
 all graph optimisations on. A graph's session is opened when first needed: the frozen ones at start, the prompted
-ones with the first task that uses them.
+ones with the first task that uses them; the whole frozen image graph is closed while the split graphs stand in for it.
 """
 from __future__ import annotations
 
@@ -178,12 +178,23 @@ class OnnxRuntime:
             self._open("image_prompted", "text_prompted")
             self._tasks[slot] = self._padded(prompts, config, top=False)
         else:
+            self._sessions.pop("image_frozen", None)  # closed first, so that the split graphs may reuse its memory
             self._open(*TOP_GRAPHS)
             self._top[slot] = self._padded(prompts, config, top=True)
+        self._frozen_graph_as_needed()
 
     def _open(self, *graphs: str) -> None:
         for graph in graphs:
             self._session(graph)
+
+    def _frozen_graph_as_needed(self) -> None:
+        """The whole frozen image graph is not run while a task placed in the last blocks is loaded (the split
+        graphs give the frozen features then): its session is closed, and opened again when the last such task
+        goes (a ViT-B's is ~350 MB). A call that still finds it closed opens it (`_session`)."""
+        if self._top:
+            self._sessions.pop("image_frozen", None)
+        else:
+            self._open("image_frozen")
 
     def open_graphs(self) -> list[str]:
         """The graphs whose sessions are open (their weights in memory)."""
@@ -227,6 +238,7 @@ class OnnxRuntime:
     def delete_task(self, slot: str) -> None:
         self.torch.delete_task(slot)  # UnknownTask if it was never loaded
         self._forget(slot)
+        self._frozen_graph_as_needed()
 
     def served_by_torch(self, slot: str) -> bool:
         return slot in self._torch_tasks

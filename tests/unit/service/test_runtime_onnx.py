@@ -121,15 +121,23 @@ def test_a_task_placed_in_the_last_blocks_runs_in_the_split_graphs(runtimes, tas
 
 def test_a_graph_is_opened_when_a_task_first_needs_it(tiny_checkpoint, onnx_cache, task_maker):
     """A replica holds the weights of the graphs its tasks use: the frozen ones from the start, the split image graphs
-    with the first task placed in the last blocks, the whole prompted ones with the first placed in the first."""
+    (instead of the whole frozen one) while a task placed in the last blocks is loaded, the whole prompted ones with
+    the first task placed in the first blocks."""
     onnx = OnnxRuntime(load_backbone(TINY_JSON, tiny_checkpoint, "cpu"), cache_dir=onnx_cache)
     assert onnx.open_graphs() == ["image_frozen", "text_frozen"]
     top = make_color_task(task_maker, "green", config=PromptConfig(depth=1, n_prefix=4, placement="output"))
     onnx.load_task("green#6", top.prompts, PromptConfig.from_dict(top.recipe["prompts"]))
-    assert onnx.open_graphs() == sorted(["image_frozen", "text_frozen", *TOP_GRAPHS])
+    # the split graphs give the frozen features now: the whole frozen image graph is closed while they do
+    assert onnx.open_graphs() == sorted(["text_frozen", *TOP_GRAPHS])
     first = make_color_task(task_maker, "red", config=PromptConfig(depth=2, n_prefix=4))
     onnx.load_task("red#6", first.prompts, PromptConfig.from_dict(first.recipe["prompts"]))
+    assert onnx.open_graphs() == sorted(["image_prompted", "text_frozen", "text_prompted", *TOP_GRAPHS])
+    images = color_batch(onnx, "red", "green")
+    frozen, resume = onnx.encode_frozen(images)
+    assert torch.equal(onnx.finish_frozen(resume), onnx.encode_image(images))
+    onnx.delete_task("green#6")  # the last task in the last blocks: the whole frozen graph again
     assert onnx.open_graphs() == sorted(GRAPHS + TOP_GRAPHS)
+    assert onnx.encode_frozen(images)[1] is None
 
 
 def test_a_task_deeper_than_the_top_graphs_sends_the_images_to_torch(runtimes, task_maker, caplog):
