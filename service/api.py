@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .batching import AUTO_ENGINE_BATCHES, MicroBatcher, engine_batches
+from .batching import MicroBatcher, engine_batcher, engine_executor
 from .docs_assets import mount_offline_docs
 from .engine import Engine
 from .http import ROUTERS
@@ -51,11 +51,10 @@ def create_app(
         engine = Engine.from_settings(settings, metrics=metrics).start()
         on_shutdown.append(engine.close)
     if executor is None:
-        executor = ThreadPoolExecutor(max_workers=settings.engine_batches or AUTO_ENGINE_BATCHES, thread_name_prefix="keepclip-engine")
+        executor = engine_executor(settings)
         on_shutdown.append(lambda: executor.shutdown(wait=False))
     if batcher is None:
-        batcher = MicroBatcher(engine.run_batch, executor, settings.max_batch_size, settings.batch_wait_timeout_s,
-                               engine_batches(settings.engine_batches, engine.runtime))
+        batcher = engine_batcher(engine, settings, executor)
 
     app = FastAPI(
         title="keepclip",

@@ -26,7 +26,6 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
@@ -46,7 +45,7 @@ class KeepclipDeployment:
     def __init__(self, settings: ServiceSettings):
         import torch
 
-        from .batching import AUTO_ENGINE_BATCHES, MicroBatcher, engine_batches
+        from .batching import engine_batcher, engine_executor
         from .engine import Engine
         from .metrics import ServiceMetrics
 
@@ -57,10 +56,8 @@ class KeepclipDeployment:
         self.settings = settings
         self.metrics = ServiceMetrics()
         self.engine = Engine.from_settings(settings, metrics=self.metrics).start()
-        self.executor = ThreadPoolExecutor(max_workers=settings.engine_batches or AUTO_ENGINE_BATCHES,
-                                           thread_name_prefix="keepclip-engine")
-        self.batcher = MicroBatcher(self.engine.run_batch, self.executor, settings.max_batch_size,
-                                    settings.batch_wait_timeout_s, engine_batches(settings.engine_batches, self.engine.runtime))
+        self.executor = engine_executor(settings)
+        self.batcher = engine_batcher(self.engine, settings, self.executor)
         log.info("keepclip replica up: %s, store %s, %d tasks, %d torch threads", self.engine.fingerprint["name"],
                  settings.store, len(self.engine.state.tasks), torch.get_num_threads())
 

@@ -14,7 +14,7 @@ import asyncio
 import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 
@@ -33,7 +33,6 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.concurrency = concurrency  # batches running at once, each on its own executor thread (a callable: asked per batch)
-        self._running: set[asyncio.Task] = set()  # the running batches' tasks (kept referenced), set by the worker
         self._pending: deque[tuple[Any, asyncio.Future]] = deque()
         self._wake: asyncio.Event | None = None  # set whenever jobs are queued
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -76,8 +75,7 @@ class MicroBatcher:
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
-        running, freed = set(), asyncio.Event()
-        self._running = running  # holds the batches' tasks
+        running, freed = set(), asyncio.Event()  # the running batches' tasks (kept referenced here), a batch ended
         while True:
             if not self._pending:
                 self._wake.clear()
@@ -140,5 +138,15 @@ def engine_batches(setting: int | None, runtime) -> int | Callable[[], int]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if runtime.device.type != "cpu" or cores < 2:
         return 1
-    prompted_graphs = getattr(runtime, "prompted_graphs_in_use", lambda: False)  # OnnxRuntime's
-    return lambda: AUTO_ENGINE_BATCHES if runtime.images_by_torch() or prompted_graphs() else 1
+    return lambda: AUTO_ENGINE_BATCHES if runtime.images_by_torch() or runtime.prompted_graphs_in_use() else 1
+
+
+def engine_executor(settings) -> ThreadPoolExecutor:
+    """The engine threads of a replica: as many as `engine_batches` may run batches at once."""
+    return ThreadPoolExecutor(max_workers=settings.engine_batches or AUTO_ENGINE_BATCHES, thread_name_prefix="keepclip-engine")
+
+
+def engine_batcher(engine, settings, executor: Executor) -> MicroBatcher:
+    """The replica's batcher: `engine.run_batch` on `executor`, as many batches at once as `engine_batches` says."""
+    return MicroBatcher(engine.run_batch, executor, settings.max_batch_size, settings.batch_wait_timeout_s,
+                        engine_batches(settings.engine_batches, engine.runtime))

@@ -77,6 +77,9 @@ class Runtime(Protocol):
     def images_by_torch(self) -> bool:
         """Whether the image passes run in torch eager now (`engine_batches` auto runs two batches at once then)."""
 
+    def prompted_graphs_in_use(self) -> bool:
+        """Whether a loaded task runs in prompted ONNX graphs (two batches at once then too); torch: never."""
+
 
 class TorchRuntime:
     """Eager torch on the backbone's device (CUDA when present with device=auto, else CPU)."""
@@ -199,3 +202,6 @@ class TorchRuntime:
 
     def images_by_torch(self) -> bool:
         return True
+
+    def prompted_graphs_in_use(self) -> bool:
+        return False
