@@ -146,6 +146,7 @@ def build_app(args: ServiceSettings) -> Application:
         "max_ongoing_requests": max(args.max_ongoing_requests, 2 * args.max_batch_size),
         "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         "user_config": args.runtime_config(),
+        "logging_config": {"enable_access_log": args.access_log},
     }
     if args.replica_routing == "primary" and not haproxy_on():  # under HAProxy: its balance algorithm `first`
         options["request_router_config"] = RequestRouterConfig(request_router_class=PrimaryFirstRouter)

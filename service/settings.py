@@ -94,6 +94,11 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         "task loaded): their calls leave the GIL, so a second batch uses another core (1.0-1.5x over HTTP on 2 cores); "
         "1 while only the frozen graphs run (head tasks: 0.7-1.07x with 2); 1 on GPU",
     )
+    access_log: bool = Field(
+        False, description="Serve's access log: a line per request in each replica's log file. Off by default: at "
+        "hundreds of requests a second it costs a share of the replica's event loop, and /metrics already counts "
+        "requests by route, status and latency",
+    )
     max_ongoing_requests: int = Field(
         256, ge=1, description="requests one replica holds at once, those still receiving their body included "
         "(at least 2 x max_batch_size is used)",

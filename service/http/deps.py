@@ -1,5 +1,6 @@
 """What the routes share, built once by `service.api.create_app` and kept in `app.state`; a route asks for what it
-uses by type, e.g. `async def search(engine: EngineDep, in_engine: InEngineDep)`."""
+uses by type, e.g. `async def search(engine: EngineDep, in_engine: InEngineDep)`. The getters are `async`: FastAPI
+runs a plain `def` dependency in its thread pool, a thread hop per dependency per request."""
 from __future__ import annotations
 
 import asyncio
@@ -24,24 +25,24 @@ class InEngine:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_settings(request: Request) -> ServiceSettings:
+async def get_settings(request: Request) -> ServiceSettings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-def get_batcher(request: Request) -> MicroBatcher:
+async def get_batcher(request: Request) -> MicroBatcher:
     """Images go to the engine through the batcher: a request's images join the dynamic batch together."""
     return request.app.state.batcher
 
 
-def get_in_engine(request: Request) -> InEngine:
+async def get_in_engine(request: Request) -> InEngine:
     return request.app.state.in_engine
 
 

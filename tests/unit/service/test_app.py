@@ -29,3 +29,13 @@ def test_serve_config_is_loadable_by_serve_and_kuberay():
     assert getattr(importlib.import_module(module), attr) is app_builder
     ServiceSettings(**app["args"])  # every arg is a setting
     assert set(app["deployments"][0]["user_config"]) <= set(RUNTIME_KNOBS)
+
+
+def test_serve_access_log_follows_the_setting(tmp_path):
+    """Serve's line per request costs the replica's event loop; it is off unless `access_log` asks for it."""
+    def access_log(**settings) -> bool:
+        deployment = build_app(ServiceSettings(store=str(tmp_path), ui=False, **settings))._bound_deployment
+        return deployment._deployment_config.logging_config["enable_access_log"]
+
+    assert access_log() is False
+    assert access_log(access_log=True) is True
