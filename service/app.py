@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -176,6 +177,7 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
     started_ray = False
     if not ray.is_initialized():
         if address is None:
+            check_port_free(settings.host, settings.port)
             prepare_local_cluster(settings)
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         started_ray = address is None
@@ -204,6 +206,19 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
             if started_ray:
                 ray.shutdown()
     return url
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Before starting a local cluster: something already listening on the port would take the requests meant for
+    this one (seen: a Ray HAProxy that outlived a cluster stopped with `ray stop --force`, answering 500 to all)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed one's TIME_WAIT is no listener
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise ConnectionError(
+                f"{host}:{port} is in use ({e.strerror}): another keepclip serve or Ray Serve, or the HAProxy of a Ray "
+                "cluster that was killed (`pgrep -af haproxy`); stop it or choose another --port") from None
 
 
 def _wait_ready(url: str, timeout_s: float) -> None:

@@ -90,3 +90,20 @@ def test_usage_errors_exit_2(image, tmp_path):
     out = runner.invoke(app, ["tasks", "delete", "x", "--store", str(tmp_path), "--token", "t"])
     assert out.exit_code == 2 and "--token is for a service" in error_lines(out)[0]
     assert runner.invoke(app, ["classify", str(tmp_path / "missing.png")]).exit_code == 2  # typer's own check
+
+
+def test_serve_refuses_a_port_in_use_before_starting_ray(tmp_path):
+    """A listener already on the port (another service, a stale HAProxy) would get the requests: exit 1, say so. In
+    its own process: the check runs where `keepclip serve` would start a cluster, i.e. Ray not yet started."""
+    import socket
+    import subprocess
+    import sys
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        out = subprocess.run([sys.executable, "-c", "from clients.cli import main; main()", "serve", "--port", str(port),
+                              "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.splitlines()[-1].startswith(f"error: 127.0.0.1:{port} is in use") and "--port" in out.stderr
