@@ -5,11 +5,14 @@ and the list of tasks. The callbacks call the engine directly (Gradio runs them 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 from fastapi import FastAPI
 
 from .engine import Engine
-from .images import crop_extreme_aspect
+from .errors import ApiError
+from .images import decode_image
 from .settings import ServiceSettings
 
 TITLE = "keepclip"
@@ -36,13 +39,15 @@ def task_rows(state) -> list[list]:
     return rows or [["(no tasks yet)", None, None, None, None, None, "", ""]]
 
 
-def _prepare(engine: Engine, settings: ServiceSettings, image):
-    if image is None:
+def _prepare(engine: Engine, settings: ServiceSettings, path: str | None):
+    """An uploaded file (Gradio hands over its path in the upload folder) decoded exactly as the API decodes a body:
+    the same formats, and the pixel limit judged from the header before any pixel is decoded."""
+    if path is None:
         raise gr.Error("Upload an image first.")
-    w, h = image.size
-    if w * h > settings.max_image_pixels or w == 0 or h == 0:
-        raise gr.Error(f"The image is {w}x{h}; the limit is {settings.max_image_pixels} pixels.")
-    return engine.preprocess(crop_extreme_aspect(image.convert("RGB")))
+    try:
+        return engine.preprocess(decode_image(Path(path).read_bytes(), settings.max_image_pixels))
+    except ApiError as e:
+        raise gr.Error(e.message) from None
 
 
 def _route_text(r) -> str:
@@ -84,14 +89,14 @@ def build_ui(engine: Engine, settings: ServiceSettings) -> gr.Blocks:
         gr.Markdown("## keepclip — one frozen CLIP, many learned tasks\nEach image is routed on its own to the task whose fingerprint it matches.")
         with gr.Tab("Classify"):
             with gr.Row():
-                image = gr.Image(type="pil", label="Image", elem_id="classify-image", elem_classes="keepclip-image", height=280)
+                image = gr.Image(type="filepath", label="Image", elem_id="classify-image", elem_classes="keepclip-image", height=280)
                 with gr.Column():
                     route = gr.Markdown(elem_id="classify-route")
                     top5 = gr.Label(num_top_classes=5, label="Top-5", elem_id="classify-label")
             gr.Button("Classify", variant="primary", elem_id="classify-button").click(classify, image, [route, top5])
         with gr.Tab("Zero-shot"):
             with gr.Row():
-                zs_image = gr.Image(type="pil", label="Image", elem_classes="keepclip-image", height=280)
+                zs_image = gr.Image(type="filepath", label="Image", elem_classes="keepclip-image", height=280)
                 with gr.Column():
                     zs_labels = gr.Textbox(label="Labels (comma-separated)", placeholder="cat, dog, airplane")
                     zs_route = gr.Markdown()
@@ -112,4 +117,9 @@ def build_ui(engine: Engine, settings: ServiceSettings) -> gr.Blocks:
 
 
 def mount_ui(app: FastAPI, engine: Engine, settings: ServiceSettings, path: str = "/ui") -> FastAPI:
-    return gr.mount_gradio_app(app, build_ui(engine, settings), path=path, max_file_size=settings.max_body_bytes)
+    ui = build_ui(engine, settings)
+    # Gradio checks that a file named in an API call was uploaded by a client (not any path on the server) only once
+    # `has_launched` is set, which `launch()` does and `mount_gradio_app` does not: without it a client could have any
+    # server file copied to the cache and then download it (tests/unit/service/test_served_edges.py).
+    ui.has_launched = True
+    return gr.mount_gradio_app(app, ui, path=path, max_file_size=settings.max_body_bytes)

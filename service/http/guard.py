@@ -21,8 +21,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status, method = time.perf_counter(), [500], scope.get("method", "")
-        if method == "HEAD":
-            scope["method"] = "GET"  # in place: the router notes the matched route in this scope (the metrics label)
+        if method == "HEAD":  # a copy: the server still reads HEAD in its own scope (and so expects no body)
+            scope = {**scope, "method": "GET"}
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":

@@ -2,6 +2,8 @@
 (`Authorization: Bearer <KEEPCLIP_ADMIN_TOKEN>`) and only move the store's live pointers, which replicas follow."""
 from __future__ import annotations
 
+import logging
+import re
 import secrets
 from typing import Annotated
 
@@ -19,6 +21,7 @@ from .common import task_name
 from .deps import EngineDep, SettingsDep
 from .openapi import ADMIN_ERRORS, body_doc
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="KEEPCLIP_ADMIN_TOKEN")
 TaskName = Annotated[str, Depends(task_name)]  # the `{name}` of the path, valid (else 404)
@@ -39,13 +42,22 @@ def store_call(fn, *args):
     try:
         return fn(*args)
     except TaskNotFound as e:
-        raise ApiError(404, "task_not_found", str(e)) from None
+        raise ApiError(404, "task_not_found", without_store(e)) from None
     except (InvalidTaskName, InvalidVersion) as e:
-        raise ApiError(422, "validation_error", str(e)) from None
+        raise ApiError(422, "validation_error", without_store(e)) from None
     except ArtifactIntegrityError as e:
-        raise ApiError(409, "artifact_damaged", str(e)) from None
-    except (StoreError, OSError) as e:
-        raise ApiError(503, "store_unavailable", f"the task store cannot be read: {e}") from None
+        raise ApiError(409, "artifact_damaged", without_store(e)) from None
+    except (StoreError, OSError) as e:  # the cause goes to the log: its paths and URLs are not the client's business
+        log.warning("task store call %s failed: %s", getattr(fn, "__name__", fn), e)
+        raise ApiError(503, "store_unavailable", f"the task store cannot be read ({type(e).__name__}); see the service log") from None
+
+
+def without_store(error: Exception) -> str:
+    """The store's refusal without where the store is (a path or bucket URL of the server)."""
+    return _STORE_PLACE.sub("", str(error))
+
+
+_STORE_PLACE = re.compile(r" in store .*\Z", re.S)  # the store's messages end with "in store <url>"
 
 
 @router.get("/v1/tasks", response_model=S.TasksResponse, responses={503: {"model": S.ErrorResponse}}, summary="Live tasks")
