@@ -146,6 +146,11 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="largest decoded image (width x height) accepted; guards decompression bombs"
     )
+    max_decoding_pixels: int | None = Field(
+        None, ge=1, description="pixels one replica decodes at once, over all requests (None: 2 x max_image_pixels); "
+        "past it, decoders wait their turn, so that many small files of huge images cannot take the replica's memory "
+        "(about 4 bytes per pixel while an image is decoded and preprocessed)",
+    )
     max_labels: int = Field(256, ge=1, description="most labels in one open-vocabulary request")
     max_label_chars: int = Field(200, ge=1, description="longest label")
     max_top_k: int = Field(100, ge=1, description="largest top_k a request may ask for")

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from .engine import Engine
 from .errors import ApiError
+from .http.common import decoding_budget
 from .images import decode_image
 from .settings import ServiceSettings
 
@@ -45,7 +46,7 @@ def _prepare(engine: Engine, settings: ServiceSettings, path: str | None):
     if path is None:
         raise gr.Error("Upload an image first.")
     try:
-        return engine.preprocess(decode_image(Path(path).read_bytes(), settings.max_image_pixels))
+        return decode_image(Path(path).read_bytes(), settings.max_image_pixels, "image", decoding_budget(settings), engine.preprocess)
     except ApiError as e:
         raise gr.Error(e.message) from None
 

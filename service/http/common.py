@@ -11,7 +11,7 @@ from prompts_store import InvalidTaskName, validate_task_name
 
 from ..engine import Engine, TaskNotLoaded, WeightNotSupported
 from ..errors import ApiError, echo
-from ..images import decode_image
+from ..images import PixelBudget, decode_image, pixel_budget
 from ..settings import ServiceSettings
 from .body import Image
 
@@ -50,7 +50,14 @@ def raise_task_error(result: Any) -> Any:
 
 async def image_tensors(engine: Engine, settings: ServiceSettings, images: list[Image]) -> list[torch.Tensor]:
     """Decoded and preprocessed off the event loop, all of a request's images in one worker-thread call."""
+    budget = decoding_budget(settings)
+
     def load():
-        return [engine.preprocess(decode_image(data, settings.max_image_pixels, label)) for label, data in images]
+        return [decode_image(data, settings.max_image_pixels, label, budget, engine.preprocess) for label, data in images]
 
     return await run_in_threadpool(load)
+
+
+def decoding_budget(settings: ServiceSettings) -> PixelBudget:
+    """The replica's bound on pixels being decoded at once (the setting max_decoding_pixels)."""
+    return pixel_budget(settings.max_decoding_pixels or 2 * settings.max_image_pixels)

@@ -47,3 +47,36 @@ def test_extreme_aspect_ratio_is_cropped_to_the_central_square():
     im = Image.new("RGB", (1000, 10))
     assert crop_extreme_aspect(im).size == (10, 10)
     assert crop_extreme_aspect(Image.new("RGB", (30, 10))).size == (30, 10)
+
+
+def test_decoders_share_a_pixel_budget():
+    """Eight 400x300 images decoded on eight threads with a budget of two images: never more than two at once, each
+    held until `then` (the preprocessing) has finished with it."""
+    import threading
+    import time
+
+    from service.images import PixelBudget
+
+    budget, data, held = PixelBudget(2 * 400 * 300), encode(Image.new("RGB", (400, 300))), []
+
+    def then(im):
+        held.append(budget.used)
+        time.sleep(0.05)  # while preprocessing, the image's pixels are still held
+        return im.size
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(decode_image(data, 10**6, "image", budget, then))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [(400, 300)] * 8
+    assert budget.peak == 2 * 400 * 300 and max(held) <= budget.limit and budget.used == 0
+
+
+def test_an_image_larger_than_the_budget_is_decoded_alone():
+    from service.images import PixelBudget
+
+    budget = PixelBudget(100)
+    assert decode_image(encode(Image.new("RGB", (40, 30))), 10**6, "image", budget).size == (40, 30)
+    assert budget.peak == 100 and budget.used == 0
