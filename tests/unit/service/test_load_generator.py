@@ -2,15 +2,11 @@
 by uvicorn on a local port: every image it sends is read as an upload, and refusals count as failures."""
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
-import uvicorn
 
 from bench.service_speed import http_load
 from service.api import create_app
-from testkit.net import free_port
+from testkit.net import served_in_thread
 
 from .conftest import png
 
@@ -18,18 +14,8 @@ from .conftest import png
 @pytest.fixture
 def served(settings):
     """The app on 127.0.0.1 (at most 2 images per request) -> its URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings.model_copy(update={"max_images_per_request": 2})),
-                                           host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    with served_in_thread(create_app(settings.model_copy(update={"max_images_per_request": 2}))) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_the_load_generator_sends_images_the_service_reads(served):

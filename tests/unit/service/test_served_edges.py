@@ -4,40 +4,25 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
-import time
 
 import pytest
-import uvicorn
 
+from prompts_store import open_store
 from service.api import create_app
-from testkit.net import free_port
+from service.settings import ServiceSettings
+from testkit.net import served_in_thread
 
-from .conftest import png
+from .conftest import TINY_JSON, png
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_checkpoint):
     """The app with its UI on 127.0.0.1 (40,000-pixel limit) -> (host, port)."""
-    from prompts_store import open_store
-    from service.settings import ServiceSettings
-
-    from .conftest import TINY_JSON
-
     store = open_store(tmp_path_factory.mktemp("edges") / "store")
     settings = ServiceSettings(model=TINY_JSON, pretrained=tiny_checkpoint, device="cpu", store=store.url, ui=True,
                                max_image_pixels=40_000)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.05)
-    yield "127.0.0.1", port
-    server.should_exit = True
-    thread.join(30)
+    with served_in_thread(create_app(settings)) as port:
+        yield "127.0.0.1", port
 
 
 def request(served, method, path, body=None, headers=None, connection=None):
