@@ -149,7 +149,7 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     max_decoding_pixels: int | None = Field(
         None, ge=1, description="pixels one replica decodes at once, over all requests (None: 2 x max_image_pixels); "
         "past it, decoders wait their turn, so that many small files of huge images cannot take the replica's memory "
-        "(about 4 bytes per pixel while an image is decoded and preprocessed)",
+        "(3 bytes per pixel of decoded RGB, plus what resizing it takes)",
     )
     max_labels: int = Field(256, ge=1, description="most labels in one open-vocabulary request")
     max_label_chars: int = Field(200, ge=1, description="longest label")
