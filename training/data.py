@@ -22,8 +22,11 @@ import csv
 import json
 import logging
 import math
+import os
 import re
+import stat
 import sys
+import unicodedata
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +61,8 @@ def check_class_names(names: list[str], where: str) -> list[str]:
     for i, name in enumerate(names):
         if not isinstance(name, str) or not name.strip():
             raise InputError(f"{where}: class name #{i} is {name!r}; class names must be non-empty strings")
+        if any(unicodedata.category(c) in ("Cc", "Cs") for c in name):  # a newline, NUL, an undecodable byte
+            raise InputError(f"{where}: class name #{i} is {name!r}; it holds a control character or invalid Unicode")
         if _key(name) in seen:
             first = seen[_key(name)]
             same = "" if first == name else " (the text encoder sees them as the same name)"
@@ -71,11 +76,16 @@ def parse_class_names(text: str) -> list[str]:
     return check_class_names([part.strip() for part in text.split(",")], "--class-names")
 
 
-def _parse_json(text: str, path: Path, option: str):
+def _parse_json(text: str, path: Path, option: str, line: int | None = None):
+    at = f"{option} {path}" + (f", line {line}" if line else "")
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{option} {path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise InputError(f"{at}: not valid JSON ({e.msg}" + ("" if line else f", line {e.lineno}") + ")") from None
+    except RecursionError:
+        raise InputError(f"{at}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise InputError(f"{at}: not valid JSON ({e})") from None
 
 
 def read_class_names(path: str | Path) -> list[str] | dict[str, str]:
@@ -116,16 +126,27 @@ def check_templates(templates: list[str], where: list[str] | None = None, source
         raise InputError(f"{source}: no templates")
     for i, template in enumerate(templates):
         at = where[i] if where else f"{source}, template {i}"
-        if template.count("{}") != 1 or re.search(r"\{[^}]+\}", template):
-            raise InputError(f"{at}: {template!r} must contain '{{}}' exactly once (where the class name goes)")
+        if template.count("{}") != 1 or re.search(r"\{[^}]+\}", template) or not _formats(template):
+            raise InputError(f"{at}: {template!r} must contain '{{}}' exactly once (where the class name goes; "
+                             "write other braces twice: '{{' or '}}')")
     if len(set(templates)) != len(templates):
         raise InputError(f"{source}: duplicate templates")
     return list(templates)
 
 
+def _formats(template: str) -> bool:
+    try:
+        template.format("x")
+        return True
+    except (ValueError, IndexError, KeyError):
+        return False
+
+
 def _read_text(path: Path, option: str) -> str:
     if not path.exists():
         raise InputError(f"{option} {path}: no such file")
+    if not path.is_file():  # a directory, or a FIFO or device that would block or never end
+        raise InputError(f"{option} {path}: not a regular file")
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -156,6 +177,8 @@ class LabeledSource:
         if self.arrays is not None:
             image = self.arrays[i]  # (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8
             return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+        if not stat.S_ISREG(os.stat(self.files[i]).st_mode):  # a FIFO or device would block or never end
+            raise OSError("not a regular file")
         with Image.open(self.files[i]) as image:
             image.load()
             return image.convert("RGB")
@@ -321,10 +344,7 @@ def _read_jsonl(path: Path, option: str) -> list[tuple[int, str, int | str]]:
     for line, text in enumerate(_read_text(path, option).splitlines(), 1):
         if not text.strip():
             continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{option} {path}, line {line}: not valid JSON ({e.msg})") from None
+        row = _parse_json(text, path, option, line)
         if not isinstance(row, dict):
             raise InputError(f"{option} {path}, line {line}: expected a JSON object with fields 'path' and 'label'")
         for field in ("path", "label"):
@@ -341,12 +361,21 @@ def _read_jsonl(path: Path, option: str) -> list[tuple[int, str, int | str]]:
 
 def _read_csv(path: Path, option: str) -> list[tuple[int, str, int | str]]:
     reader = csv.DictReader(_read_text(path, option).splitlines())
+    try:
+        return _csv_rows(reader, path, option)
+    except csv.Error as e:
+        raise InputError(f"{option} {path}: not valid CSV after line {reader.line_num} ({e})") from None
+
+
+def _csv_rows(reader: csv.DictReader, path: Path, option: str) -> list[tuple[int, str, int | str]]:
     if not reader.fieldnames:
         raise InputError(f"{option} {path}: empty CSV; expected a header with columns 'path' and 'label'")
     header = [h.strip() for h in reader.fieldnames]
     for column in ("path", "label"):
         if column not in header:
             raise InputError(f"{option} {path}: missing column {column!r} in the header (found: {header})")
+        if header.count(column) > 1:
+            raise InputError(f"{option} {path}: column {column!r} appears {header.count(column)} times in the header")
     reader.fieldnames = header
     rows = []
     for row in reader:
@@ -368,14 +397,17 @@ def _scan_npz(path, class_names, names_from, option) -> LabeledSource:
             if missing:
                 raise InputError(f"{option} {path}: no {' or '.join(repr(m) for m in missing)} array (found: {fields})")
             images, labels = _npz_array(arrays, "images", path, option), _npz_array(arrays, "labels", path, option)
-            inner_names = _npz_array(arrays, "class_names", path, option).tolist() if "class_names" in fields else None
+            inner_names = _npz_class_names(arrays, path, option) if "class_names" in fields else None
     except InputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise InputError(f"{option} {path}: cannot be read as an .npz file ({type(e).__name__}: {e})") from None
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
+    except MemoryError:  # an array header may claim any size
+        raise InputError(f"{option} {path}: an array in it is larger than this machine's memory") from None
+    if (images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4))
+            or 0 in images.shape[1:3]):
         raise InputError(
-            f"{option} {path}: field 'images' must be uint8 [N, H, W, 3] (or [N, H, W] greyscale), "
+            f"{option} {path}: field 'images' must be uint8 [N, H, W, 3] (or [N, H, W] greyscale) with H, W > 0, "
             f"got {images.dtype} {list(images.shape)}"
         )
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
@@ -407,6 +439,13 @@ def _npz_array(arrays, field: str, path: Path, option: str) -> np.ndarray:
     if not isinstance(value, np.ndarray):  # numpy hands back the raw bytes of a member that is not .npy data
         raise InputError(f"{option} {path}: cannot be read as an .npz file (field {field!r} is not .npy data)")
     return value
+
+
+def _npz_class_names(arrays, path: Path, option: str) -> list[str]:
+    names = _npz_array(arrays, "class_names", path, option)
+    if names.ndim != 1 or names.dtype.kind != "U":
+        raise InputError(f"{option} {path}: field 'class_names' must be a 1-D array of strings, got {names.dtype} {list(names.shape)}")
+    return names.tolist()
 
 
 def _check_is_zip(path: Path, option: str) -> None:

@@ -1,6 +1,8 @@
 """Every bad input of the issue: exit code 2, `error: ...` naming the file or field, no traceback, nothing published,
 and no training started (no checkpoint written)."""
+import io
 import json
+import os
 import shutil
 import zipfile
 
@@ -199,3 +201,83 @@ def test_a_missing_model_config_is_named(paths, add_task):
     args = tiny_args("t", data, paths.store, paths.checkpoints)
     args[args.index("--model") + 1] = str(paths.root / "missing.json")
     assert_refused(add_task(args), paths, "model config file not found", "missing.json")
+
+
+# ---------------------------------------------------------------- found by an outside trial (hostile files)
+
+def _lying_npz(path):
+    """A 100-byte 'images' member whose .npy header claims 40 x 100000 x 100000 x 3 bytes."""
+    header = {"descr": "|u1", "fortran_order": False, "shape": (40, 100_000, 100_000, 3)}
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("images.npy", buf.getvalue() + b"\0" * 100)
+        labels = io.BytesIO()
+        np.save(labels, np.zeros(40, np.int64))
+        archive.writestr("labels.npy", labels.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("case, fragments", [
+    ("zero-height images", ["field 'images' must be uint8", "H, W > 0"]),
+    ("scalar class_names", ["field 'class_names' must be a 1-D array of strings"]),
+    ("bytes class_names", ["field 'class_names' must be a 1-D array of strings"]),
+    ("a header claiming a terabyte", ["larger than this machine's memory"]),
+])
+def test_hostile_npz_files(paths, add_task, case, fragments):
+    data = paths.root / "d.npz"
+    if case == "zero-height images":
+        np.savez(data, images=np.zeros((4, 0, 8, 3), np.uint8), labels=np.zeros(4, np.int64), class_names=np.array(["a"]))
+    elif case == "scalar class_names":
+        write_npz(data, per_class=2, class_names=np.array(5))
+    elif case == "bytes class_names":
+        write_npz(data, per_class=2, class_names=np.array([b"red", b"green", b"blue", b"yellow"]))
+    else:
+        _lying_npz(data)
+    assert_refused(add_task(tiny_args("t", data, paths.store, paths.checkpoints)), paths, str(data), *fragments)
+
+
+@pytest.mark.parametrize("name, text, fragment", [
+    ("deep.jsonl", "[" * 100_000 + "\n", "line 1: not valid JSON (nested too deeply)"),
+    ("bigint.jsonl", '{"path": "a.png", "label": ' + "1" * 5000 + "}\n", "line 1: not valid JSON"),
+    ("bigfield.csv", "path,label\n" + "a" * 200_000 + ",red\n", "not valid CSV after line 1 (field larger than field limit"),
+    ("dupcol.csv", "path,label,label\na.png,red,z\n", "column 'label' appears 2 times"),
+])
+def test_hostile_manifests(paths, add_task, name, text, fragment):
+    manifest = paths.root / name
+    manifest.write_text(text)
+    assert_refused(add_task(tiny_args("t", manifest, paths.store, paths.checkpoints)), paths, str(manifest), fragment)
+
+
+def test_deeply_nested_classnames_and_templates(paths, add_task):
+    data = write_npz(paths.root / "d.npz", per_class=2)
+    deep = paths.root / "deep.json"
+    deep.write_text("[" * 100_000)
+    for option in ("--classnames", "--templates"):
+        extra = (option, deep) if option == "--classnames" else ("--class-names", "a,b,c,d", option, deep)
+        assert_refused(add_task(tiny_args("t", data, paths.store, paths.checkpoints, *extra)), paths, f"{option} {deep}: not valid JSON (nested too deeply)")
+
+
+def test_templates_that_would_not_format_and_class_names_with_control_characters(paths, add_task):
+    data = write_npz(paths.root / "d.npz", per_class=2)
+    templates = paths.root / "t.json"
+    templates.write_text(json.dumps(["a photo of {}. }"]))
+    run = add_task(tiny_args("t", data, paths.store, paths.checkpoints, "--class-names", "a,b,c,d", "--templates", templates))
+    assert_refused(run, paths, f"--templates {templates}, entry 0", "write other braces twice")
+    for bad in ("cat\nx", "\ud800", "a\x00b"):
+        names = paths.root / "names.json"
+        names.write_text(json.dumps(["red", "green", "blue", bad]))
+        run = add_task(tiny_args("t", data, paths.store, paths.checkpoints, "--classnames", names))
+        assert_refused(run, paths, f"--classnames {names}", "control character or invalid Unicode")
+
+
+@pytest.mark.timeout(120)
+def test_fifos_are_refused_not_waited_on(paths, add_task):
+    fifo = paths.root / "pipe.jsonl"
+    os.mkfifo(fifo)
+    assert_refused(add_task(tiny_args("t", fifo, paths.store, paths.checkpoints)), paths, f"--data {fifo}: not a regular file")
+    manifest = write_manifest(paths.root / "m" / "m.jsonl", per_class=2)
+    os.mkfifo(manifest.parent / "images" / "pipe.png")
+    with manifest.open("a") as f:
+        f.write(json.dumps({"path": "images/pipe.png", "label": "red"}) + "\n")
+    assert_refused(add_task(tiny_args("t", manifest, paths.store, paths.checkpoints)), paths, "pipe.png (OSError: not a regular file)")
