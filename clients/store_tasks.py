@@ -37,14 +37,16 @@ class StoreTasks:
     def task(self, name: str) -> TaskDetail:
         history = _checked(self.store.history, name)
         live = next((v for v in history if v.live), None)
-        class_names = templates = None
-        if live is not None and live.error is None:
-            artifact = _checked(self.store.get, name)  # verifies every file of the live version
+        class_names = templates = error = None
+        if live is not None:  # every file's checksum, as the listing checks them (get() reads update state only on request)
+            error = live.error or _checked(self.store.verify, name, live.version)
+        if live is not None and error is None:
+            artifact = _checked(self.store.get, name)
             class_names, templates = artifact.class_names, artifact.templates
         return TaskDetail(
             name=name, version=live.version if live else None, loaded_version=None,
             kind=live.kind if live else None, num_classes=live.num_classes if live else None,
-            created_at=live.created_at if live else None, error=live.error if live else None,
+            created_at=live.created_at if live else None, error=error,
             class_names=class_names, templates=templates, metrics=live.metrics if live else None,
             versions=[_version(v) for v in history],
         )

@@ -97,3 +97,18 @@ def test_without_store_the_service_is_asked_even_if_keepclip_store_is_set(store,
     monkeypatch.setenv("KEEPCLIP_URL", f"http://127.0.0.1:{free_port()}")
     out = tasks("list")
     assert out.exit_code == 1 and "cannot reach keepclip" in out.stderr
+
+
+def test_show_checks_every_file_as_the_listing_does(tmp_path):
+    """A damaged update state (read only on request by `get`) is named by `show` too, not only by `list`."""
+    import torch
+
+    path = tmp_path / "store"
+    open_store(path).publish(TaskArtifact(name="cars", class_names=["sedan", "van"], backbone=BACKBONE,
+                                          update_state={"gram": torch.eye(4)}))
+    update = path / "tasks" / "cars" / "v000001" / "update.safetensors"
+    data = bytearray(update.read_bytes())
+    data[-1] ^= 0xFF
+    update.write_bytes(bytes(data))
+    detail = json.loads(tasks("show", "cars", "--store", str(path)).stdout)
+    assert "update.safetensors is damaged" in detail["error"] and detail["class_names"] is None
