@@ -66,10 +66,15 @@ class PixelBudget:
                 self._changed.notify_all()
 
 
+def decoding_budget(settings) -> PixelBudget:
+    """The replica's bound on pixels being decoded at once (ServiceSettings.max_decoding_pixels, else twice the
+    per-image limit), shared by every request and the UI."""
+    return _pixel_budget(settings.max_decoding_pixels or 2 * settings.max_image_pixels)
+
+
 @functools.lru_cache(maxsize=8)
-def pixel_budget(limit: int) -> PixelBudget:
-    """The process's budget for `limit` (one per setting value: every request of a replica shares it)."""
-    return PixelBudget(limit)
+def _pixel_budget(limit: int) -> PixelBudget:
+    return PixelBudget(limit)  # one per setting value in a process
 
 
 def decode_image(data: bytes, max_pixels: int, field: str = "image", budget: PixelBudget | None = None,

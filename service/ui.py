@@ -12,8 +12,7 @@ from fastapi import FastAPI
 
 from .engine import Engine
 from .errors import ApiError
-from .http.common import decoding_budget
-from .images import decode_image
+from .images import decode_image, decoding_budget
 from .settings import ServiceSettings
 
 TITLE = "keepclip"

@@ -11,7 +11,7 @@ from prompts_store import InvalidTaskName, validate_task_name
 
 from ..engine import Engine, TaskNotLoaded, WeightNotSupported
 from ..errors import ApiError, echo
-from ..images import PixelBudget, decode_image, pixel_budget
+from ..images import decode_image, decoding_budget
 from ..settings import ServiceSettings
 from .body import Image
 
@@ -56,8 +56,3 @@ async def image_tensors(engine: Engine, settings: ServiceSettings, images: list[
         return [decode_image(data, settings.max_image_pixels, label, budget, engine.preprocess) for label, data in images]
 
     return await run_in_threadpool(load)
-
-
-def decoding_budget(settings: ServiceSettings) -> PixelBudget:
-    """The replica's bound on pixels being decoded at once (the setting max_decoding_pixels)."""
-    return pixel_budget(settings.max_decoding_pixels or 2 * settings.max_image_pixels)
