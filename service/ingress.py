@@ -12,7 +12,9 @@ HAProxy ignores Serve's request routers, so `replica_routing` becomes HAProxy's 
 connection to the first replica that is up, the others standbys; `leastconn`: spread). HAProxy's client timeout
 (Ray's default: an hour) and the keep-alive timeout (Serve's default: 90 s) become `body_timeout_s` + 5 s
 (`idle_timeout_s`): a client silent that long while it should be sending has already had its 408 from the replica,
-and HAProxy closes its connection then (waiting for an answer is not silence).
+and HAProxy closes its connection then (waiting for an answer is not silence). Ray starts HAProxy through the
+`keepclip-haproxy` script (`service/haproxy_binary.py`), which adds the header deadline Ray's config lacks
+(`header_timeout_s`) and binds the stats and metrics listeners to the service's host.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import logging
 import math
 import os
 
+from .haproxy_binary import wrapper_env
 from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -57,8 +60,9 @@ def cluster_env(settings: ServiceSettings) -> dict[str, str]:
 
 
 def haproxy_env(settings: ServiceSettings) -> dict[str, str]:
-    """HAProxy's knobs that follow keepclip's settings."""
-    return {BALANCE: BALANCE_BY_ROUTING[settings.replica_routing], CLIENT_TIMEOUT: str(idle_timeout_s(settings))}
+    """HAProxy's knobs that follow keepclip's settings, and the binary that adds the header deadline."""
+    return {BALANCE: BALANCE_BY_ROUTING[settings.replica_routing], CLIENT_TIMEOUT: str(idle_timeout_s(settings)),
+            **wrapper_env(settings.header_timeout_s, settings.host)}
 
 
 def idle_timeout_s(settings: ServiceSettings) -> int:

@@ -139,6 +139,10 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         10.0, gt=0, le=3600, description="the whole request body must arrive within this many seconds of reaching "
         "a replica, else 408 (a floor of max_body_bytes / body_timeout_s bytes/s; raise it for slow links)",
     )
+    header_timeout_s: float = Field(
+        10.0, gt=0, le=3600, description="HAProxy ingress: the request line and headers must arrive within this many "
+        "seconds, else 408 and the connection is closed (so slow-header clients cannot hold every connection)",
+    )
     max_body_reads: int = Field(
         192, ge=1, description="requests per replica that may be receiving their body at once; more are refused at "
         "once with 503 + Retry-After, so slow senders cannot take every slot (must be below max_ongoing_requests)",

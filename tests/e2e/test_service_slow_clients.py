@@ -4,11 +4,13 @@ gets a 408 JSON error once the body deadline (`body_timeout_s`) has passed, its 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from urllib.parse import urlsplit
 
 import httpx
+import pytest
 
 from tests.e2e.test_service_hotswap import color_png
 
@@ -97,3 +99,60 @@ def test_stalled_bodies_neither_starve_health_nor_classify_and_time_out_with_408
     assert waited >= timeout_s  # not before the deadline
     with httpx.Client(base_url=keepclip_service.url, timeout=10) as c:  # and the replica is fine afterwards
         assert c.get("/healthz").status_code == 200
+
+
+def test_headers_that_never_finish_are_cut_at_the_header_deadline(keepclip_service):
+    """The slow-header attack (one more header byte every few seconds) that used to hold HAProxy connections forever:
+    HAProxy now answers 408 once `header_timeout_s` has passed (service/haproxy_binary.py adds the deadline)."""
+    from service.haproxy_binary import HEADER_TIMEOUT
+    from service.ingress import haproxy_on
+
+    if not haproxy_on():
+        pytest.skip("the header deadline is HAProxy's; this session's service runs behind Serve's proxy")
+    timeout_s = int(os.environ[HEADER_TIMEOUT])  # what the session cluster's HAProxy was started with
+    url = urlsplit(keepclip_service.url)
+    with socket.create_connection((url.hostname, url.port), timeout=5) as s:
+        s.sendall(f"GET /healthz HTTP/1.1\r\nHost: {url.hostname}\r\n".encode())
+        opened, reply = time.monotonic(), b""
+        while time.monotonic() < opened + timeout_s + 10 and not reply:
+            try:
+                s.sendall(b"X-Slow: 1\r\n")  # each line restarts HAProxy's client timeout, not the header deadline
+                s.settimeout(1.0)
+                reply = s.recv(65536) or b"<closed>"
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                reply = b"<closed>"
+        waited = time.monotonic() - opened
+    print(f"\nslow headers cut after {waited:.1f} s (header_timeout_s {timeout_s}): {reply[:40]!r}")
+    assert reply.startswith(b"HTTP/1.1 408") or reply == b"<closed>", reply[:200]
+    assert timeout_s - 1 <= waited <= timeout_s + 3
+
+
+def outward_address() -> str | None:
+    """This machine's address on its outward interface (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_haproxy_stats_and_metrics_listen_only_on_the_services_host(keepclip_service):
+    from ray.serve._private.constants import RAY_SERVE_HAPROXY_METRICS_PORT, RAY_SERVE_HAPROXY_STATS_PORT
+
+    from service.ingress import haproxy_on
+
+    if not haproxy_on():
+        pytest.skip("no HAProxy in this session: Serve's proxy has no stats page")
+    assert urlsplit(keepclip_service.url).hostname == "127.0.0.1"
+    elsewhere = outward_address()
+    for port in (RAY_SERVE_HAPROXY_STATS_PORT, RAY_SERVE_HAPROXY_METRICS_PORT):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # there, on the service's host
+        if elsewhere is not None:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((elsewhere, port), timeout=5)
+    if elsewhere is None:
+        pytest.skip("no outward interface here to check the listeners are not on")
