@@ -6,6 +6,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # The class text of a task that gives no templates (recorded in its artifact) and of the service's vocabulary. It
 # lives here, beside the other defaults, because this module imports no torch: `add-task --help` shows it.
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# The largest image (width x height) the service and add-task decode by default; judged from the header, so a
+# decompression bomb (a small file of a huge image) is refused before it takes any memory.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 class BackboneSettings(BaseSettings):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from backbone.settings import BackboneSettings
+from backbone.settings import MAX_IMAGE_PIXELS, BackboneSettings
 from prompts_store.settings import StoreSettings
 
 SETTINGS_FILE_ENV = "KEEPCLIP_SETTINGS_FILE"
@@ -148,7 +148,7 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         "once with 503 + Retry-After, so slow senders cannot take every slot (must be below max_ongoing_requests)",
     )
     max_image_pixels: int = Field(
-        40_000_000, ge=1, description="largest decoded image (width x height) accepted; guards decompression bombs"
+        MAX_IMAGE_PIXELS, ge=1, description="largest decoded image (width x height) accepted; guards decompression bombs"
     )
     max_decoding_pixels: int | None = Field(
         None, ge=1, description="pixels one replica decodes at once, over all requests (None: 2 x max_image_pixels); "

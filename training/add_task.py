@@ -124,6 +124,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     data.add_argument("--test", metavar="PATH", help="optional held-out test data in any layout, same classes; its accuracy goes into the metrics")
     _recipe_option(data, SplitSettings, "val_fraction", "F")
     data.add_argument("--skip-unreadable", action="store_true", help="leave out images that cannot be read (default: fail and list them)")
+    data.add_argument("--max-image-pixels", type=_positive_int, default=backbone_settings.MAX_IMAGE_PIXELS, metavar="N",
+                      help="largest image file (width x height) decoded; a larger one is refused from its header, as an "
+                      f"unreadable image is (it guards against decompression bombs) [{backbone_settings.MAX_IMAGE_PIXELS}]")
 
     train = parser.add_argument_group("prompts recipe (--kind prompts, prompts+head, auto; defaults: the reference recipe)")
     for name, metavar in _PROMPT_OPTIONS.items():
@@ -171,6 +174,16 @@ def _optional(kind: type):
 
     parse.__name__ = kind.__name__  # argparse names the type in its error message: "invalid int value"
     return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
 
 
 def recipe_settings(args: argparse.Namespace) -> RecipeSettings:
@@ -333,10 +346,10 @@ def load_task(
     from .learner import TaskData
 
     pipeline, progress = PixelPipeline(target.backbone.preprocess), _shows_progress(args)
-    images, skipped = decode(train_source, pipeline, args.skip_unreadable, "--data", progress)
+    images, skipped = decode(train_source, pipeline, args.skip_unreadable, "--data", progress, args.max_image_pixels)
     if skipped:
         check_no_empty_class(train_source, "--data", labels=images.labels, after=" left after skipping unreadable files")
-    test_images, test_skipped = (decode(test_source, pipeline, args.skip_unreadable, "--test", progress) if test_source else (None, []))
+    test_images, test_skipped = (decode(test_source, pipeline, args.skip_unreadable, "--test", progress, args.max_image_pixels) if test_source else (None, []))
     if args.kind != "prompts":
         _check_val_split(images.labels, train_source)
     class_names, templates = train_source.class_names, plan.templates

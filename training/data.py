@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from backbone.settings import MAX_IMAGE_PIXELS
+
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 NPZ_CLASSNAMES = "classnames.json"  # looked for beside an .npz (the layout of ../shared/data)
 MANIFEST_SUFFIXES = {".jsonl": "jsonl", ".csv": "csv"}
 SHOW_AT_MOST = 10  # file names listed in one error message
+
+
+class ImageTooLarge(ValueError):
+    """An image file whose header gives more pixels than allowed: listed among the unreadable, never decoded."""
 
 
 # ---------------------------------------------------------------- class names and templates
@@ -173,13 +179,17 @@ class LabeledSource:
     def where(self, i: int) -> str:
         return str(self.files[i]) if self.files is not None else f"{self.path}: images[{i}]"
 
-    def open(self, i: int) -> Image.Image:
+    def open(self, i: int, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+        """Image i in RGB; a file whose header says it is larger than `max_pixels` is refused before decoding."""
         if self.arrays is not None:
             image = self.arrays[i]  # (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8
             return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
         if not stat.S_ISREG(os.stat(self.files[i]).st_mode):  # a FIFO or device would block or never end
             raise OSError("not a regular file")
         with Image.open(self.files[i]) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageTooLarge(f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels} (--max-image-pixels)")
             image.load()
             return image.convert("RGB")
 
@@ -493,7 +503,8 @@ class ImageSet:
 
 
 def decode(
-    source: LabeledSource, pipeline: PixelPipeline, skip_unreadable: bool = False, option: str = "--data", progress: bool = True
+    source: LabeledSource, pipeline: PixelPipeline, skip_unreadable: bool = False, option: str = "--data", progress: bool = True,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> tuple[ImageSet, list[str]]:
     """Decode every image once (Pillow, RGB, the backbone's transform). -> (images, skipped files).
 
@@ -508,12 +519,15 @@ def decode(
         items = tqdm(items, desc=f"decoding {source.path.name}", unit="img", file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 30)
     for i in items:
         try:
-            image = source.open(i)
+            image = source.open(i, max_pixels)
         except FileNotFoundError:
             failures.append((source.where(i), "file not found"))
             continue
         except UnidentifiedImageError:
             failures.append((source.where(i), "not an image file"))
+            continue
+        except ImageTooLarge as e:
+            failures.append((source.where(i), f"too large: {e}"))
             continue
         except Exception as e:  # truncated, corrupt or exotic files: Pillow raises many kinds
             failures.append((source.where(i), f"{type(e).__name__}: {e}"))

@@ -281,3 +281,15 @@ def test_fifos_are_refused_not_waited_on(paths, add_task):
     with manifest.open("a") as f:
         f.write(json.dumps({"path": "images/pipe.png", "label": "red"}) + "\n")
     assert_refused(add_task(tiny_args("t", manifest, paths.store, paths.checkpoints)), paths, "pipe.png (OSError: not a regular file)")
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(paths, add_task):
+    folder = write_folder(paths.root / "data", per_class=3)
+    huge = folder / "red" / "huge.png"
+    Image.new("L", (8000, 6000)).save(huge, optimize=True)  # a small file (a few KiB) of 48 M pixels
+    assert huge.stat().st_size < 200_000
+    run = add_task(tiny_args("t", folder, paths.store, paths.checkpoints))
+    assert_refused(run, paths, "1 of 13 images", str(huge), "too large: 8000x6000 = 48000000 pixels, over the limit of 40000000 (--max-image-pixels)")
+    lowered = add_task(tiny_args("t", folder, paths.store, paths.checkpoints, "--max-image-pixels", "100", "--skip-unreadable", epochs=1))
+    assert lowered.code == 2 and "over the limit of 100 (--max-image-pixels)" in lowered.err  # every image is over it
+    assert "none of its 13 images can be read" in lowered.err
