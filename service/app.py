@@ -149,6 +149,8 @@ def build_app(args: ServiceSettings) -> Application:
         "user_config": args.runtime_config(),
         "logging_config": {"enable_access_log": args.access_log},
     }
+    if args.malloc_arena_max:  # glibc reads it when the process starts: the replica's own worker gets it
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)}}
     if args.replica_routing == "primary" and not haproxy_on():  # under HAProxy: its balance algorithm `first`
         options["request_router_config"] = RequestRouterConfig(request_router_class=PrimaryFirstRouter)
     return KeepclipDeployment.options(**options).bind(args)

@@ -87,6 +87,11 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         None, ge=1, description="torch intra-op threads per replica (None: 1 on CPU, so that HTTP parsing, image "
         "decoding and Serve's proxy keep a core beside the model; torch's default on GPU)",
     )
+    malloc_arena_max: int = Field(
+        2, ge=0, description="glibc malloc arenas per replica process (MALLOC_ARENA_MAX; 0: glibc's default, 8 per "
+        "core). Image decoding on many threads at once leaves freed memory in many arenas, which glibc keeps: after "
+        "40 concurrent large images a replica kept 2.4 GiB with the default against 1.8 GiB with 2",
+    )
     engine_batches: int | None = Field(
         None, ge=1, le=16, description="batches one replica runs at once, each on its own engine thread with "
         "torch_threads threads. None (auto): on CPU with 2+ cores, 2 while the image passes run in torch eager "

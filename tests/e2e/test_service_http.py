@@ -136,3 +136,14 @@ def test_the_session_service_takes_http_through_haproxy_when_installed(keepclip_
     listeners = {c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
     assert listeners and all("haproxy" in psutil.Process(pid).name() for pid in listeners), listeners
     assert httpx.get(f"{keepclip_service.url}/healthz", timeout=30).status_code == 200
+
+
+def test_replicas_start_with_few_malloc_arenas(keepclip_service):
+    """MALLOC_ARENA_MAX reaches the replica's process environment (glibc reads it only at start): with glibc's default
+    a replica kept ~0.7 GiB more after a burst of large decodes (docs/service.md, "Memory")."""
+    import psutil
+
+    replicas = [p for p in psutil.Process().children(recursive=True) if "ServeReplica:keepclip" in " ".join(p.cmdline())]
+    assert replicas, "no replica process under this session's Ray cluster"
+    expected = str(keepclip_service.settings.malloc_arena_max)
+    assert all(p.environ().get("MALLOC_ARENA_MAX") == expected for p in replicas), [p.environ().get("MALLOC_ARENA_MAX") for p in replicas]
