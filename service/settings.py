@@ -90,7 +90,7 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     malloc_arena_max: int = Field(
         2, ge=0, description="glibc malloc arenas per replica process (MALLOC_ARENA_MAX; 0: glibc's default, 8 per "
         "core). Image decoding on many threads at once leaves freed memory in many arenas, which glibc keeps: after "
-        "40 concurrent large images a replica kept 2.4 GiB with the default against 1.8 GiB with 2",
+        "40 concurrent large images a replica kept 2.3-2.5 GiB with the default against 1.6 GiB with 2",
     )
     engine_batches: int | None = Field(
         None, ge=1, le=16, description="batches one replica runs at once, each on its own engine thread with "
