@@ -289,8 +289,8 @@ def add_task(args: argparse.Namespace, plan: Plan) -> int:
     from .learners import make_learner
 
     started = time.perf_counter()
-    train_source = scan(args.data, plan.class_names, plan.names_from)  # layout, labels, class names: nothing decoded yet
-    test_source = scan(args.test, reference=train_source, option="--test") if args.test else None
+    train_source = scan(args.data, plan.class_names, plan.names_from, max_pixels=args.max_image_pixels)  # nothing decoded yet
+    test_source = scan(args.test, reference=train_source, option="--test", max_pixels=args.max_image_pixels) if args.test else None
     target = open_target(args, plan.name)
     plan = replace(plan, recipes=plan.recipes.for_backbone(target.backbone))  # --depth's default is per backbone
     task = load_task(args, plan, target, train_source, test_source)

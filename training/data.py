@@ -203,6 +203,7 @@ def scan(
     class_names_from: str | None = None,
     reference: LabeledSource | None = None,
     option: str = "--data",
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> LabeledSource:
     """Read and check a dataset's layout, labels and class names; no image is decoded yet.
 
@@ -217,7 +218,7 @@ def scan(
     if path.is_dir():
         source = _scan_folder(path, class_names, class_names_from, reference, option)
     elif path.suffix.lower() == ".npz":
-        source = _scan_npz(path, class_names, class_names_from, option)
+        source = _scan_npz(path, class_names, class_names_from, option, max_pixels)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
         source = _scan_manifest(path, class_names, class_names_from, reference, option)
     else:
@@ -398,7 +399,7 @@ def _csv_rows(reader: csv.DictReader, path: Path, option: str) -> list[tuple[int
     return rows
 
 
-def _scan_npz(path, class_names, names_from, option) -> LabeledSource:
+def _scan_npz(path, class_names, names_from, option, max_pixels: int = MAX_IMAGE_PIXELS) -> LabeledSource:
     _check_is_zip(path, option)
     try:
         with np.load(path, allow_pickle=False) as arrays:
@@ -406,6 +407,7 @@ def _scan_npz(path, class_names, names_from, option) -> LabeledSource:
             missing = [f for f in ("images", "labels") if f not in fields]
             if missing:
                 raise InputError(f"{option} {path}: no {' or '.join(repr(m) for m in missing)} array (found: {fields})")
+            _check_npz_images_fit(arrays, path, option, max_pixels)
             images, labels = _npz_array(arrays, "images", path, option), _npz_array(arrays, "labels", path, option)
             inner_names = _npz_class_names(arrays, path, option) if "class_names" in fields else None
     except InputError:
@@ -442,6 +444,48 @@ def _scan_npz(path, class_names, names_from, option) -> LabeledSource:
     _check_labels_in_range(path, labels, len(class_names), names_from, option)
     names = list(class_names)
     return LabeledSource(path, "npz", names, labels.astype(np.int64), names, names_from, arrays=images)
+
+
+def _check_npz_images_fit(arrays, path: Path, option: str, max_pixels: int) -> None:
+    """From the `images` member's .npy header, before a byte is decompressed: refuse images over the pixel limit, and
+    an array larger than the memory this machine has free (a small compressed file can hold a huge array)."""
+    shape, dtype = _npy_header(arrays, "images")
+    if shape is None or len(shape) not in (3, 4):
+        return  # not .npy data, or the wrong shape: the checks after loading name the problem
+    height, width = shape[1], shape[2]
+    if height * width > max_pixels:
+        raise InputError(f"{option} {path}: field 'images' holds {height}x{width} images = {height * width} pixels each, "
+                         f"over the limit of {max_pixels} (--max-image-pixels)")
+    size, free = math.prod(shape) * dtype.itemsize, _available_memory()
+    if free is not None and size > free:
+        raise InputError(f"{option} {path}: field 'images' {list(shape)} {dtype} takes {size / 2**30:.1f} GiB when loaded; "
+                         f"this machine has {free / 2**30:.1f} GiB available")
+
+
+def _npy_header(arrays, field: str) -> tuple[tuple[int, ...] | None, np.dtype | None]:
+    """(shape, dtype) of an .npz member from its header alone; (None, None) where it cannot be read so."""
+    try:
+        with arrays.zip.open(f"{field}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read is None:
+                return None, None
+            shape, _, dtype = read(f)
+            return tuple(shape), dtype
+    except (KeyError, OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return None, None
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _npz_array(arrays, field: str, path: Path, option: str) -> np.ndarray:

@@ -205,9 +205,9 @@ def test_a_missing_model_config_is_named(paths, add_task):
 
 # ---------------------------------------------------------------- found by an outside trial (hostile files)
 
-def _lying_npz(path):
-    """A 100-byte 'images' member whose .npy header claims 40 x 100000 x 100000 x 3 bytes."""
-    header = {"descr": "|u1", "fortran_order": False, "shape": (40, 100_000, 100_000, 3)}
+def _lying_npz(path, shape=(40, 100_000, 100_000, 3)):
+    """A 100-byte 'images' member whose .npy header claims `shape` in bytes."""
+    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, header)
     with zipfile.ZipFile(path, "w") as archive:
@@ -222,7 +222,9 @@ def _lying_npz(path):
     ("zero-height images", ["field 'images' must be uint8", "H, W > 0"]),
     ("scalar class_names", ["field 'class_names' must be a 1-D array of strings"]),
     ("bytes class_names", ["field 'class_names' must be a 1-D array of strings"]),
-    ("a header claiming a terabyte", ["larger than this machine's memory"]),
+    ("a header claiming a terabyte", ["field 'images' holds 100000x100000 images", "over the limit of 40000000 (--max-image-pixels)"]),
+    ("a header claiming more than the memory", ["field 'images' [1000000000, 100, 100, 3] uint8 takes 27939.7 GiB when loaded",
+                                                "GiB available"]),
 ])
 def test_hostile_npz_files(paths, add_task, case, fragments):
     data = paths.root / "d.npz"
@@ -232,8 +234,10 @@ def test_hostile_npz_files(paths, add_task, case, fragments):
         write_npz(data, per_class=2, class_names=np.array(5))
     elif case == "bytes class_names":
         write_npz(data, per_class=2, class_names=np.array([b"red", b"green", b"blue", b"yellow"]))
-    else:
+    elif case == "a header claiming a terabyte":
         _lying_npz(data)
+    else:
+        _lying_npz(data, (10**9, 100, 100, 3))
     assert_refused(add_task(tiny_args("t", data, paths.store, paths.checkpoints)), paths, str(data), *fragments)
 
 
