@@ -161,12 +161,26 @@ def _resolve_weights(name: str, pretrained: str | None, cache_dir: str | None) -
         return None, None
     if os.path.isfile(pretrained):
         return pretrained, pretrained
-    if pretrained in open_clip.list_pretrained_tags_by_model(name):
-        return pretrained, _fetch_pretrained(name, pretrained, cache_dir)
-    raise BackboneError(
-        f"pretrained '{pretrained}' is neither a checkpoint file nor a known open_clip tag for '{name}' "
-        f"(tags: {open_clip.list_pretrained_tags_by_model(name) or 'none'})"
-    )
+    _check_tag(name, pretrained)
+    return pretrained, _fetch_pretrained(name, pretrained, cache_dir)
+
+
+def _check_tag(name: str, pretrained: str) -> None:
+    if pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        raise BackboneError(
+            f"pretrained '{pretrained}' is neither a checkpoint file nor a known open_clip tag for '{name}' "
+            f"(tags: {open_clip.list_pretrained_tags_by_model(name) or 'none'})"
+        )
+
+
+def check_backbone(model: str, pretrained: str | None) -> None:
+    """What `load_backbone` refuses before it reads or downloads any weights (a missing or bad model config, an
+    unsupported tower, a weights file or tag that does not exist), for a command whose backbone loads elsewhere:
+    `keepclip serve` fails at once, in one line, rather than once its replicas have tried."""
+    name, cfg = _resolve_config(model)
+    check_supported(name, cfg)
+    if pretrained is not None and str(pretrained).strip().lower() not in NO_WEIGHTS and not os.path.isfile(pretrained):
+        _check_tag(name, pretrained)
 
 
 def _check_towers(name: str, backbone: Backbone) -> None:

@@ -65,6 +65,7 @@ def serve(
     """Run the service (API, /docs and /ui on one port) on Ray Serve until Ctrl-C."""
     from pydantic import ValidationError
 
+    from backbone import BackboneError
     from service.app import run_service
 
     try:
@@ -78,6 +79,13 @@ def serve(
         settings = settings.model_copy(update={"replica_gpus": 1.0})
     try:
         run_service(settings, address=address)
+    except BackboneError as e:  # a model config or weights that do not exist: refused before Ray starts
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     except (TimeoutError, ConnectionError) as e:
         typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except RuntimeError as e:  # Serve could not start or deploy: its first line, and where the details are
+        typer.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}; the replicas' and Serve's logs are "
+                   "in /tmp/ray/session_latest/logs/serve/", err=True)
         raise typer.Exit(1) from None

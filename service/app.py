@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import socket
 import threading
 import time
 from typing import Any
@@ -34,7 +33,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from .ingress import haproxy_on, http_options, prepare_local_cluster
+from .ingress import haproxy_on, http_options, port_in_use, prepare_local_cluster
 from .settings import RUNTIME_KNOBS, ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -176,10 +175,13 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
     """
     import ray
 
+    from backbone.loading import check_backbone
+
     started_ray = False
     if not ray.is_initialized():
-        if address is None:
+        if address is None:  # a cluster keepclip starts here: what would make it fail later is refused now
             check_port_free(settings.host, settings.port)
+            check_backbone(settings.model, settings.pretrained)
             prepare_local_cluster(settings)
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         started_ray = address is None
@@ -213,14 +215,10 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
 def check_port_free(host: str, port: int) -> None:
     """Before starting a local cluster: something already listening on the port would take the requests meant for
     this one (seen: a Ray HAProxy that outlived a cluster stopped with `ray stop --force`, answering 500 to all)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a closed one's TIME_WAIT is no listener
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise ConnectionError(
-                f"{host}:{port} is in use ({e.strerror}): another keepclip serve or Ray Serve, or the HAProxy of a Ray "
-                "cluster that was killed (`pgrep -af haproxy`); stop it or choose another --port") from None
+    if port_in_use(host, port):
+        raise ConnectionError(
+            f"{host}:{port} is in use: another keepclip serve or Ray Serve, or the HAProxy of a Ray cluster that was "
+            "killed (`pgrep -af haproxy`); stop it or choose another --port")
 
 
 def _wait_ready(url: str, timeout_s: float) -> None:

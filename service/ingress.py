@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 
 from .haproxy_binary import wrapper_env
 from .settings import ServiceSettings
@@ -83,3 +84,37 @@ def prepare_local_cluster(settings: ServiceSettings) -> None:
     if haproxy_on():
         for key, value in haproxy_env(settings).items():
             os.environ.setdefault(key, value)
+        os.environ.update(free_side_ports())
+
+
+# Ports a Ray cluster with the HAProxy ingress opens besides Serve's, fixed unless set: a second cluster on the machine
+# (another keepclip serve, a test session) would fail to bind them, or reach the first one's fallback proxy.
+SIDE_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
+              "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500}
+
+
+def free_side_ports() -> dict[str, str]:
+    """For each side port not set in the environment and already taken on this machine: a free one instead."""
+    moved = {}
+    for variable, port in SIDE_PORTS.items():
+        if variable not in os.environ and port_in_use("", port):
+            moved[variable] = str(free_port())
+            log.info("port %d is in use (another Ray cluster here?): %s=%s", port, variable, moved[variable])
+    return moved
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Would a server fail to listen on host:port ("" = every interface)? A closed socket's TIME_WAIT does not count."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

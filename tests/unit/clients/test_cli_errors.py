@@ -107,3 +107,20 @@ def test_serve_refuses_a_port_in_use_before_starting_ray(tmp_path):
                               "--store", str(tmp_path / "store")], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.splitlines()[-1].startswith(f"error: 127.0.0.1:{port} is in use") and "--port" in out.stderr
+
+
+def test_serve_refuses_a_model_config_or_weights_that_do_not_exist_before_starting_ray(tmp_path):
+    """The replicas would find out minutes later, in tracebacks: exit 2 with add-task's one-line message instead."""
+    import subprocess
+    import sys
+
+    serve = [sys.executable, "-c", "from clients.cli import main; main()", "serve", "--port", str(free_port()),
+             "--store", str(tmp_path / "store")]
+    for options, message in (
+        (["--model", str(tmp_path / "nope.json")], f"error: model config file not found: {tmp_path / 'nope.json'}"),
+        (["--model", "ViT-B-32", "--pretrained", str(tmp_path / "nope.safetensors")],
+         f"error: pretrained '{tmp_path / 'nope.safetensors'}' is neither a checkpoint file nor a known open_clip tag"),
+    ):
+        out = subprocess.run(serve + options, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.splitlines()[-1].startswith(message), out.stderr

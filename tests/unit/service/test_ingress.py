@@ -3,6 +3,7 @@ under HAProxy (whose balance algorithm replaces Serve's request routers)."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -13,9 +14,12 @@ from service.settings import ServiceSettings
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for key in (ingress.ENABLE, ingress.BALANCE, ingress.CLIENT_TIMEOUT):
+    saved = dict(os.environ)  # prepare_local_cluster writes os.environ: none of it may outlive the test
+    for key in (ingress.ENABLE, ingress.BALANCE, ingress.CLIENT_TIMEOUT, *ingress.SIDE_PORTS):
         monkeypatch.delenv(key, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_haproxy_is_the_default_and_primary_routing_becomes_balance_first(clean_env):
@@ -58,3 +62,17 @@ def test_build_app_leaves_routing_to_haproxy(clean_env, tmp_path):
     assert "PrimaryFirstRouter" not in routed  # Serve's default, which HAProxy bypasses
     with pytest.raises(ValueError):
         ServiceSettings(ingress="nginx")
+
+
+def test_side_ports_another_cluster_holds_are_moved(clean_env):
+    """A second cluster on the machine (another keepclip serve) would fail to bind HAProxy's stats port, or send its
+    fallback traffic to the first one's proxy: a taken side port is replaced by a free one, a set one is left."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        clean_env.setattr(ingress, "SIDE_PORTS", {"RAY_SERVE_HAPROXY_STATS_PORT": busy, "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": busy})
+        clean_env.setenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "8501")
+        moved = ingress.free_side_ports()
+    assert list(moved) == ["RAY_SERVE_HAPROXY_STATS_PORT"] and int(moved["RAY_SERVE_HAPROXY_STATS_PORT"]) != busy
+    assert ingress.free_side_ports() == {}  # nothing listens there any more: Ray's own default stays
