@@ -10,6 +10,10 @@ matter on an exposed port:
 - the stats page and the metrics listener bind every interface, whatever `--host` says. keepclip binds them to the
   service's host when that is one address (a host of 0.0.0.0 or :: keeps them on every interface, as before).
 
+And one answer: while no application is deployed (the service starting or stopping), Ray's default backend answers
+every path with a plain-text 404 "Path not found", which reads as a wrong URL. When keepclip owns every path (route
+prefix `/`), that becomes a JSON 503 `not_ready` with `Retry-After: 1`, as the API's own errors are.
+
 Ray lets an operator choose the binary (`RAY_SERVE_HAPROXY_BINARY_PATH`), and runs it as `BINARY -db -f CONFIG
 [...]`, for every start and reload. `service/ingress.py` points that variable at the `keepclip-haproxy` script; this
 module is its `main`: it writes the hardened config beside Ray's and execs the real HAProxy on it with Ray's other
@@ -17,6 +21,7 @@ arguments. Anything it does not recognise is passed through untouched, so HAProx
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -30,6 +35,10 @@ SCRIPT = "keepclip-haproxy"
 BINARY_PATH = "RAY_SERVE_HAPROXY_BINARY_PATH"  # read by Ray's processes: the binary they start
 HEADER_TIMEOUT = "KEEPCLIP_HAPROXY_HEADER_TIMEOUT_S"
 ADMIN_HOST = "KEEPCLIP_HAPROXY_ADMIN_HOST"
+OWNS_EVERY_PATH = "KEEPCLIP_HAPROXY_OWNS_EVERY_PATH"
+NOT_READY_BODY = json.dumps({"error": {"code": "not_ready", "message": "keepclip is starting or stopping: no replica "
+                                       "serves yet; retry shortly"}}, separators=(",", ":"))
+NOT_READY = f"http-request return status 503 content-type application/json string '{NOT_READY_BODY}' hdr Retry-After 1"
 DEFAULT_HEADER_TIMEOUT_S = 10
 EVERY_INTERFACE = ("", "*", "0.0.0.0", "::", "[::]")
 
@@ -43,7 +52,7 @@ def script_path() -> Path | None:
     return None
 
 
-def wrapper_env(header_timeout_s: float, host: str) -> dict[str, str]:
+def wrapper_env(header_timeout_s: float, host: str, route_prefix: str = "/") -> dict[str, str]:
     """The environment that makes Ray start HAProxy through keepclip (empty when the script is not installed)."""
     script = script_path()
     if script is None:
@@ -52,11 +61,13 @@ def wrapper_env(header_timeout_s: float, host: str) -> dict[str, str]:
     if os.environ.get(BINARY_PATH, str(script)) != str(script):  # an operator's own HAProxy: theirs to configure
         log.warning("%s is set: HAProxy runs as given, without keepclip's header deadline", BINARY_PATH)
         return {}
-    return {BINARY_PATH: str(script), HEADER_TIMEOUT: str(max(1, round(header_timeout_s))), ADMIN_HOST: host}
+    return {BINARY_PATH: str(script), HEADER_TIMEOUT: str(max(1, round(header_timeout_s))), ADMIN_HOST: host,
+            OWNS_EVERY_PATH: "1" if route_prefix.rstrip("/") == "" else "0"}
 
 
-def harden(config: str, header_timeout_s: int, admin_host: str = "") -> str:
-    """Ray's HAProxy config with a header deadline in `defaults` and the admin listeners bound to `admin_host`."""
+def harden(config: str, header_timeout_s: int, admin_host: str = "", owns_every_path: bool = False) -> str:
+    """Ray's HAProxy config with a header deadline in `defaults`, the admin listeners bound to `admin_host`, and
+    (`owns_every_path`) a JSON 503 from the backend of paths no application serves."""
     if not re.search(r"^\s*timeout\s+http-request\s", config, flags=re.M):
         config = re.sub(r"^defaults\b[^\n]*\n", lambda m: f"{m.group(0)}    timeout http-request {header_timeout_s}s\n",
                         config, count=1, flags=re.M)
@@ -65,6 +76,9 @@ def harden(config: str, header_timeout_s: int, admin_host: str = "") -> str:
         for section in ("listen stats", "frontend prometheus"):  # `bind *:8404` / `bind :9101`
             config = re.sub(rf"(^{section}\b[^\n]*\n(?:[ \t][^\n]*\n)*?[ \t]*bind )\*?(:\d+)",
                             lambda m: f"{m.group(1)}{host}{m.group(2)}", config, count=1, flags=re.M)
+    if owns_every_path:
+        config = re.sub(r"(^backend default_backend\n)[ \t]+http-request return status 404\b[^\n]*\n",
+                        lambda m: f"{m.group(1)}    {NOT_READY}\n", config, count=1, flags=re.M)
     return config
 
 
@@ -91,7 +105,7 @@ def hardened_args(args: list[str]) -> list[str]:
     timeout_s = int(os.environ.get(HEADER_TIMEOUT, DEFAULT_HEADER_TIMEOUT_S))
     hardened = source.with_name(f"{source.name}.keepclip")
     staged = hardened.with_name(f"{hardened.name}.{os.getpid()}")
-    staged.write_text(harden(source.read_text(), timeout_s, os.environ.get(ADMIN_HOST, "")))
+    staged.write_text(harden(source.read_text(), timeout_s, os.environ.get(ADMIN_HOST, ""), os.environ.get(OWNS_EVERY_PATH) == "1"))
     staged.replace(hardened)  # a reload never reads a half-written file
     return [*args[:i], str(hardened), *args[i + 1:]]
 
