@@ -89,9 +89,16 @@ def _fail(message: str, code: int = FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
+# what to do about a refusal, where the service's message speaks HTTP
+_HINTS = {"unauthorized": "pass the service's admin token with --token or KEEPCLIP_ADMIN_TOKEN",
+          "forbidden": "--token or KEEPCLIP_ADMIN_TOKEN must be the token the service was started with"}
+
+
 def _describe(e: KeepclipError) -> str:
-    """One line: the message, then the HTTP status and code when there was an HTTP answer."""
+    """One line: the message, then the HTTP status and code when there was an HTTP answer (and a hint, for some)."""
     text = e.message if e.status == 0 else f"{e.message} ({e.status} {e.code})"
+    if e.code in _HINTS:
+        text += f": {_HINTS[e.code]}"
     return " ".join(text.split())  # a server's message may span lines
 
 

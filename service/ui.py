@@ -85,7 +85,7 @@ def build_ui(engine: Engine, settings: ServiceSettings) -> gr.Blocks:
         state = engine.state
         return task_rows(state), f"store generation {state.generation}"
 
-    with gr.Blocks(title=TITLE, analytics_enabled=False, css=CSS) as ui:
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as ui:  # the CSS goes with mount_gradio_app (Gradio 6)
         gr.Markdown("## keepclip — one frozen CLIP, many learned tasks\nEach image is routed on its own to the task whose fingerprint it matches.")
         with gr.Tab("Classify"):
             with gr.Row():
@@ -122,4 +122,4 @@ def mount_ui(app: FastAPI, engine: Engine, settings: ServiceSettings, path: str 
     # `has_launched` is set, which `launch()` does and `mount_gradio_app` does not: without it a client could have any
     # server file copied to the cache and then download it (tests/unit/service/test_served_edges.py).
     ui.has_launched = True
-    return gr.mount_gradio_app(app, ui, path=path, max_file_size=settings.max_body_bytes)
+    return gr.mount_gradio_app(app, ui, path=path, max_file_size=settings.max_body_bytes, css=CSS)

@@ -15,6 +15,7 @@ Top-level imports stay light (no torch, ray or open_clip) so that `--help` answe
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import logging
@@ -176,6 +177,19 @@ def _optional(kind: type):
     return parse
 
 
+def _refuse_unknown_options(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """A mistyped option, named with its likely meaning: argparse would first complain that --data is missing when
+    `--dta` was meant, and never name `--dta` at all."""
+    known = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    for arg in argv:
+        if arg == "--":
+            return
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and not any(option.startswith(name) for option in known):  # prefixes: argparse's
+            close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+            parser.error(f"unrecognized option {name}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -201,7 +215,9 @@ def recipe_settings(args: argparse.Namespace) -> RecipeSettings:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse, learn, publish. -> exit code (0 ok, 2 bad input, 1 training failed, 130 interrupted)."""
     try:
-        args = build_parser(prog).parse_args(argv)
+        parser = build_parser(prog)
+        _refuse_unknown_options(parser, sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, or an argparse usage error (already printed)
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_BAD_INPUT
     from .runtime import configure_logging

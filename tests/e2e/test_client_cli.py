@@ -123,7 +123,7 @@ def test_cli_tasks(keepclip_service, monkeypatch):
     out = runner.invoke(app, ["tasks", "show", "nope", "--url", url])
     assert out.exit_code == 1 and "(404 task_not_found)" in one_error_line(out)
     out = runner.invoke(app, ["tasks", "delete", "teal", "--url", url])
-    assert out.exit_code == 1 and "(401 unauthorized)" in one_error_line(out)
+    assert out.exit_code == 1 and "(401 unauthorized): pass the service's admin token with --token or KEEPCLIP_ADMIN_TOKEN" in one_error_line(out)
     out = runner.invoke(app, ["tasks", "delete", "teal", "--url", url, "--token", "wrong"])
     assert out.exit_code == 1 and "(403 forbidden)" in one_error_line(out)
     out = runner.invoke(app, ["tasks", "delete", "teal", "--url", url, "--token", svc.token])

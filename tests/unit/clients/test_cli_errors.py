@@ -29,13 +29,15 @@ def error_body(code: str, message: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "status, code", [(404, "task_not_found"), (422, "validation_error"), (401, "unauthorized"), (500, "internal"), (503, "store_unavailable")]
+    "status, code, hint", [(404, "task_not_found", ""), (422, "validation_error", ""), (500, "internal", ""),
+                           (503, "store_unavailable", ""),
+                           (401, "unauthorized", ": pass the service's admin token with --token or KEEPCLIP_ADMIN_TOKEN")]
 )
-def test_an_error_answer_to_classify_exits_1_with_the_services_message_once(fake_service, image, status, code):
+def test_an_error_answer_to_classify_exits_1_with_the_services_message_once(fake_service, image, status, code, hint):
     fake_service.answer("POST", "/v1/classify", status, error_body(code, "what went\nwrong"))
     out = runner.invoke(app, ["classify", str(image), str(image), "--task", "x", "--url", fake_service.url])
     assert out.exit_code == 1 and out.stdout == ""
-    assert error_lines(out) == [f"error: what went wrong ({status} {code})"]
+    assert error_lines(out) == [f"error: what went wrong ({status} {code}){hint}"]
 
 
 def test_an_image_the_service_refuses_is_reported_and_the_next_one_still_sent(fake_service, image, tmp_path):
@@ -79,7 +81,8 @@ def test_nothing_listening_exits_1(image, args):
 def test_admin_refusals_exit_1(fake_service):
     fake_service.answer("DELETE", "/v1/tasks/x", 403, error_body("forbidden", "wrong admin token"))
     out = runner.invoke(app, ["tasks", "delete", "x", "--url", fake_service.url, "--token", "nope"])
-    assert out.exit_code == 1 and error_lines(out) == ["error: wrong admin token (403 forbidden)"]
+    assert out.exit_code == 1 and error_lines(out) == [
+        "error: wrong admin token (403 forbidden): --token or KEEPCLIP_ADMIN_TOKEN must be the token the service was started with"]
 
 
 def test_usage_errors_exit_2(image, tmp_path):

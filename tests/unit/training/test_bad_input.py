@@ -297,3 +297,10 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(paths, add_tas
     lowered = add_task(tiny_args("t", folder, paths.store, paths.checkpoints, "--max-image-pixels", "100", "--skip-unreadable", epochs=1))
     assert lowered.code == 2 and "over the limit of 100 (--max-image-pixels)" in lowered.err  # every image is over it
     assert "none of its 13 images can be read" in lowered.err
+
+
+def test_a_mistyped_option_is_named_with_its_likely_meaning(paths, add_task):
+    run = add_task(["t", "--dta", str(paths.root / "x"), "--store", str(paths.store)])
+    assert run.code == 2 and "Traceback" not in run.err
+    assert "unrecognized option --dta (did you mean --data" in run.err.strip().splitlines()[-1], run.err
+    assert "the following arguments are required" not in run.err
