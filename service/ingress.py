@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 ENABLE = "RAY_SERVE_ENABLE_HA_PROXY"
 BALANCE = "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM"
 CLIENT_TIMEOUT = "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"
+# How long a stopping replica stays reachable so that load balancers can drop it (Ray: 30 s). On the one machine of a
+# cluster keepclip starts, HAProxy drops it within a reload (0.1 s coalescing); 30 s only delayed every stop.
+DRAINING_PERIOD = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
+LOCAL_DRAINING_PERIOD_S = "3"
 BALANCE_BY_ROUTING = {"primary": "first", "balanced": "leastconn"}
 
 
@@ -82,7 +86,7 @@ def prepare_local_cluster(settings: ServiceSettings) -> None:
     if ENABLE not in os.environ:
         os.environ.update(cluster_env(settings))
     if haproxy_on():
-        for key, value in haproxy_env(settings).items():
+        for key, value in {**haproxy_env(settings), DRAINING_PERIOD: LOCAL_DRAINING_PERIOD_S}.items():
             os.environ.setdefault(key, value)
         os.environ.update(free_side_ports())
 

@@ -15,7 +15,7 @@ from service.settings import ServiceSettings
 @pytest.fixture
 def clean_env(monkeypatch):
     saved = dict(os.environ)  # prepare_local_cluster writes os.environ: none of it may outlive the test
-    for key in (ingress.ENABLE, ingress.BALANCE, ingress.CLIENT_TIMEOUT, *ingress.SIDE_PORTS):
+    for key in (ingress.ENABLE, ingress.BALANCE, ingress.CLIENT_TIMEOUT, ingress.DRAINING_PERIOD, *ingress.SIDE_PORTS):
         monkeypatch.delenv(key, raising=False)
     yield monkeypatch
     os.environ.clear()
@@ -28,6 +28,7 @@ def test_haproxy_is_the_default_and_primary_routing_becomes_balance_first(clean_
     ingress.prepare_local_cluster(ServiceSettings())
     assert (os.environ[ingress.ENABLE], os.environ[ingress.BALANCE]) == ("1", "first") and ingress.haproxy_on()
     assert os.environ[ingress.CLIENT_TIMEOUT] == "15"  # body_timeout_s 10 + 5: a stalled sender is closed then
+    assert os.environ[ingress.DRAINING_PERIOD] == "3"  # one machine: HAProxy drops a stopping replica at once
     assert ingress.http_options(ServiceSettings(), port=9) == {"host": "127.0.0.1", "port": 9, "keep_alive_timeout_s": 15}
 
 
