@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -196,8 +197,7 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
     try:
         front = "HAProxy" if haproxy_on() else "Serve's proxy"
         print(f"keepclip serving on {url} through {front}  (API docs {url}/docs, UI {url}/ui)  — Ctrl-C to stop", flush=True)
-        while not stop.wait(0.5):
-            pass
+        _watch_ingress(settings.host, settings.port, front, stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -219,6 +219,30 @@ def check_port_free(host: str, port: int) -> None:
         raise ConnectionError(
             f"{host}:{port} is in use: another keepclip serve or Ray Serve, or the HAProxy of a Ray cluster that was "
             "killed (`pgrep -af haproxy`); stop it or choose another --port")
+
+
+class IngressGone(RuntimeError):
+    """Nothing listens on the service's port any more: a dead process that looks alive helps nobody."""
+
+
+def _watch_ingress(host: str, port: int, front: str, stop: threading.Event, every_s: float = 5, gone_after_s: float = 120) -> None:
+    """Until `stop`: is something still listening on host:port? Serve's controller restarts a dead HAProxy (measured:
+    ~30 s) or proxy; where that fails (e.g. another process took a port it needs), nothing answers while the replicas
+    live on. After `gone_after_s` of refused connections, give up loudly (exit 1), for a supervisor to start keepclip
+    again. Only a refusal counts: a slow or full server still accepts connections."""
+    target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    refused_since = None
+    while not stop.wait(every_s):
+        try:
+            socket.create_connection((target, port), timeout=2).close()
+            refused_since = None
+        except ConnectionRefusedError:
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since >= gone_after_s:
+                raise IngressGone(f"nothing has listened on {target}:{port} for {gone_after_s:.0f} s ({front} stopped); "
+                                  "keepclip stops, so that whatever supervises it can start it again") from None
+        except OSError:  # a timeout or an unreachable host: busy or a network hiccup, not gone
+            pass
 
 
 def _wait_ready(url: str, timeout_s: float) -> None:

@@ -39,3 +39,23 @@ def test_serve_access_log_follows_the_setting(tmp_path):
 
     assert access_log() is False
     assert access_log(access_log=True) is True
+
+
+def test_serve_gives_up_once_nothing_listens_on_its_port():
+    """What `keepclip serve` does when its ingress is gone for good: IngressGone (exit 1), not a live-looking corpse;
+    while something accepts connections, it waits for Ctrl-C."""
+    import socket
+    import threading
+
+    from service.app import IngressGone, _watch_ingress
+    from tests.conftest import free_port
+
+    closed = free_port()
+    with pytest.raises(IngressGone, match=f"nothing has listened on 127.0.0.1:{closed} for 0 s \\(HAProxy stopped\\)"):
+        _watch_ingress("0.0.0.0", closed, "HAProxy", threading.Event(), every_s=0.05, gone_after_s=0.3)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(16)
+        stop = threading.Event()
+        threading.Timer(0.5, stop.set).start()
+        _watch_ingress("127.0.0.1", listening.getsockname()[1], "HAProxy", stop, every_s=0.05, gone_after_s=0.2)

