@@ -9,6 +9,9 @@ matter on an exposed port:
   headers must arrive within that time, else HAProxy answers 408 and closes the connection.
 - the stats page and the metrics listener bind every interface, whatever `--host` says. keepclip binds them to the
   service's host when that is one address (a host of 0.0.0.0 or :: keeps them on every interface, as before).
+- no limit per client: with the deadline, one address that opens connections as fast as they are cut can still hold
+  all 4,096. keepclip caps the connections one client address may hold at once (`max_connections_per_client`); more
+  are refused at connect.
 
 And one answer: while no application is deployed (the service starting or stopping), Ray's default backend answers
 every path with a plain-text 404 "Path not found", which reads as a wrong URL. When keepclip owns every path (route
@@ -36,6 +39,7 @@ BINARY_PATH = "RAY_SERVE_HAPROXY_BINARY_PATH"  # read by Ray's processes: the bi
 HEADER_TIMEOUT = "KEEPCLIP_HAPROXY_HEADER_TIMEOUT_S"
 ADMIN_HOST = "KEEPCLIP_HAPROXY_ADMIN_HOST"
 OWNS_EVERY_PATH = "KEEPCLIP_HAPROXY_OWNS_EVERY_PATH"
+PER_CLIENT = "KEEPCLIP_HAPROXY_MAX_CONNECTIONS_PER_CLIENT"
 NOT_READY_BODY = json.dumps({"error": {"code": "not_ready", "message": "keepclip is starting or stopping: no replica "
                                        "serves yet; retry shortly"}}, separators=(",", ":"))
 NOT_READY = f"http-request return status 503 content-type application/json string '{NOT_READY_BODY}' hdr Retry-After 1"
@@ -52,7 +56,7 @@ def script_path() -> Path | None:
     return None
 
 
-def wrapper_env(header_timeout_s: float, host: str, route_prefix: str = "/") -> dict[str, str]:
+def wrapper_env(header_timeout_s: float, host: str, route_prefix: str = "/", per_client: int = 0) -> dict[str, str]:
     """The environment that makes Ray start HAProxy through keepclip (empty when the script is not installed)."""
     script = script_path()
     if script is None:
@@ -62,12 +66,13 @@ def wrapper_env(header_timeout_s: float, host: str, route_prefix: str = "/") -> 
         log.warning("%s is set: HAProxy runs as given, without keepclip's header deadline", BINARY_PATH)
         return {}
     return {BINARY_PATH: str(script), HEADER_TIMEOUT: str(max(1, round(header_timeout_s))), ADMIN_HOST: host,
-            OWNS_EVERY_PATH: "1" if route_prefix.rstrip("/") == "" else "0"}
+            OWNS_EVERY_PATH: "1" if route_prefix.rstrip("/") == "" else "0", PER_CLIENT: str(per_client)}
 
 
-def harden(config: str, header_timeout_s: int, admin_host: str = "", owns_every_path: bool = False) -> str:
-    """Ray's HAProxy config with a header deadline in `defaults`, the admin listeners bound to `admin_host`, and
-    (`owns_every_path`) a JSON 503 from the backend of paths no application serves."""
+def harden(config: str, header_timeout_s: int, admin_host: str = "", owns_every_path: bool = False, per_client: int = 0) -> str:
+    """Ray's HAProxy config with a header deadline in `defaults`, the admin listeners bound to `admin_host`,
+    (`owns_every_path`) a JSON 503 from the backend of paths no application serves, and (`per_client` > 0) at most
+    that many connections at once from one client address on the service's frontend."""
     if not re.search(r"^\s*timeout\s+http-request\s", config, flags=re.M):
         config = re.sub(r"^defaults\b[^\n]*\n", lambda m: f"{m.group(0)}    timeout http-request {header_timeout_s}s\n",
                         config, count=1, flags=re.M)
@@ -76,6 +81,10 @@ def harden(config: str, header_timeout_s: int, admin_host: str = "", owns_every_
         for section in ("listen stats", "frontend prometheus"):  # `bind *:8404` / `bind :9101`
             config = re.sub(rf"(^{section}\b[^\n]*\n(?:[ \t][^\n]*\n)*?[ \t]*bind )\*?(:\d+)",
                             lambda m: f"{m.group(1)}{host}{m.group(2)}", config, count=1, flags=re.M)
+    if per_client > 0:  # a stick table of current connections per source address, checked as each one arrives
+        limit = (f"    stick-table type ipv6 size 100k expire 60s store conn_cur\n    tcp-request connection track-sc0 src\n"
+                 f"    tcp-request connection reject if {{ sc0_conn_cur gt {per_client} }}\n")
+        config = re.sub(r"^frontend http_frontend\b[^\n]*\n", lambda m: m.group(0) + limit, config, count=1, flags=re.M)
     if owns_every_path:
         config = re.sub(r"(^backend default_backend\n)[ \t]+http-request return status 404\b[^\n]*\n",
                         lambda m: f"{m.group(1)}    {NOT_READY}\n", config, count=1, flags=re.M)
@@ -105,7 +114,8 @@ def hardened_args(args: list[str]) -> list[str]:
     timeout_s = int(os.environ.get(HEADER_TIMEOUT, DEFAULT_HEADER_TIMEOUT_S))
     hardened = source.with_name(f"{source.name}.keepclip")
     staged = hardened.with_name(f"{hardened.name}.{os.getpid()}")
-    staged.write_text(harden(source.read_text(), timeout_s, os.environ.get(ADMIN_HOST, ""), os.environ.get(OWNS_EVERY_PATH) == "1"))
+    staged.write_text(harden(source.read_text(), timeout_s, os.environ.get(ADMIN_HOST, ""), os.environ.get(OWNS_EVERY_PATH) == "1",
+                             int(os.environ.get(PER_CLIENT, "0"))))
     staged.replace(hardened)  # a reload never reads a half-written file
     return [*args[:i], str(hardened), *args[i + 1:]]
 

@@ -67,7 +67,7 @@ def cluster_env(settings: ServiceSettings) -> dict[str, str]:
 def haproxy_env(settings: ServiceSettings) -> dict[str, str]:
     """HAProxy's knobs that follow keepclip's settings, and the binary that adds the header deadline."""
     return {BALANCE: BALANCE_BY_ROUTING[settings.replica_routing], CLIENT_TIMEOUT: str(idle_timeout_s(settings)),
-            **wrapper_env(settings.header_timeout_s, settings.host, settings.route_prefix)}
+            **wrapper_env(settings.header_timeout_s, settings.host, settings.route_prefix, settings.max_connections_per_client)}
 
 
 def idle_timeout_s(settings: ServiceSettings) -> int:

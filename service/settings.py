@@ -148,6 +148,11 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         10.0, gt=0, le=3600, description="HAProxy ingress: the request line and headers must arrive within this many "
         "seconds, else 408 and the connection is closed (so slow-header clients cannot hold every connection)",
     )
+    max_connections_per_client: int = Field(
+        1024, ge=0, description="HAProxy ingress: connections one client address may hold at once; more are refused "
+        "at connect, so one address cannot take all of HAProxy's 4,096 (0: no limit). Behind a load balancer that "
+        "connects from one address, raise it or set 0 and limit clients there",
+    )
     max_body_reads: int = Field(
         192, ge=1, description="requests per replica that may be receiving their body at once; more are refused at "
         "once with 503 + Retry-After, so slow senders cannot take every slot (must be below max_ongoing_requests)",

