@@ -1,6 +1,6 @@
-"""The HAProxy "binary" keepclip gives Ray: Ray's own HAProxy, started on Ray's own config with two lines hardened.
+"""The HAProxy "binary" keepclip gives Ray: Ray's own HAProxy, started on Ray's own config, hardened.
 
-Ray 2.60 writes HAProxy's config from a template and takes only some of its fields from the environment. Two gaps
+Ray 2.60 writes HAProxy's config from a template and takes only some of its fields from the environment. Three gaps
 matter on an exposed port:
 
 - no `timeout http-request`: a client that sends one more header byte every few seconds restarts the client timeout
