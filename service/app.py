@@ -178,20 +178,55 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
 
     from backbone.loading import check_backbone
 
-    started_ray = False
+    joins = ray.is_initialized() or address is not None
+    if not joins:  # a cluster keepclip starts here: what would make it fail later is refused now
+        check_port_free(settings.host, settings.port)
+        check_backbone(settings.model, settings.pretrained)
+        prepare_local_cluster(settings)
+    url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
+    if not blocking:
+        _start_app(settings, address, url, ready_timeout_s)
+        return url
+    try:
+        _start_app(settings, address, url, ready_timeout_s)
+        _serve_until_stopped(settings, url)
+    except KeyboardInterrupt:  # Ctrl-C before the service was ready (or just then): stop as cleanly as after
+        print("interrupted", flush=True)
+    finally:
+        print("stopping keepclip ...", flush=True)
+        _stop(settings.app_name, started_ray=not joins)
+    return url
+
+
+def _stop(app_name: str, started_ray: bool) -> None:
+    """Delete the app, and Serve and Ray where this process started them. Also after a failed start, so a failure
+    to stop is logged rather than raised over the error that brought us here."""
+    import ray
+
+    try:
+        if ray.is_initialized():  # not when stopped in ray.init: serve.delete would start a cluster of its own
+            serve.delete(app_name)
+            if started_ray:
+                serve.shutdown()
+    except Exception as e:  # e.g. Serve never started
+        log.warning("stopping Serve: %s", e)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _start_app(settings: ServiceSettings, address: str | None, url: str, ready_timeout_s: float) -> None:
+    import ray
+
     if not ray.is_initialized():
-        if address is None:  # a cluster keepclip starts here: what would make it fail later is refused now
-            check_port_free(settings.host, settings.port)
-            check_backbone(settings.model, settings.pretrained)
-            prepare_local_cluster(settings)
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-        started_ray = address is None
     serve.start(http_options=http_options(settings))
     serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
-    url = f"http://{settings.host}:{settings.port}{settings.route_prefix.rstrip('/')}"
     _wait_ready(url, ready_timeout_s)
-    if not blocking:
-        return url
+
+
+def _serve_until_stopped(settings: ServiceSettings, url: str) -> None:
+    """Until Ctrl-C/SIGTERM (turned into an event, so that a signal cannot land in the middle of the stop)."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -201,15 +236,6 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        print("stopping keepclip ...", flush=True)
-        try:
-            serve.delete(settings.app_name)
-            if started_ray:
-                serve.shutdown()
-        finally:
-            if started_ray:
-                ray.shutdown()
-    return url
 
 
 def check_port_free(host: str, port: int) -> None:
