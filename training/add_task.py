@@ -112,7 +112,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                            "pass, seconds); prompts: residual attention prompts by SGD (the deep tier, a second pass when served); "
                            "prompts+head: the head on prompted features; auto: all three, keeps the best on validation [head]")
     kind.add_argument("--update", action="store_true", help="add --data (more images, new classes) to the live head task NAME in "
-                      "closed form, from the features its artifact keeps (no old images needed); publishes a new version")
+                      "closed form, from the features its artifact keeps (no old images needed; images it already learned with the same "
+                      "class are counted once); publishes a new version")
     _recipe_option(kind, HeadSettings, "width", "N", flag="--head-width")
 
     data = parser.add_argument_group("data")

@@ -9,7 +9,9 @@ artifact.
 **Update.** The artifact keeps the frozen features and labels of its images in `update.safetensors` (the store never
 hands it to replicas): n × d float32, 2 MB for 2,000 images at 256-d, against 128 MB for a 4096² Gram matrix. They are
 the head's sufficient statistics: `update` appends the new images' features (new classes get new columns), re-picks λ
-and the fusion weight and solves again: exactly a fit on all the images at once, without the old images.
+and the fusion weight and solves again: exactly a fit on all the images at once, without the old images. An image the
+live version already learned with the same class (the same frozen features) is counted once, so a folder sent again
+with a few images added adds just those.
 """
 from __future__ import annotations
 
@@ -175,6 +177,8 @@ class HeadLearner:
                 check_features(split, where)
         class_names, templates = list(task.class_names), list(task.templates)
         if previous is not None:
+            known = Features.concat(stored(previous, "train"), stored(previous, "val"))
+            train, val = drop_known(train, val, known, previous, run)
             train, val = Features.concat(stored(previous, "train"), train), Features.concat(stored(previous, "val"), val)
         fingerprint_seconds = time.perf_counter() - started
         return self.artifact(task, backbone, model, class_names, templates, train, val, test, fingerprint_seconds,
@@ -239,6 +243,43 @@ def stored(previous: TaskArtifact, split: str) -> Features:
 
 
 # ---------------------------------------------------------------- updates
+SAME_IMAGE_COSINE = 1 - 1e-5  # frozen features this close are one image (run to run they differ by ~1e-7)
+
+
+def drop_known(train: Features, val: Features, known: Features, previous: TaskArtifact,
+               run: RunContext) -> tuple[Features, Features]:
+    """An update's images that the live version already learned, with the same class, are counted once: a folder
+    re-sent with a few images added must not weigh its old images twice. The same image under another class is kept
+    (as within one --data) and reported."""
+    seen = [nearest_known(split.features, known.features) for split in (train, val)]
+    same = [(hit >= 0) & (known.labels[hit.clamp(min=0)] == split.labels) for split, hit in zip((train, val), seen)]
+    relabelled = sum(int(((hit >= 0) & ~dup).sum()) for hit, dup in zip(seen, same))
+    dropped = sum(int(dup.sum()) for dup in same)
+    if dropped == len(train) + len(val):
+        raise InputError(f"--data: all {dropped} images are already in version {previous.version} of task "
+                         f"'{previous.name}' with the same classes: nothing to add")
+    say = log.info if run.comm.is_main else log.debug
+    if dropped:
+        say("--update: %d of %d images are already in version %d with the same class; counted once",
+            dropped, len(train) + len(val), previous.version)
+    if relabelled:
+        say("--update: %d images are already in version %d under another class; kept under both", relabelled, previous.version)
+    return tuple(Features(split.features[~dup], split.labels[~dup]) for split, dup in zip((train, val), same))
+
+
+def nearest_known(features: torch.Tensor, known: torch.Tensor, cells: int = 1 << 24) -> torch.Tensor:
+    """(n,) index of the known image each feature equals (cosine >= SAME_IMAGE_COSINE; both L2-normalised), or -1.
+    In chunks of at most `cells` similarities (64 MiB)."""
+    hits = torch.full((len(features),), -1, dtype=torch.int64)
+    if len(known) == 0:
+        return hits
+    chunk = max(1, cells // len(known))
+    for start in range(0, len(features), chunk):
+        cosine, index = (features[start:start + chunk].float() @ known.float().T).max(dim=1)
+        hits[start:start + chunk] = torch.where(cosine >= SAME_IMAGE_COSINE, index, -1)
+    return hits
+
+
 def check_updatable(previous: TaskArtifact, embed_dim: int, where: str) -> None:
     """A live version `--update` can add to: a head, with its update state, for features of this width."""
     if previous.kind != KIND:

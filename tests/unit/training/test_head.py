@@ -81,6 +81,41 @@ def test_update_adds_images_and_a_class_and_equals_a_fit_on_all_the_data(paths, 
     assert v2.recipe["head"]["fusion"] == once.recipe["head"]["fusion"]
 
 
+def test_an_update_counts_images_the_task_already_learned_once(paths, add_task):
+    """The usual update: the same folder again, a few images added. Only the new ones count; re-sending all of it is
+    refused (nothing to add); the same image under another class is kept and reported."""
+    images, labels = colour_images(per_class=8, seed=1)
+    first = write(paths.root / "a" / "train.npz", images, labels, CLASS_NAMES)
+    assert add_task(head_args("colours", first, paths)).code == 0
+    more, more_labels = colour_images(per_class=3, seed=2)
+    grown = write(paths.root / "b" / "train.npz", np.concatenate([images, more]), np.concatenate([labels, more_labels]), CLASS_NAMES)
+    only_new = write(paths.root / "c" / "train.npz", more, more_labels, CLASS_NAMES)
+    run = add_task(head_args("colours", grown, paths, "--update"))
+    assert run.code == 0, run.err
+    assert "32 of 44 images are already in version 1 with the same class; counted once" in run.out + run.err
+    store = open_store(paths.store)
+    from_grown = store.get("colours", with_update_state=True)
+    store.rollback("colours", 1)
+    assert add_task(head_args("colours", only_new, paths, "--update")).code == 0
+    from_new = store.get("colours", with_update_state=True)
+    def learned(artifact):  # every image's features and class, in one order (the two splits differ)
+        state = artifact.update_state
+        rows = torch.cat([torch.cat([state[f"{s}.features"], state[f"{s}.labels"][:, None].float()], 1) for s in ("train", "val")])
+        return rows[torch.argsort(rows[:, 0])]
+
+    assert len(learned(from_grown)) == len(learned(from_new)) == 44
+    assert torch.allclose(learned(from_grown), learned(from_new), atol=1e-5)
+
+    before = store.generation()
+    again = add_task(head_args("colours", grown, paths, "--update"))
+    assert again.code == 2 and "all 44 images are already in version" in again.err and "nothing to add" in again.err, again.err
+    assert store.generation() == before
+    swapped = write(paths.root / "d" / "train.npz", more, (more_labels + 1) % 4, CLASS_NAMES)  # the same images, other classes
+    relabelled = add_task(head_args("colours", swapped, paths, "--update", "--force"))  # a worse head, on purpose
+    assert relabelled.code == 0 and "12 images are already in version" in relabelled.out + relabelled.err
+    assert "kept under both" in relabelled.out + relabelled.err
+
+
 @pytest.mark.parametrize("case", ["unknown task", "other kind", "one image per class", "conflicting name"])
 def test_bad_updates_and_small_classes_are_refused_by_name_and_nothing_is_published(paths, add_task, case):
     images, labels = colour_images(per_class=6)
