@@ -9,9 +9,14 @@ import hashlib
 import json
 import logging
 import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -140,13 +145,50 @@ def check_supported(name: str, cfg: dict[str, Any]) -> None:
 def _fetch_pretrained(name: str, tag: str, cache_dir: str | None) -> str:
     pretrained_cfg = open_clip.get_pretrained_cfg(name, tag)
     try:
-        return open_clip.download_pretrained(pretrained_cfg, cache_dir=cache_dir)
+        with _cache_only_when_offline():
+            return open_clip.download_pretrained(pretrained_cfg, cache_dir=cache_dir)
     except Exception as e:  # network, hub or disk errors all mean the same thing to the user
         raise WeightsUnavailable(
             f"could not fetch the pretrained weights '{tag}' for '{name}' ({type(e).__name__}: {e}). "
             "Without network access, pass a local checkpoint instead: --pretrained /path/to/weights.safetensors "
             "(or an open_clip .pt/.bin state dict), or set KEEPCLIP_PRETRAINED."
         ) from e
+
+
+@contextmanager
+def _cache_only_when_offline(timeout_s: float = 3.0) -> Iterator[None]:
+    """Without a route to the Hugging Face Hub, huggingface_hub retries for about 50 s before it looks in its cache
+    (measured, no DNS). When the hub's host cannot be reached directly (and no proxy is configured), go to the cache
+    at once, as HF_HUB_OFFLINE=1 would: cached weights load, missing ones fail in a second."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(v) for v in _PROXY_VARIABLES) or _reachable(constants.ENDPOINT, timeout_s):
+        yield
+        return
+    log.warning("%s cannot be reached: looking for the weights in the local Hugging Face cache only", constants.ENDPOINT)
+    constants.HF_HUB_OFFLINE = True  # read at call time (is_offline_mode); HF_HUB_OFFLINE in the environment is read once
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _reachable(url: str, timeout_s: float) -> bool:
+    """A TCP connection to the URL's host opens within timeout_s (name resolution in a thread: it has no timeout)."""
+    parts = urlparse(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    pool = ThreadPoolExecutor(1)
+    try:
+        address = pool.submit(socket.getaddrinfo, parts.hostname, port, type=socket.SOCK_STREAM).result(timeout_s)
+        socket.create_connection(address[0][4][:2], timeout=timeout_s).close()
+        return True
+    except (OSError, FuturesTimeout):
+        return False
+    finally:
+        pool.shutdown(wait=False)  # a resolver that hangs is left behind, not waited for
 
 
 def tag_needs_quick_gelu(name: str, tag: str | None) -> bool:

@@ -1,5 +1,6 @@
 """Loading: config JSON + checkpoint, fingerprints, freezing, refusals with messages that say what to do."""
 import json
+import time
 
 import huggingface_hub
 import open_clip
@@ -9,7 +10,7 @@ from safetensors.torch import save_file
 
 from backbone import BackboneError, UnsupportedBackbone, WeightsUnavailable, load_backbone, sha256_file
 from backbone.loading import SUPPORTED, tag_needs_quick_gelu
-from tests.conftest import TINY_CONFIGS, tiny_backbone
+from tests.conftest import TINY_CONFIGS, free_port, tiny_backbone
 
 
 def test_everything_is_frozen_and_in_eval_mode(tiny_name):
@@ -80,6 +81,29 @@ def test_download_failure_says_how_to_pass_a_local_checkpoint(tmp_path, monkeypa
     message = str(err.value)
     assert "could not fetch the pretrained weights 'openai'" in message
     assert "--pretrained /path/to/" in message and "KEEPCLIP_PRETRAINED" in message
+
+
+def test_an_unreachable_hub_goes_to_the_cache_at_once(tmp_path, monkeypatch):
+    """Offline, huggingface_hub retried for ~50 s before it looked in its cache; now: cached weights in moments, and
+    missing ones fail as fast (the hub here: a local port nothing listens on)."""
+    from backbone.loading import _fetch_pretrained
+
+    for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].rstrip("/")
+    snapshot = tmp_path / "cache" / f"models--{repo.replace('/', '--')}"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    weights = snapshot / "snapshots" / ("0" * 40) / "open_clip_model.safetensors"
+    weights.parent.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, weights)
+    started = time.monotonic()
+    assert _fetch_pretrained("ViT-B-32", "openai", str(tmp_path / "cache")) == str(weights)
+    with pytest.raises(WeightsUnavailable, match="could not fetch the pretrained weights 'openai'"):
+        _fetch_pretrained("ViT-B-32", "openai", str(tmp_path / "empty"))
+    assert time.monotonic() - started < 10
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # as it was: only those calls were offline
 
 
 @pytest.mark.parametrize(
