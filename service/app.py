@@ -27,6 +27,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ray import serve
@@ -147,7 +149,8 @@ def build_app(args: ServiceSettings) -> Application:
         "max_ongoing_requests": max(args.max_ongoing_requests, 2 * args.max_batch_size),
         "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         "user_config": args.runtime_config(),
-        "logging_config": {"enable_access_log": args.access_log},
+        # the access log is written at INFO: asking for it asks for that level
+        "logging_config": {"enable_access_log": args.access_log, "log_level": "INFO" if args.access_log else args.ray_log_level},
     }
     if args.malloc_arena_max:  # glibc reads it when the process starts: the replica's own worker gets it
         options["ray_actor_options"]["runtime_env"] = {"env_vars": {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)}}
@@ -178,6 +181,7 @@ def run_service(settings: ServiceSettings, address: str | None = None, blocking:
 
     from backbone.loading import check_backbone
 
+    logging.getLogger("ray.serve").setLevel(settings.ray_log_level)  # this process's Serve client
     joins = ray.is_initialized() or address is not None
     if not joins:  # a cluster keepclip starts here: what would make it fail later is refused now
         check_port_free(settings.host, settings.port)
@@ -219,10 +223,28 @@ def _start_app(settings: ServiceSettings, address: str | None, url: str, ready_t
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-    serve.start(http_options=http_options(settings))
+        with _interrupts_deferred():
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(http_options=http_options(settings), logging_config={"log_level": settings.ray_log_level})
     serve.run(build_app(settings), name=settings.app_name, route_prefix=settings.route_prefix, blocking=False)
     _wait_ready(url, ready_timeout_s)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """A Ctrl-C inside ray.init can leave the node's processes started but not yet known to ray.shutdown (seen: its
+    agents ran on after the stop): it takes effect once the block is done (a few seconds)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _serve_until_stopped(settings: ServiceSettings, url: str) -> None:

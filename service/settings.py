@@ -104,6 +104,11 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         "hundreds of requests a second it costs a share of the replica's event loop, and /metrics already counts "
         "requests by route, status and latency",
     )
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "WARNING", description="the level of Ray's and Serve's own log lines (cluster and Serve start-up, HAProxy "
+        "reloads, replica ports) on the console and in Serve's log files; keepclip's own lines (tasks loaded, "
+        "requests refused) are always shown. INFO: every step Ray takes",
+    )
     max_ongoing_requests: int = Field(
         256, ge=1, description="requests one replica holds at once, those still receiving their body included "
         "(at least 2 x max_batch_size is used)",

@@ -31,14 +31,17 @@ def test_serve_config_is_loadable_by_serve_and_kuberay():
     assert set(app["deployments"][0]["user_config"]) <= set(RUNTIME_KNOBS)
 
 
-def test_serve_access_log_follows_the_setting(tmp_path):
-    """Serve's line per request costs the replica's event loop; it is off unless `access_log` asks for it."""
-    def access_log(**settings) -> bool:
+def test_serve_access_log_and_log_level_follow_the_settings(tmp_path):
+    """Serve's line per request costs the replica's event loop; it is off unless `access_log` asks for it. Ray's own
+    INFO lines stay off the console unless `ray_log_level` asks for them."""
+    def logging_config(**settings) -> dict:
         deployment = build_app(ServiceSettings(store=str(tmp_path), ui=False, **settings))._bound_deployment
-        return deployment._deployment_config.logging_config["enable_access_log"]
+        return deployment._deployment_config.logging_config
 
-    assert access_log() is False
-    assert access_log(access_log=True) is True
+    assert logging_config()["enable_access_log"] is False and logging_config()["log_level"] == "WARNING"
+    assert logging_config(access_log=True)["enable_access_log"] is True
+    assert logging_config(access_log=True)["log_level"] == "INFO"  # where Serve writes the access lines
+    assert logging_config(ray_log_level="DEBUG")["log_level"] == "DEBUG"
 
 
 def test_serve_gives_up_once_nothing_listens_on_its_port():
