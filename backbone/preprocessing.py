@@ -10,13 +10,42 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+EXIF_ORIENTATION = 0x0112
+SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A decoded image as 8-bit RGB, the way a viewer shows it; training and serving both read files through it.
+
+    - EXIF orientation applied (a phone's portrait photo is stored sideways with a tag saying so; browsers turn it).
+    - 16-bit grey scaled from its full range (the top 8 bits, as OpenCV and torchvision read such files): Pillow's
+      `convert("RGB")` clips it at 255 instead, so a 16-bit sensor image comes out almost all white.
+    - 32-bit integer and float grey (TIFF) have no fixed range: stretched from their own minimum to maximum.
+    """
+    if image.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
+        image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_GREY:
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
+    elif image.mode in ("I", "F"):
+        image = Image.fromarray(_stretched(np.asarray(image, dtype=np.float64)), "L")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image whole
+
+
+def _stretched(values: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.uint8)
+    low, high = values[finite].min(), values[finite].max()
+    scaled = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    return np.where(finite, np.clip(np.rint(scaled), 0, 255), 0).astype(np.uint8)
 
 
 def images_to_batch(images: Iterable[np.ndarray | Image.Image], preprocess: Callable) -> torch.Tensor:
     """uint8 HWC arrays or PIL images -> (N, 3, H, W) through open_clip's eval transform."""
     pil = (im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images)
-    return torch.stack([preprocess(im.convert("RGB")) for im in pil])
+    return torch.stack([preprocess(to_rgb(im)) for im in pil])
 
 
 class PixelPipeline:
@@ -38,8 +67,8 @@ class PixelPipeline:
     def pixels(self, image: Image.Image) -> np.ndarray:
         """(3, H, W) uint8 after resize/crop (or float32 after the whole transform when it cannot be split)."""
         if not self.split:
-            return self.pil_part(image.convert("RGB")).numpy()
-        out = self.pil_part(image.convert("RGB"))
+            return self.pil_part(to_rgb(image)).numpy()
+        out = self.pil_part(to_rgb(image))
         if not isinstance(out, Image.Image):
             raise TypeError(f"the transform before ToTensor returned {type(out).__name__}, not a PIL image")
         return np.ascontiguousarray(np.asarray(out.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))

@@ -22,6 +22,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from backbone.preprocessing import to_rgb
+
 from .errors import ApiError
 
 # Our own pixel limit (checked from the header) replaces Pillow's warning; Pillow's hard error (above twice
@@ -102,7 +104,7 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image", budget: Pix
 def _rgb(im: Image.Image, max_pixels: int, field: str) -> Image.Image:
     try:
         im.load()
-        return im if im.mode == "RGB" else im.convert("RGB")  # convert() would copy an RGB image whole
+        return to_rgb(im)
     except Image.DecompressionBombError:
         raise ApiError(413, "image_too_large", f"'{field}' has more than {max_pixels} pixels") from None
     except Exception as e:  # truncated or damaged data: Pillow raises OSError, SyntaxError, ValueError, ...

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from backbone.preprocessing import to_rgb
 from backbone.settings import MAX_IMAGE_PIXELS
 
 from .errors import InputError
@@ -191,7 +192,7 @@ class LabeledSource:
             if width * height > max_pixels:
                 raise ImageTooLarge(f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels} (--max-image-pixels)")
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
 
     def describe(self) -> dict:
         return {"path": str(self.path), "format": self.format, "n_images": len(self), "class_names_from": self.class_names_from}

@@ -1,10 +1,14 @@
-"""The cached pixels of `PixelPipeline` are exactly the backbone's preprocess."""
+"""The cached pixels of `PixelPipeline` are exactly the backbone's preprocess; `to_rgb` reads images as a viewer
+shows them (EXIF orientation, 16-bit and float grey)."""
+import io
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from backbone import PixelPipeline
+from backbone.preprocessing import to_rgb
 from tests.conftest import tiny_backbone
 
 
@@ -23,3 +27,45 @@ def test_cached_pixels_give_exactly_the_backbones_preprocess(name):
     assert cached.dtype == np.uint8
     want = torch.stack([backbone.preprocess(im.convert("RGB")) for im in images])
     assert torch.equal(pipeline.to_batch(cached), want)
+
+
+def sixteen_bit_gradient(height: int = 40, width: int = 64) -> np.ndarray:
+    return np.tile(np.linspace(0, 65535, width), (height, 1)).astype(np.uint16)
+
+
+def saved(image: Image.Image, fmt: str, **options) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return Image.open(io.BytesIO(buffer.getvalue()))
+
+
+def test_sixteen_bit_grey_keeps_its_range_instead_of_turning_white():
+    grey = sixteen_bit_gradient()
+    opened = saved(Image.fromarray(grey), "PNG")
+    assert opened.mode == "I;16"
+    assert np.asarray(opened.convert("RGB")).mean() > 250  # what Pillow alone gives: clipped at 255
+    rgb = np.asarray(to_rgb(opened))
+    assert rgb.shape == (40, 64, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+    assert np.array_equal(rgb[..., 0], (grey >> 8).astype(np.uint8))  # the top 8 bits, as OpenCV reads it
+
+
+def test_float_and_32_bit_grey_are_stretched_from_their_own_range():
+    values = np.linspace(0.25, 0.75, 64 * 8, dtype=np.float32).reshape(8, 64)
+    values[0, 0] = np.nan  # not a number: black, and no effect on the range
+    rgb = np.asarray(to_rgb(saved(Image.fromarray(values, "F"), "TIFF")))
+    assert rgb[0, 0, 0] == 0 and rgb[0, 1, 0] < 2 and rgb[-1, -1, 0] == 255
+    wide = np.asarray(to_rgb(Image.fromarray(np.arange(-500, 524, dtype=np.int32).reshape(16, 64), "I")))
+    assert wide.min() == 0 and wide.max() == 255
+
+
+def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo():
+    upright = np.zeros((30, 50, 3), np.uint8)
+    upright[:10, :, 0] = 255  # a red band on top
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1)))  # a camera stores it turned, 50 x 30
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    photo = saved(stored, "PNG", exif=exif.tobytes())
+    assert photo.size == (30, 50)
+    shown = np.asarray(to_rgb(photo))
+    assert shown.shape == (30, 50, 3) and np.array_equal(shown, upright)
+    assert to_rgb(Image.fromarray(upright)).size == (50, 30)  # no tag: as stored

@@ -20,6 +20,31 @@ def test_decodes_common_formats_to_rgb():
         assert im.mode == "RGB" and im.size == (20, 10)
 
 
+def test_sixteen_bit_and_rotated_uploads_decode_as_training_reads_them(tmp_path):
+    """The service and add-task read a file through the same `to_rgb`: a 16-bit scan keeps its range (not white), a
+    phone photo comes out upright."""
+    import numpy as np
+
+    from training.data import LabeledSource  # how add-task opens a file (a test may import both sides)
+
+    grey = Image.fromarray(np.tile(np.linspace(0, 65535, 48), (16, 1)).astype(np.uint16))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90° counter-clockwise to view
+    for name, image, options, size in (("grey.png", grey, {}, (48, 16)), ("photo.png", Image.new("RGB", (30, 20)), {"exif": exif.tobytes()}, (20, 30))):
+        (tmp_path / name).write_bytes(encode_with(image, "PNG", **options))
+        served = decode_image((tmp_path / name).read_bytes(), max_pixels=10_000)
+        source = LabeledSource(tmp_path, "folder", ["x"], np.zeros(1, np.int64), ["x"], "test", files=[tmp_path / name])
+        learned = source.open(0)
+        assert served.size == learned.size == size and served.tobytes() == learned.tobytes(), name
+    assert 100 < np.asarray(decode_image((tmp_path / "grey.png").read_bytes(), 10_000)).mean() < 150  # not white
+
+
+def encode_with(im: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize(
     "data, status",
     [(b"", 422), (b"GIF89a", 422), (b"\x89PNG\r\n\x1a\n" + b"\0" * 30, 422), (b"hello", 422)],
