@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 
 EXIF_ORIENTATION = 0x0112
 SIXTEEN_BIT_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+WHITE = (255, 255, 255, 255)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -23,6 +24,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     - 16-bit grey scaled from its full range (the top 8 bits, as OpenCV and torchvision read such files): Pillow's
       `convert("RGB")` clips it at 255 instead, so a 16-bit sensor image comes out almost all white.
     - 32-bit integer and float grey (TIFF) have no fixed range: stretched from their own minimum to maximum.
+    - Transparency laid over white, as Hugging Face's CLIP processors do (dropping the alpha channel would show
+      whatever colour the transparent pixels happen to hold, often black).
     """
     if image.getexif().get(EXIF_ORIENTATION, 1) in range(2, 9):
         image = ImageOps.exif_transpose(image)
@@ -30,6 +33,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8), "L")
     elif image.mode in ("I", "F"):
         image = Image.fromarray(_stretched(np.asarray(image, dtype=np.float64)), "L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+        image = Image.alpha_composite(Image.new("RGBA", image.size, WHITE), image.convert("RGBA"))
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image whole
 
 

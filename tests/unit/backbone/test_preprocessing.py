@@ -1,5 +1,5 @@
 """The cached pixels of `PixelPipeline` are exactly the backbone's preprocess; `to_rgb` reads images as a viewer
-shows them (EXIF orientation, 16-bit and float grey)."""
+shows them (EXIF orientation, 16-bit and float grey, transparency over white)."""
 import io
 
 import numpy as np
@@ -25,7 +25,7 @@ def test_cached_pixels_give_exactly_the_backbones_preprocess(name):
     assert pipeline.split
     cached = np.stack([pipeline.pixels(im) for im in images])
     assert cached.dtype == np.uint8
-    want = torch.stack([backbone.preprocess(im.convert("RGB")) for im in images])
+    want = torch.stack([backbone.preprocess(to_rgb(im)) for im in images])
     assert torch.equal(pipeline.to_batch(cached), want)
 
 
@@ -69,3 +69,15 @@ def test_exif_orientation_is_applied_as_a_viewer_shows_the_photo():
     shown = np.asarray(to_rgb(photo))
     assert shown.shape == (30, 50, 3) and np.array_equal(shown, upright)
     assert to_rgb(Image.fromarray(upright)).size == (50, 30)  # no tag: as stored
+
+
+def test_transparency_is_laid_over_white():
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., 0] = 255  # red everywhere, but fully transparent on the left half and half transparent on the right
+    rgba[:, 3:, 3] = 128
+    shown = np.asarray(to_rgb(saved(Image.fromarray(rgba, "RGBA"), "PNG")))
+    assert (shown[:, :3] == 255).all()  # white, not the black (or red) the dropped alpha would leave
+    assert (shown[:, 3:] == (255, 127, 127)).all()
+    palette = Image.new("P", (4, 4))
+    palette.info["transparency"] = 0
+    assert np.asarray(to_rgb(saved(palette, "PNG"))).min() == 255
