@@ -29,6 +29,7 @@ from backbone.task_stats import fit_task_stats, ledoit_wolf
 from backbone.token_prompts import KIND, TokenPromptConfig, TokenPrompts, applied, class_text, class_tokens
 from prompts_store import TaskArtifact
 
+from .features import eval_batch
 from .learner import RunContext, TaskData, _progress, _pct
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class ImageTextPromptSettings:
     lr: float = 0.01  # AdamW, cosine per step
     batch_size: int = 128
     seed: int = 0
-    eval_batch_size: int = 256
+    eval_batch_size: int | None = None  # training.features.eval_batch: by device
 
     def prompt_config(self) -> TokenPromptConfig:
         return TokenPromptConfig(self.visual_tokens, self.visual_depth, self.text_context)
@@ -102,14 +103,14 @@ class ImageTextPromptLearner:
 
     @torch.no_grad()
     def accuracy(self, backbone: Backbone, prompts: TokenPrompts, images, class_names: list[str]) -> float:
-        predicted = classify(backbone, prompts, images.pixels, class_names, self.settings.eval_batch_size)
+        predicted = classify(backbone, prompts, images.pixels, class_names, eval_batch(self.settings.eval_batch_size, backbone.device))
         return float((predicted == images.labels).mean())
 
     def _frozen(self, backbone: Backbone, task: TaskData) -> tuple[torch.Tensor, np.ndarray]:
         from .data import ImageSet
 
         everything = ImageSet.concat(task.train, task.val)
-        return prompted_images(backbone, None, everything.pixels, self.settings.eval_batch_size), everything.labels
+        return prompted_images(backbone, None, everything.pixels, eval_batch(self.settings.eval_batch_size, backbone.device)), everything.labels
 
 
 @torch.no_grad()

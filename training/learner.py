@@ -31,7 +31,7 @@ from .checkpoint import Checkpoints, TrainState, check_resumable
 from .comm import Comm
 from .data import ImageSet
 from .errors import InputError, TrainingDiverged, TrainingStopped
-from .features import sharded_features
+from .features import eval_batch, sharded_features
 from .settings import ResidualPromptSettings
 
 log = logging.getLogger(__name__)
@@ -237,9 +237,9 @@ class ResidualPromptLearner:
     def _accuracy(self, model, pipeline, images: ImageSet, classifier: torch.Tensor, task: str | None, comm: Comm) -> float:
         """Top-1 accuracy within the task's classes; ranks split the images and sum their counts."""
         shard = np.arange(len(images))[comm.rank :: comm.world_size]
-        correct = 0
-        for start in range(0, len(shard), self.settings.eval_batch_size):
-            chunk = shard[start : start + self.settings.eval_batch_size]
+        correct, batch_size = 0, eval_batch(self.settings.eval_batch_size, model.backbone.device)
+        for start in range(0, len(shard), batch_size):
+            chunk = shard[start : start + batch_size]
             batch = pipeline.to_batch(images.pixels[chunk], model.backbone.device)
             features = model.encode_image(batch, tasks=task, normalize=True, pooled=True)
             predicted = (features @ classifier.T).argmax(-1).cpu().numpy()

@@ -25,7 +25,8 @@ class SplitSettings:
     val_fraction: float = setting(0.1, "stratified validation hold-out that picks the best epoch (and reports a head's "
                                        "held-out accuracy); 0 keeps the last epoch")
     seed: int = setting(0, "split, data order, templates, prompt init")
-    eval_batch_size: int = setting(256, "images per forward pass when evaluating and fingerprinting")
+    eval_batch_size: int | None = setting(None, "images per forward pass when evaluating and fingerprinting; none: 256 "
+                                                "on GPU, 16 on CPU (where larger batches ran slower)")
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class HeadSettings(SplitSettings):
     fusions: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)  # head weight beside zero-shot
 
     def __post_init__(self):
-        if self.width < 1 or self.eval_batch_size < 1:
+        if self.width < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
             raise InputError(f"--head-width and --eval-batch-size must be >= 1, got {self.width}, {self.eval_batch_size}")
         if not 0 < self.val_fraction < 1:
             raise InputError(f"--val-fraction must be in (0, 1) for a head (it picks λ and the fusion weight), got {self.val_fraction}")

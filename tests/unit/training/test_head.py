@@ -254,3 +254,19 @@ def test_check_publishable_refuses_below_zero_shot_and_below_the_live_version():
         check_publishable({"val_accuracy": 0.6, "val_zero_shot_accuracy": 0.5}, {"version": 3, "val_accuracy": 0.7}, force=False)
     check_publishable({"val_accuracy": 0.4, "val_zero_shot_accuracy": 0.5}, {"version": 3, "val_accuracy": 0.7}, force=True)
     check_publishable({"val_accuracy": 0.7, "val_zero_shot_accuracy": 0.5}, {"version": 3, "val_accuracy": 0.7}, force=False)
+
+
+def test_the_eval_batch_follows_the_device_and_does_not_change_the_features():
+    """On CPU big batches run slower (their activations outgrow the caches): 16 there, 256 on GPU, unless set."""
+    from backbone import PromptedCLIP
+    from training.features import eval_batch, sharded_features
+
+    assert (eval_batch(None, "cpu"), eval_batch(None, "cuda"), eval_batch(7, "cpu")) == (16, 256, 7)
+    backbone = tiny_backbone()
+    pipeline = PixelPipeline(backbone.preprocess)
+    images, labels = colour_images(per_class=10)
+    pixels = ImageSet(np.stack([pipeline.pixels(__import__("PIL.Image").Image.fromarray(im)) for im in images]), labels)
+    model = PromptedCLIP(backbone)
+    by_default, at_once = sharded_features(model, pipeline, pixels, None), sharded_features(model, pipeline, pixels, 256)
+    assert by_default.shape == (40, backbone.model.visual.output_dim)
+    assert torch.allclose(by_default, at_once, atol=1e-5)
