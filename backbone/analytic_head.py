@@ -52,6 +52,14 @@ class RandomFeatures:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([torch.relu(x @ self.matrix().to(x)), x * self.dim**0.5], dim=-1)
 
+    def by_rows(self, x: torch.Tensor, rows: int = 2048) -> torch.Tensor:
+        """The same for a training set, filled in blocks of rows: the result is the one (n, width + dim) array, without
+        the three full-size temporaries a single call makes (product, ReLU, concatenation)."""
+        out = x.new_empty(len(x), self.out_dim)
+        for start in range(0, len(x), rows):
+            out[start : start + rows] = self(x[start : start + rows])
+        return out
+
     def digest(self) -> str:
         """SHA-256 of R's bytes: a task records it, a reader refuses a projection drawn differently (another NumPy)."""
         return hashlib.sha256(self.matrix().numpy().tobytes()).hexdigest()

@@ -380,10 +380,9 @@ def load_task(
         "train": {**train_source.describe(), "n_decoded": len(images), "skipped_unreadable": skipped[:100], "n_skipped": len(skipped)},
         "test": None if test_source is None else {**test_source.describe(), "n_decoded": len(test_images), "n_skipped": len(test_skipped)},
     }
-    return TaskData(
-        name=plan.name, class_names=class_names, templates=templates, train=images.subset(train_index),
-        val=images.subset(val_index) if len(val_index) else None, test=test_images, source=source,
-    )
+    train, val = images.split(train_index, val_index)
+    return TaskData(name=plan.name, class_names=class_names, templates=templates, train=train,
+                    val=val if len(val) else None, test=test_images, source=source)
 
 
 def _check_local_resume(learner, task: TaskData, backbone: Backbone, runner: str, plan: Plan) -> None:

@@ -24,8 +24,10 @@ import logging
 import math
 import os
 import re
+import shutil
 import stat
 import sys
+import tempfile
 import unicodedata
 import zipfile
 from dataclasses import dataclass
@@ -541,10 +543,60 @@ class ImageSet:
     def subset(self, index: np.ndarray) -> "ImageSet":
         return ImageSet(self.pixels[index], self.labels[index])
 
+    def split(self, first: np.ndarray, second: np.ndarray) -> tuple["ImageSet", "ImageSet"]:
+        """(rows `first`, rows `second`), the two together being every row once: the rows are reordered in place,
+        so both halves are views of this set's pixels, not copies (a copy would double the biggest array add-task
+        holds)."""
+        order = np.concatenate([first, second]).astype(np.int64)
+        if len(order) != len(self) or not np.array_equal(np.sort(order), np.arange(len(self))):
+            raise ValueError("split: the two index sets must hold every row exactly once")
+        permute_rows(self.pixels, order)
+        self.labels = self.labels[order]
+        cut = len(first)
+        return ImageSet(self.pixels[:cut], self.labels[:cut]), ImageSet(self.pixels[cut:], self.labels[cut:])
+
     @staticmethod
     def concat(*sets: "ImageSet | None") -> "ImageSet":
         sets = [s for s in sets if s is not None and len(s)]
         return ImageSet(np.concatenate([s.pixels for s in sets]), np.concatenate([s.labels for s in sets]))
+
+
+def permute_rows(array: np.ndarray, order: np.ndarray) -> None:
+    """array[i] = old array[order[i]] for every row, in place: one row of extra memory, each row moved once."""
+    done = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):
+        if done[start]:
+            continue
+        done[start] = True
+        if order[start] == start:
+            continue
+        held, i = array[start].copy(), start
+        while order[i] != start:  # follow the cycle through start
+            array[i] = array[order[i]]
+            i = order[i]
+            done[i] = True
+        array[i] = held
+
+
+def pixel_store(n: int, row: np.ndarray, option: str, path: Path, available: int | None = None) -> np.ndarray:
+    """Room for n decoded images like `row`: in memory where they fit in half of what is available, else in a file under the
+    temporary directory (deleted when the array is), else a clear error instead of the kernel's OOM kill.
+    `available`: bytes of memory (default: what this machine has available now)."""
+    need = n * row.nbytes
+    available = _available_memory() if available is None else available
+    if available is None or need <= available // 2:
+        return np.empty((n, *row.shape), dtype=row.dtype)
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if need > free * 0.9:
+        raise InputError(f"{option} {path}: its {n} images take {need / 2**30:.1f} GiB once decoded; this machine has "
+                         f"{available / 2**30:.1f} GiB of memory available and {free / 2**30:.1f} GiB free in {folder} "
+                         "(TMPDIR): learn the task from fewer images, or point TMPDIR at a larger disk")
+    log.info("%s: its %d decoded images (%.1f GiB) are more than half of the %.1f GiB of memory available: they are "
+             "kept in a file in %s (TMPDIR)", option, n, need / 2**30, available / 2**30, folder)
+    with tempfile.TemporaryFile(dir=folder) as backing:  # no name on disk: the space returns when the mapping goes
+        backing.truncate(need)
+        return np.memmap(backing, dtype=row.dtype, mode="r+", shape=(n, *row.shape))
 
 
 def decode(
@@ -558,7 +610,7 @@ def decode(
     """
     from tqdm.auto import tqdm
 
-    pixels, keep, failures = [], [], []
+    pixels, keep, failures = None, [], []
     items = range(len(source))
     if progress and len(source) >= 512:
         items = tqdm(items, desc=f"decoding {source.path.name}", unit="img", file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 30)
@@ -577,7 +629,10 @@ def decode(
         except Exception as e:  # truncated, corrupt or exotic files: Pillow raises many kinds
             failures.append((source.where(i), f"{type(e).__name__}: {e}"))
             continue
-        pixels.append(pipeline.pixels(image))
+        row = pipeline.pixels(image)
+        if pixels is None:  # every image gives the same shape (the backbone's resize and crop)
+            pixels = pixel_store(len(source), row, option, source.path)
+        pixels[len(keep)] = row
         keep.append(i)
     if failures:
         listed = "; ".join(f"{where} ({why})" for where, why in failures[:SHOW_AT_MOST])
@@ -588,7 +643,7 @@ def decode(
         log.warning("--skip-unreadable: leaving out %s that cannot be read: %s%s", counted, listed, more)
     if not keep:
         raise InputError(f"{option} {source.path}: none of its {len(source)} images can be read")
-    images = ImageSet(np.stack(pixels), source.labels[np.asarray(keep)])
+    images = ImageSet(pixels[: len(keep)], source.labels[np.asarray(keep)])
     return images, [where for where, _ in failures]
 
 

@@ -107,10 +107,8 @@ class ImageTextPromptLearner:
         return float((predicted == images.labels).mean())
 
     def _frozen(self, backbone: Backbone, task: TaskData) -> tuple[torch.Tensor, np.ndarray]:
-        from .data import ImageSet
-
-        everything = ImageSet.concat(task.train, task.val)
-        return prompted_images(backbone, None, everything.pixels, eval_batch(self.settings.eval_batch_size, backbone.device)), everything.labels
+        splits, batch = [s for s in (task.train, task.val) if s is not None and len(s)], eval_batch(self.settings.eval_batch_size, backbone.device)
+        return torch.cat([prompted_images(backbone, None, s.pixels, batch) for s in splits]), np.concatenate([s.labels for s in splits])
 
 
 @torch.no_grad()

@@ -318,16 +318,17 @@ class _Training:
         task, model, comm = self.task, self.model, self.comm
         started = time.perf_counter()
         zero_shot = text_classifier(model, task.class_names, task.templates)  # (C, D) frozen, mean over templates
-        everything = ImageSet.concat(task.train, task.val)
-        frozen = self.learner._features(model, self.pipeline, everything, None, comm)  # (N, D), every rank gets all rows
-        stats = fit_task_stats(frozen, torch.from_numpy(everything.labels), seed=self.s.seed).to_tensors()
+        splits = [s for s in (task.train, task.val) if s is not None and len(s)]  # each as it is: no copy of the pixels
+        frozen = torch.cat([self.learner._features(model, self.pipeline, s, None, comm) for s in splits])  # (N, D), all rows on every rank
+        labels = torch.from_numpy(np.concatenate([s.labels for s in splits]))
+        stats = fit_task_stats(frozen, labels, seed=self.s.seed).to_tensors()
         accuracy = {"val": None, "test": None}
         if self.has_val:
             accuracy["val"] = _accuracy(frozen[len(task.train) :] @ zero_shot.cpu().T, task.val.labels)
         if task.test is not None:
             accuracy["test"] = self.learner._accuracy(model, self.pipeline, task.test, zero_shot, None, comm)
         seconds = time.perf_counter() - started
-        self.say("fingerprint of %d images and zero-shot evaluation: %.1f s", len(everything), seconds)
+        self.say("fingerprint of %d images and zero-shot evaluation: %.1f s", len(frozen), seconds)
         return _FrozenPass(stats, accuracy, seconds)
 
     def new_prompts(self, fresh: bool) -> _Prompts:

@@ -90,3 +90,32 @@ def test_image_set_subset_and_concat():
     images = ImageSet(np.zeros((5, 3, 2, 2), np.uint8), np.arange(5))
     both = ImageSet.concat(images.subset(np.array([0, 1])), None, images.subset(np.array([4])))
     assert both.labels.tolist() == [0, 1, 4] and both.pixels.shape == (3, 3, 2, 2)
+
+
+def test_a_split_reorders_in_place_and_gives_views_equal_to_subsets():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (200, 3, 4, 4), dtype=np.uint8)
+    labels = rng.integers(0, 5, 200)
+    train_index, val_index = split_train_val(labels, 0.3, seed=1)
+    want_train, want_val = ImageSet(pixels, labels).subset(train_index), ImageSet(pixels, labels).subset(val_index)
+    images = ImageSet(pixels.copy(), labels.copy())
+    train, val = images.split(train_index, val_index)
+    for got, want in ((train, want_train), (val, want_val)):
+        assert np.array_equal(got.pixels, want.pixels) and np.array_equal(got.labels, want.labels)
+        assert np.shares_memory(got.pixels, images.pixels)  # a view: the pixels are held once
+    with pytest.raises(ValueError, match="every row exactly once"):
+        images.split(train_index, train_index)
+
+
+def test_decoded_images_that_would_not_fit_in_memory_go_to_a_file_or_are_refused(tmp_path):
+    from training.data import pixel_store
+
+    row = np.zeros((3, 8, 8), np.uint8)
+    in_memory = pixel_store(10, row, "--data", tmp_path, available=10**9)
+    assert type(in_memory) is np.ndarray and in_memory.shape == (10, 3, 8, 8)
+    on_disk = pixel_store(10, row, "--data", tmp_path, available=1000)  # 1,920 bytes: more than half of 1,000
+    assert isinstance(on_disk, np.memmap) and on_disk.shape == (10, 3, 8, 8)
+    on_disk[3] = 7
+    assert on_disk[3].sum() == 7 * 192 and on_disk.sum() == 7 * 192
+    with pytest.raises(InputError, match=r"--data .*: its 1000000000000 images take .* GiB once decoded; .*TMPDIR"):
+        pixel_store(10**12, row, "--data", tmp_path, available=1000)
