@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from backbone.preprocessing import to_rgb
+from backbone.preprocessing import conversion_cost, to_rgb
 
 from .errors import ApiError
 
@@ -97,7 +97,7 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image", budget: Pix
         raise ApiError(
             413, "image_too_large", f"'{field}' is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
-    with budget.hold(width * height) if budget is not None else nullcontext():
+    with budget.hold(width * height * conversion_cost(im)) if budget is not None else nullcontext():
         return then(crop_extreme_aspect(_rgb(im, max_pixels, field)))
 
 

@@ -39,6 +39,20 @@ def test_sixteen_bit_and_rotated_uploads_decode_as_training_reads_them(tmp_path)
     assert 100 < np.asarray(decode_image((tmp_path / "grey.png").read_bytes(), 10_000)).mean() < 150  # not white
 
 
+def test_wide_pixel_formats_hold_more_of_the_decoding_budget():
+    """Float grey widens to about 11 bytes a pixel on its way to RGB (4 RGB images' worth), images with alpha and
+    16-bit grey 3, plain RGB 1: a request of small compressed float TIFFs cannot take 4x what the budget says."""
+    import numpy as np
+
+    from service.images import PixelBudget
+
+    float_tiff = encode_with(Image.fromarray(np.zeros((10, 20), np.float32), "F"), "TIFF", compression="tiff_deflate")
+    for data, cost in ((float_tiff, 4), (encode_with(Image.new("RGBA", (20, 10)), "PNG"), 3), (encode(Image.new("RGB", (20, 10))), 1)):
+        budget = PixelBudget(10_000)
+        assert decode_image(data, max_pixels=10_000, budget=budget).mode == "RGB"
+        assert budget.peak == 200 * cost
+
+
 def encode_with(im: Image.Image, fmt: str, **options) -> bytes:
     buf = io.BytesIO()
     im.save(buf, fmt, **options)
