@@ -78,7 +78,7 @@ def _default_prog() -> str:
 _PROMPT_OPTIONS = {
     "epochs": "N", "lr": "X", "lr_reference_logit_scale": "S", "key_init": "X", "batch_size": "N", "depth": "N",
     "prompt_placement": None, "n_prefix": "N", "momentum": "X", "weight_decay": "X", "warmup_steps": "N", "final_lr_ratio": "X",
-    "text_templates": None, "augment": None, "crop_scale": "X", "seed": "N", "eval_batch_size": "N",
+    "text_templates": None, "augment": None, "crop_scale": "X", "seed": "N", "eval_batch_size": "N", "frozen_runtime": None,
 }
 
 

@@ -188,7 +188,7 @@ class HeadLearner:
                  task: str | None = None) -> Features:
         if images is None or len(images) == 0:
             return Features(torch.zeros(0, model.clip.visual.output_dim), torch.zeros(0, dtype=torch.int64))
-        feats = sharded_features(model, pipeline, images, self.settings.eval_batch_size, run.comm, task)
+        feats = sharded_features(model, pipeline, images, self.settings.eval_batch_size, run.comm, task, self.settings.frozen_runtime)
         return Features(feats, torch.as_tensor(np.array(images.labels, dtype=np.int64)))
 
     def artifact(self, task, backbone, model, class_names, templates, train, val, test, fingerprint_seconds, run,

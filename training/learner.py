@@ -231,7 +231,7 @@ class ResidualPromptLearner:
                 offset += g.numel()
 
     def _features(self, model, pipeline, images: ImageSet, task: str | None, comm: Comm) -> torch.Tensor:
-        return sharded_features(model, pipeline, images, self.settings.eval_batch_size, comm, task)
+        return sharded_features(model, pipeline, images, self.settings.eval_batch_size, comm, task, self.settings.frozen_runtime)
 
     @torch.no_grad()
     def _accuracy(self, model, pipeline, images: ImageSet, classifier: torch.Tensor, task: str | None, comm: Comm) -> float:

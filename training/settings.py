@@ -27,6 +27,10 @@ class SplitSettings:
     seed: int = setting(0, "split, data order, templates, prompt init")
     eval_batch_size: int | None = setting(None, "images per forward pass when evaluating and fingerprinting; none: 256 "
                                                 "on GPU, 16 on CPU (where larger batches ran slower)")
+    frozen_runtime: Literal["auto", "torch", "onnx"] = setting(
+        "auto", "what runs the frozen image pass (the fingerprint, a head's features): onnx = ONNX Runtime on the "
+        "service's exported graph (1.4-1.8x torch on CPU; exported once per backbone into the cache the service "
+        "shares), torch = torch eager; auto = onnx on CPU, torch on GPU")
 
 
 @dataclass(frozen=True)

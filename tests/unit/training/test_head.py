@@ -270,3 +270,21 @@ def test_the_eval_batch_follows_the_device_and_does_not_change_the_features():
     by_default, at_once = sharded_features(model, pipeline, pixels, None), sharded_features(model, pipeline, pixels, 256)
     assert by_default.shape == (40, backbone.model.visual.output_dim)
     assert torch.allclose(by_default, at_once, atol=1e-5)
+
+
+def test_the_frozen_pass_in_onnx_runtime_gives_torchs_features(tmp_path, monkeypatch):
+    """auto runs the frozen pass in ONNX Runtime on CPU (the service's graph, exported into the shared cache)."""
+    from backbone import PromptedCLIP
+    from training.features import frozen_encoder, sharded_features
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a cache of its own: the export itself is exercised
+    backbone = tiny_backbone("keepclip-tiny-b")
+    pipeline, model = PixelPipeline(backbone.preprocess), PromptedCLIP(backbone)
+    images, labels = colour_images(per_class=10)
+    pixels = ImageSet(np.stack([pipeline.pixels(__import__("PIL.Image").Image.fromarray(im)) for im in images]), labels)
+    in_torch = sharded_features(model, pipeline, pixels, None, runtime="torch")
+    in_onnx = sharded_features(model, pipeline, pixels, None, runtime="auto")
+    assert list(tmp_path.glob("keepclip/onnx/*/image_frozen.onnx")), "auto on CPU: the ONNX graph"
+    assert torch.allclose(in_torch, in_onnx, atol=1e-5) and not torch.equal(in_torch, in_onnx)
+    with pytest.raises(ValueError, match="auto, torch or onnx"):
+        frozen_encoder(model, "tensorrt")
