@@ -31,7 +31,7 @@ from .checkpoint import Checkpoints, TrainState, check_resumable
 from .comm import Comm
 from .data import ImageSet
 from .errors import InputError, TrainingDiverged, TrainingStopped
-from .features import eval_batch, sharded_features
+from .features import eval_batch, frozen_encoder, sharded_features
 from .settings import ResidualPromptSettings
 
 log = logging.getLogger(__name__)
@@ -238,11 +238,12 @@ class ResidualPromptLearner:
         """Top-1 accuracy within the task's classes; ranks split the images and sum their counts."""
         shard = np.arange(len(images))[comm.rank :: comm.world_size]
         correct, batch_size = 0, eval_batch(self.settings.eval_batch_size, model.backbone.device)
+        frozen = frozen_encoder(model, self.settings.frozen_runtime) if task is None else None
         for start in range(0, len(shard), batch_size):
             chunk = shard[start : start + batch_size]
             batch = pipeline.to_batch(images.pixels[chunk], model.backbone.device)
-            features = model.encode_image(batch, tasks=task, normalize=True, pooled=True)
-            predicted = (features @ classifier.T).argmax(-1).cpu().numpy()
+            features = frozen(batch) if frozen is not None else model.encode_image(batch, tasks=task, normalize=True, pooled=True)
+            predicted = (features.to(classifier) @ classifier.T).argmax(-1).cpu().numpy()
             correct += int((predicted == images.labels[chunk]).sum())
         counts = comm.all_reduce_sum(torch.tensor([correct, len(shard)], dtype=torch.float64))
         return counts[0].item() / max(counts[1].item(), 1)
