@@ -177,9 +177,9 @@ class HeadLearner:
                 check_features(split, where)
         class_names, templates = list(task.class_names), list(task.templates)
         if previous is not None:
-            known = Features.concat(stored(previous, "train"), stored(previous, "val"))
-            train, val = drop_known(train, val, known, previous, run)
-            train, val = Features.concat(stored(previous, "train"), train), Features.concat(stored(previous, "val"), val)
+            old_train, old_val = stored(previous, "train"), stored(previous, "val")
+            train, val = drop_known(train, val, Features.concat(old_train, old_val), previous, run)
+            train, val = Features.concat(old_train, train), Features.concat(old_val, val)
         fingerprint_seconds = time.perf_counter() - started
         return self.artifact(task, backbone, model, class_names, templates, train, val, test, fingerprint_seconds,
                              run, previous)
