@@ -62,6 +62,12 @@ def _key(name: str) -> str:
     return " ".join(name.lower().split())
 
 
+def spoken(key: str) -> str:
+    """A class name from a folder name or a manifest's label: `golden_retriever` is read "golden retriever", so one
+    class gets one name whichever layout carries it."""
+    return key.replace("_", " ")
+
+
 def check_class_names(names: list[str], where: str) -> list[str]:
     """Non-empty strings, no two the same for the text encoder ('Cat' and 'cat ' count as the same)."""
     if not isinstance(names, list) or not names:
@@ -258,23 +264,29 @@ def _visible_files(folder: Path) -> list[Path]:
     )
 
 
+def reference_index(reference: LabeledSource) -> dict[str, int]:
+    """How a test set may name the training data's classes: by its keys (folder names, labels), its class names, or a
+    name written with `_` for spaces."""
+    index = {spoken(name).replace(" ", "_"): i for i, name in enumerate(reference.class_names)}
+    index.update({name: i for i, name in enumerate(reference.class_names)})
+    index.update({key: i for i, key in enumerate(reference.class_keys)})
+    return index
+
+
 def _scan_folder(path, class_names, names_from, reference, option) -> LabeledSource:
     folders = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         raise InputError(f"{option} {path}: no class folders; expected one sub-folder of images per class (ImageFolder layout)")
     if reference is not None:  # a test set: its folders must be among the training set's
-        if reference.format == "folder":
-            keys = reference.class_keys
-        else:
-            keys = reference.class_names
-        unknown = [f for f in folders if f not in keys]
+        index = reference_index(reference)
+        unknown = [f for f in folders if f not in index]
         if unknown:
-            raise InputError(f"{option} {path}: class folders {unknown} are not classes of the training data (classes: {keys})")
-        index = {k: i for i, k in enumerate(keys)}
-        names, names_from, class_keys = reference.class_names, reference.class_names_from, list(keys)
+            raise InputError(f"{option} {path}: class folders {unknown} are not classes of the training data "
+                             f"(classes: {reference.class_keys})")
+        names, names_from, class_keys = reference.class_names, reference.class_names_from, list(reference.class_keys)
     else:
         if class_names is None:
-            names, names_from = [f.replace("_", " ") for f in folders], "folder names"
+            names, names_from = [spoken(f) for f in folders], "folder names"
         elif isinstance(class_names, dict):
             missing = [f for f in folders if f not in class_names]
             extra = [k for k in class_names if k not in folders]
@@ -326,12 +338,14 @@ def _scan_manifest(path, class_names, names_from, reference, option) -> LabeledS
                 f"{option} {path}, line {line}: label {label} is a class index, but no class names were given "
                 "(pass --classnames FILE or --class-names A,B,...)"
             )
-        names = sorted({label for _, _, label in rows}, key=_natural)
+        label_keys = sorted({label for _, _, label in rows}, key=_natural)
         names_from = f"the labels of {path}"
-        names = check_class_names(names, names_from)
+        names = check_class_names([spoken(label) for label in label_keys], names_from)
+    else:
+        label_keys = names
     index = {name: i for i, name in enumerate(names)}
-    keys = reference.class_keys if reference is not None else names
-    key_index = {k: i for i, k in enumerate(keys)}
+    keys = reference.class_keys if reference is not None else label_keys
+    key_index = reference_index(reference) if reference is not None else {k: i for i, k in enumerate(keys)}
     files, labels = [], []
     for line, file, label in rows:
         if isinstance(label, str) and label in index:

@@ -28,7 +28,7 @@ from backbone import Backbone, PixelPipeline, PromptedCLIP, fit_task_stats, text
 from backbone.analytic_head import AnalyticHead, RandomFeatures
 from prompts_store import TaskArtifact
 
-from .data import ImageSet
+from .data import ImageSet, spoken
 from .errors import InputError
 from .features import sharded_features
 from .learner import RunContext, TaskData, _pct
@@ -297,15 +297,19 @@ def check_updatable(previous: TaskArtifact, embed_dim: int, where: str) -> None:
 def merge_class_names(previous: list[str], new: list[str], where: str) -> tuple[list[str], list[int]]:
     """(all class names, new label -> merged label): known names keep their label, new names are appended.
 
-    A new name that equals a known one but for case or spaces is a conflict (it would split one class in two)."""
-    known = {n.strip().casefold(): n for n in previous}
-    merged = list(previous)
+    A name that differs from a known one only by `_` for spaces is that class (a task learnt from a manifest before
+    labels were read like folder names keeps `golden_retriever`). One that differs by case or spaces is a conflict
+    (it would split one class in two)."""
+    by_spoken = {spoken(n): n for n in previous}
+    known = {" ".join(spoken(n).casefold().split()): n for n in previous}
+    merged, resolved = list(previous), []
     for name in new:
-        if name in merged:
-            continue
-        twin = known.get(name.strip().casefold())
-        if twin is not None:
-            raise InputError(f"{where}: class name {name!r} conflicts with the task's class {twin!r} (same but for case "
-                             "or spaces): use the task's spelling")
-        merged.append(name)
-    return merged, [merged.index(n) for n in new]
+        same = name if name in merged else by_spoken.get(spoken(name))
+        if same is None:
+            twin = known.get(" ".join(spoken(name).casefold().split()))
+            if twin is not None:
+                raise InputError(f"{where}: class name {name!r} conflicts with the task's class {twin!r} (same but for "
+                                 "case or spaces): use the task's spelling")
+            merged.append(same := name)
+        resolved.append(same)
+    return merged, [merged.index(n) for n in resolved]

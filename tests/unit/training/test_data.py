@@ -63,6 +63,24 @@ def test_manifest_string_labels_are_the_class_names_in_natural_order(tmp_path):
     assert scan(manifest).class_names == ["class 1", "class 2", "class 10"]
 
 
+def test_a_folder_and_a_manifest_of_the_same_classes_give_them_the_same_names(tmp_path):
+    """`sea_lion` is "sea lion" as a folder and as a manifest's label, so an update or a test set in the other layout
+    finds its class instead of adding a second one."""
+    keys = ["sea_lion", "b", "c", "d"]
+    folder = write_folder(tmp_path / "f", per_class=1, names=keys)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\n" + "".join(f"f/{k}/{i:03d}.png,{k}\n" for i, k in enumerate(keys)))
+    from_folder, from_manifest = scan(folder), scan(manifest)
+    by_file = lambda source: {f.resolve(): source.class_names[i] for f, i in zip(source.files, source.labels)}
+    assert from_folder.class_names == from_manifest.class_names == ["b", "c", "d", "sea lion"]
+    for train, test in ((from_folder, manifest), (from_manifest, folder), (from_manifest, manifest)):
+        tested = scan(test, reference=train, option="--test")
+        assert by_file(tested) == by_file(train)
+    with pytest.raises(InputError, match=r"label 'sea lions' is not one of the class names"):
+        manifest.write_text("path,label\nf/sea_lion/000.png,sea lions\n")
+        scan(manifest, reference=from_folder, option="--test")
+
+
 def test_templates_files_and_the_default(tmp_path):
     assert DEFAULT_TEMPLATES == ("a photo of a {}.",)
     json_file = tmp_path / "t.json"

@@ -160,6 +160,12 @@ def test_a_feature_width_mismatch_and_non_finite_features_are_refused(paths, add
 
 def test_merge_keeps_known_labels_and_appends_new_classes():
     assert merge_class_names(["a", "b"], ["c", "a"], "--data x") == (["a", "b", "c"], [2, 0])
+    # a class spelt with '_' for spaces is the same class (a task learnt from a manifest before labels were read
+    # like folder names); case or spaces that differ are refused, since the text encoder would see two classes
+    assert merge_class_names(["sea_lion", "b"], ["sea lion", "c"], "--data x") == (["sea_lion", "b", "c"], [0, 2])
+    assert merge_class_names(["sea lion"], ["sea_lion"], "--data x") == (["sea lion"], [0])
+    with pytest.raises(InputError, match="'Sea_lion' conflicts with the task's class 'sea lion'"):
+        merge_class_names(["sea lion"], ["Sea_lion"], "--data x")
 
 
 def test_leave_one_out_scores_equal_refitting_without_each_image():
