@@ -88,8 +88,10 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image", budget: Pix
         im = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:
         raise ApiError(413, "image_too_large", f"'{field}' has more than {max_pixels} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+    except UnidentifiedImageError:
         raise ApiError(422, "invalid_image", f"'{field}' is not an image in a format this service reads ({', '.join(FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # a known format whose header is damaged or too large
+        raise ApiError(422, "invalid_image", f"'{field}' has a header that cannot be read ({_reason(e)})") from None
     width, height = im.size
     if width <= 0 or height <= 0:
         raise ApiError(422, "empty_image", f"'{field}' has zero size ({width}x{height})")
@@ -109,6 +111,12 @@ def _rgb(im: Image.Image, max_pixels: int, field: str) -> Image.Image:
         raise ApiError(413, "image_too_large", f"'{field}' has more than {max_pixels} pixels") from None
     except Exception as e:  # truncated or damaged data: Pillow raises OSError, SyntaxError, ValueError, ...
         raise ApiError(422, "invalid_image", f"'{field}' is truncated or damaged ({type(e).__name__})") from None
+
+
+def _reason(error: Exception) -> str:
+    """Pillow's own words (e.g. a compressed text chunk over its limit), cut short; they name no file or path."""
+    text = " ".join(str(error).split())[:160]
+    return text or type(error).__name__
 
 
 def crop_extreme_aspect(im: Image.Image) -> Image.Image:

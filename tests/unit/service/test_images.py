@@ -69,6 +69,17 @@ def test_refusals(data, status):
     assert e.value.status_code == status
 
 
+def test_a_readable_format_with_a_header_over_pillows_limits_says_so():
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "A" * 50_000_000, zip=True)  # 50 MB of text in a 50 KB file: over Pillow's MAX_TEXT_CHUNK
+    with pytest.raises(ApiError) as e:
+        decode_image(encode_with(Image.new("RGB", (8, 8)), "PNG", pnginfo=text), max_pixels=1000)
+    assert e.value.status_code == 422
+    assert "'image' has a header that cannot be read (Decompressed data too large for PngImagePlugin.MAX_TEXT_CHUNK)" in str(e.value)
+
+
 def test_pixel_limit_is_checked_from_the_header():
     with pytest.raises(ApiError) as e:
         decode_image(encode(Image.new("RGB", (40, 30))), max_pixels=40 * 30 - 1)
