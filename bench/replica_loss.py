@@ -21,7 +21,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from testkit.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROXY = REPO.parent / "shared" / "models" / "proxy-clip"
@@ -162,12 +163,6 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 # ----------------------------------------------------------------------------- the service
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def backbone_args() -> tuple[list[str], str]:
     if (PROXY / "proxy-clip.safetensors").is_file():
         return ["--model", str(PROXY / "proxy-clip.json"), "--pretrained", str(PROXY / "proxy-clip.safetensors")], "proxy-clip"
