@@ -375,6 +375,7 @@ PYTHON_MODULES = {
     "bench.onnx_speed": _inline("bench.onnx_speed"),
     "bench.engine_passes": _inline("bench.engine_passes"),
     "bench.leak": _module_parser("bench.leak"),
+    "bench.class_balance": _module_parser("bench.class_balance"),
 }
 
 

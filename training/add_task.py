@@ -115,6 +115,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                       "closed form, from the features its artifact keeps (no old images needed; images it already learned with the same "
                       "class are counted once); publishes a new version")
     _recipe_option(kind, HeadSettings, "width", "N", flag="--head-width")
+    balance = next(f for f in fields(HeadSettings) if f.name == "balance_classes")
+    kind.add_argument("--balance-classes", action=argparse.BooleanOptionalAction, default=None,
+                      help=f"{balance.metadata['help']} [off; an --update keeps the live version's choice]")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data", required=True, metavar="PATH", help="training data: a folder per class, a .jsonl/.csv manifest, or an .npz")
@@ -208,7 +211,8 @@ def recipe_settings(args: argparse.Namespace) -> RecipeSettings:
     def options(settings: type) -> dict[str, Any]:
         return {f.name: getattr(args, f.name) for f in fields(settings)}
 
-    head = HeadSettings() if args.kind == "prompts" else HeadSettings(width=args.head_width, **options(SplitSettings))
+    head = HeadSettings() if args.kind == "prompts" else HeadSettings(
+        width=args.head_width, balance_classes=bool(args.balance_classes), **options(SplitSettings))
     return RecipeSettings(ResidualPromptSettings(**options(ResidualPromptSettings)), head)
 
 
@@ -310,6 +314,9 @@ def add_task(args: argparse.Namespace, plan: Plan) -> int:
     test_source = scan(args.test, reference=train_source, option="--test", max_pixels=args.max_image_pixels) if args.test else None
     target = open_target(args, plan.name)
     plan = replace(plan, recipes=plan.recipes.for_backbone(target.backbone))  # --depth's default is per backbone
+    if target.previous is not None and args.balance_classes is None:  # an update weighs classes as the live version did
+        kept = bool(target.previous.recipe.get("head_settings", {}).get("balance_classes", False))
+        plan = replace(plan, recipes=replace(plan.recipes, head=replace(plan.recipes.head, balance_classes=kept)))
     task = load_task(args, plan, target, train_source, test_source)
     learner = make_learner(args.kind, plan.recipes)
     runner = "ray-train" if args.workers else "local"
@@ -404,6 +411,24 @@ def _log_start(args: argparse.Namespace, plan: Plan, target: Target, task: TaskD
         f", {len(task.test)} test images" if task.test is not None else "",
         f"; run {plan.run_name}, checkpoints in {plan.run_dir}" if args.kind != "head" else "",
     )
+    if args.kind != "prompts" and args.balance_classes is None and target.previous is None:
+        _note_uneven_classes(task)
+
+
+UNEVEN = 4  # a largest class this many times the smallest gets a hint about --balance-classes
+
+
+def _note_uneven_classes(task: TaskData) -> None:
+    """Say so when the head will follow very uneven class proportions, and how to weigh the classes equally."""
+    import numpy as np
+
+    labels = np.concatenate([task.train.labels] + ([task.val.labels] if task.val is not None else []))
+    counts = np.bincount(labels, minlength=len(task.class_names))
+    big, small = int(counts.argmax()), int(counts.argmin())
+    if counts[big] >= UNEVEN * counts[small]:
+        log.info("classes are uneven (%r: %d images, %r: %d): the head follows these proportions, which favours the large "
+                 "classes; --balance-classes weighs every class equally", task.class_names[big], counts[big],
+                 task.class_names[small], counts[small])
 
 
 def _shows_progress(args: argparse.Namespace) -> bool:
@@ -594,15 +619,16 @@ def _print_summary(name: str, version: int, store_url: str, task, summary: dict[
     kept = f"; kept epoch {summary.get('best_epoch')} of {summary.get('epochs')}" if summary.get("epochs") else ""
     if summary.get("fusion") is not None:
         kept += f"; head λ {summary.get('lambda'):g}, fusion {summary.get('fusion'):g}"
+    measure = summary.get("accuracy_measure", "accuracy")  # or the mean per-class recall (--balance-classes)
     lines = [
         f"published task {name!r} version {version} to store {store_url}",
         f"  {len(task.class_names)} classes; {summary.get('n_train')} train / {summary.get('n_val')} val images{kept}",
-        f"  val accuracy {pct('val_accuracy')} (frozen zero-shot {pct('val_zero_shot_accuracy')})",
+        f"  val {measure} {pct('val_accuracy')} (frozen zero-shot {pct('val_zero_shot_accuracy')})",
     ]
     if summary.get("candidates"):
         lines.append("  auto, validation accuracy: " + ", ".join(f"{k} {_pct(v['val_accuracy'])}" for k, v in summary["candidates"].items()))
     if summary.get("test_accuracy") is not None:
-        lines.append(f"  test accuracy {pct('test_accuracy')} (frozen zero-shot {pct('test_zero_shot_accuracy')}) on {summary.get('n_test')} images")
+        lines.append(f"  test {measure} {pct('test_accuracy')} (frozen zero-shot {pct('test_zero_shot_accuracy')}) on {summary.get('n_test')} images")
     lines.append(f"  training {summary.get('train_seconds', 0):.1f} s, fingerprint {summary.get('fingerprint_seconds', 0):.1f} s, total {seconds:.1f} s")
     print("\n".join(lines), flush=True)
 

@@ -111,28 +111,67 @@ def fit_head(train: Features, val: Features, text: torch.Tensor, logit_scale: fl
     phi = expansion.by_rows(everything.features.double() - center)
     zero_shot = logit_scale * everything.features.double() @ text.double().T  # (n, C)
     truth = everything.labels.numpy()
+    score = Scorer(num_classes, settings.balance_classes)
+    targets = F.one_hot(everything.labels, num_classes).double()
+    root = score.row_weights(everything.labels).sqrt()[:, None]  # weighted least squares: rows scaled by √weight
+    phi.mul_(root)  # in place: Φ is the one (n × width) array the solve holds
     on_val = np.arange(len(everything)) >= len(train)
     best, by_lambda = (-1.0, None, None, None, None), {}
     # ties keep the more regularised λ and the smaller fusion weight (closer to the frozen answer)
     lambdas = tuple(sorted(settings.lambdas, reverse=True))
-    for lam, (held_out, weights) in zip(lambdas, ridge_path(phi, F.one_hot(everything.labels, num_classes), lambdas)):
+    for lam, (held_out, weights) in zip(lambdas, ridge_path(phi, targets * root, lambdas)):
+        held_out /= root  # the leave-one-out scores of the weighted fit, back in the targets' units
         for fusion in sorted(settings.fusions):
-            right = (zero_shot + fusion * held_out).argmax(-1).numpy() == truth
-            by_lambda[f"{lam:g}"] = max(by_lambda.get(f"{lam:g}", 0.0), float(right.mean()))
-            if right.mean() > best[0]:
-                best = (float(right.mean()), lam, fusion, float(right[on_val].mean()), weights)
+            predicted = (zero_shot + fusion * held_out).argmax(-1).numpy()
+            accuracy = score(predicted, truth)
+            by_lambda[f"{lam:g}"] = max(by_lambda.get(f"{lam:g}", 0.0), accuracy)
+            if accuracy > best[0]:
+                best = (accuracy, lam, fusion, score(predicted[on_val], truth[on_val]), weights)
     _, lam, fusion, val_accuracy, weights = best
-    val_zero_shot = float((zero_shot.argmax(-1).numpy() == truth)[on_val].mean())
+    val_zero_shot = score(zero_shot.argmax(-1).numpy()[on_val], truth[on_val])
     head = AnalyticHead(expansion, center.float(), weights.float(), float(fusion))
     return HeadFit(head, lam, val_accuracy, val_zero_shot, by_lambda)
 
 
-def accuracy_of(head: AnalyticHead, split: Features, text: torch.Tensor, logit_scale: float) -> tuple[float, float]:
-    """(head accuracy at w = 1, frozen zero-shot accuracy) within the task's classes."""
+class Scorer:
+    """Accuracy, or with `balanced` the mean per-class recall (each class counts the same, whatever its image count),
+    and the least-squares row weights that go with it."""
+
+    def __init__(self, num_classes: int, balanced: bool):
+        self.num_classes, self.balanced = num_classes, balanced
+
+    def __call__(self, predicted: np.ndarray, truth: np.ndarray) -> float:
+        right = predicted == truth
+        if not self.balanced:
+            return float(right.mean())
+        counts = np.bincount(truth, minlength=self.num_classes)
+        recall = np.bincount(truth[right], minlength=self.num_classes)[counts > 0] / counts[counts > 0]
+        return float(recall.mean())
+
+    def row_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """(n,) float64: 1 each, or n / (C·n_c) so that every class weighs what an even split would give it."""
+        if not self.balanced:
+            return torch.ones(len(labels), dtype=torch.float64)
+        counts = torch.bincount(labels, minlength=self.num_classes).double()
+        present = int((counts > 0).sum())
+        return (len(labels) / (present * counts))[labels]
+
+    @property
+    def measure(self) -> str:
+        return "mean per-class recall" if self.balanced else "accuracy"
+
+    @property
+    def short(self) -> str:
+        return "per-class recall" if self.balanced else "acc"
+
+
+def accuracy_of(head: AnalyticHead, split: Features, text: torch.Tensor, logit_scale: float,
+                score: Scorer) -> tuple[float, float]:
+    """(head accuracy at w = 1, frozen zero-shot accuracy) within the task's classes, as `score` measures them."""
     zero_shot = logit_scale * split.features @ text.float().T
     fused = head.logits(split.features, zero_shot, torch.ones(len(split)))
     truth = split.labels.numpy()
-    return float((fused.argmax(-1).numpy() == truth).mean()), float((zero_shot.argmax(-1).numpy() == truth).mean())
+    return score(fused.argmax(-1).numpy(), truth), score(zero_shot.argmax(-1).numpy(), truth)
 
 
 def check_features(split: Features, where: str) -> None:
@@ -206,8 +245,10 @@ class HeadLearner:
             stats = fit_task_stats(everything.features, everything.labels, seed=self.settings.seed).to_tensors()
         fit = fit_head(train, val, text, scale, self.settings, len(class_names))
         train_seconds = time.perf_counter() - started
-        test_accuracy, test_zero_shot = accuracy_of(fit.head, test, text, scale) if test is not None and len(test) else (None, None)
+        score = Scorer(len(class_names), self.settings.balance_classes)
+        test_accuracy, test_zero_shot = accuracy_of(fit.head, test, text, scale, score) if test is not None and len(test) else (None, None)
         metrics = {
+            "accuracy_measure": score.measure,
             "val_accuracy": fit.val_accuracy,
             "val_zero_shot_accuracy": fit.val_zero_shot_accuracy,
             "test_accuracy": test_accuracy,
@@ -223,8 +264,8 @@ class HeadLearner:
             "updated_from_version": previous.version if previous is not None else None,
             **run.extra_metrics,
         }
-        say("%s: head λ %g, fusion %g; val acc %s (frozen zero-shot %s); test acc %s (frozen zero-shot %s); solve %.1f s",
-            task.name, fit.lam, fit.head.fusion, _pct(fit.val_accuracy), _pct(fit.val_zero_shot_accuracy),
+        say("%s: head λ %g, fusion %g; val %s %s (frozen zero-shot %s); test %s (frozen zero-shot %s); solve %.1f s",
+            task.name, fit.lam, fit.head.fusion, score.short, _pct(fit.val_accuracy), _pct(fit.val_zero_shot_accuracy),
             _pct(test_accuracy), _pct(test_zero_shot), train_seconds)
         recipe = {**self.recipe(task), "head": fit.head.config(), **(extra_recipe or {})}
         update_state = {"train.features": train.features, "train.labels": train.labels,

@@ -29,10 +29,13 @@ def check_publishable(new: dict[str, Any], live: dict[str, Any] | None, force: b
     if force:
         return
     mine, zero_shot = new.get("val_accuracy"), new.get("val_zero_shot_accuracy")
+    measure = new.get("accuracy_measure", "accuracy")
     if mine is not None and zero_shot is not None and mine < zero_shot:
-        raise InputError(f"not published: validation accuracy {100 * mine:.1f}% is below frozen zero-shot's {100 * zero_shot:.1f}% "
+        raise InputError(f"not published: validation {measure} {100 * mine:.1f}% is below frozen zero-shot's {100 * zero_shot:.1f}% "
                          "on the same images; pass --force to publish it anyway")
-    theirs = live.get("val_accuracy") if live else None
+    # the live version's figure counts only where it measured the same thing (accuracy, or the mean per-class recall)
+    same_measure = live is not None and live.get("accuracy_measure", "accuracy") == new.get("accuracy_measure", "accuracy")
+    theirs = live.get("val_accuracy") if same_measure else None
     if mine is not None and theirs is not None and mine < theirs:
-        raise InputError(f"not published: validation accuracy {100 * mine:.1f}% is below the live version {live['version']}'s "
+        raise InputError(f"not published: validation {measure} {100 * mine:.1f}% is below the live version {live['version']}'s "
                          f"{100 * theirs:.1f}%; the live version stays. Pass --force to replace it anyway")

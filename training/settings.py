@@ -123,6 +123,10 @@ class HeadSettings(SplitSettings):
     is reported on; λ and the fusion weight are chosen by leave-one-out over all the images."""
 
     width: int = setting(4096, "head: random features per image")  # seeded and shared, never stored
+    balance_classes: bool = setting(False, "head: weigh every class equally, in the fit and in choosing λ and the fusion "
+                                           "weight, and report accuracies as the mean per-class recall; for classes with "
+                                           "unequal image counts whose answers matter equally (off: the head follows the "
+                                           "training data's class proportions)")
     projection_seed: int = 0
     lambdas: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # ridge λ, in units of the mean ‖φ(f)‖²
     fusions: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)  # head weight beside zero-shot

@@ -10,7 +10,7 @@ from prompts_store import TaskArtifact, open_store
 from tests.conftest import tiny_backbone
 from tests.unit.training.helpers import CLASS_NAMES, colour_images, tiny_args
 from training.data import ImageSet, split_train_val
-from training.head_learner import Features, HeadLearner, check_features, merge_class_names, ridge_path
+from training.head_learner import Features, HeadLearner, check_features, fit_head, merge_class_names, ridge_path
 from training.errors import InputError
 from training.learner import RunContext, TaskData
 from training.settings import HeadSettings
@@ -182,6 +182,70 @@ def test_leave_one_out_scores_equal_refitting_without_each_image():
         assert torch.allclose(weights, full, atol=1e-8)
 
 
+def test_weighted_leave_one_out_scores_equal_refitting_without_each_image():
+    """--balance-classes scales each row by √weight: the scores, divided by it, are a weighted fit's without image i."""
+    torch.manual_seed(1)
+    for n, width in ((12, 30), (40, 10)):
+        phi, targets = torch.randn(n, width).double(), torch.nn.functional.one_hot(torch.arange(n) % 3, 3).double()
+        root = torch.rand(n, 1, dtype=torch.float64) + 0.5
+        [(held_out, weights)] = list(ridge_path(phi * root, targets * root, (0.5,)))
+        s = (phi * root).square().sum().item() / n
+        for i in (0, n - 1):
+            rest = torch.arange(n) != i
+            wp = phi[rest] * root[rest].square()
+            w = torch.linalg.solve(wp.T @ phi[rest] + 0.5 * s * torch.eye(width, dtype=torch.float64), wp.T @ targets[rest])
+            assert torch.allclose(held_out[i] / root[i], phi[i] @ w, atol=1e-8)
+
+
+def clusters(counts: list[int], seed: int, dim: int = 24) -> Features:
+    """Unit features of overlapping Gaussian classes, `counts[c]` of class c."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(len(counts), dim, generator=torch.Generator().manual_seed(0))
+    feats = torch.cat([centres[c] + 2.2 * torch.randn(n, dim, generator=g) for c, n in enumerate(counts)])
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    return Features(torch.nn.functional.normalize(feats, dim=-1), labels)
+
+
+def test_balanced_classes_raise_the_rare_classes_recall_and_change_nothing_on_even_data():
+    text = torch.nn.functional.normalize(torch.randn(4, 24, generator=torch.Generator().manual_seed(5)), dim=-1)
+    train, val, test = clusters([300, 12, 12, 12], 1), clusters([30, 4, 4, 4], 2), clusters([200] * 4, 3)
+    recall = {}
+    for balanced in (False, True):
+        fit = fit_head(train, val, text, 10.0, HeadSettings(width=256, balance_classes=balanced), 4)
+        predicted = fit.head.logits(test.features, 10.0 * test.features @ text.T, torch.ones(len(test))).argmax(-1)
+        recall[balanced] = [float((predicted[test.labels == c] == c).float().mean()) for c in range(4)]
+    rare = {b: sum(r[1:]) / 3 for b, r in recall.items()}
+    assert rare[True] > rare[False] + 0.1, recall  # the even test set: the rare classes gain
+    assert sum(recall[True]) > sum(recall[False]), recall  # and so does the mean per-class recall
+    even = clusters([40] * 4, 4), clusters([8] * 4, 6)  # every class as large: the weights are all 1, the head the same
+    plain, weighed = (fit_head(*even, text, 10.0, HeadSettings(width=256, balance_classes=b), 4) for b in (False, True))
+    assert (plain.lam, plain.head.fusion, plain.val_accuracy) == (weighed.lam, weighed.head.fusion, weighed.val_accuracy)
+    assert torch.equal(plain.head.weights, weighed.head.weights)
+
+
+def test_balance_classes_reports_the_mean_per_class_recall_and_an_update_keeps_it(paths, add_task):
+    images, labels = colour_images(per_class=20)
+    keep = (labels == 0) | (np.arange(len(labels)) % 20 < 4)  # red 20 images, the other colours 4 each
+    data = write(paths.root / "a" / "train.npz", images[keep], labels[keep], CLASS_NAMES)
+    hint = "classes are uneven ('red': 20 images, 'green': 4): the head follows these proportions"
+    assert hint in add_task(head_args("plain", data, paths)).err  # without the option: a hint names it
+    run = add_task(head_args("colours", data, paths, "--balance-classes"))
+    assert hint not in run.err
+    assert run.code == 0, run.err
+    assert "val mean per-class recall" in run.out, run.out
+    store = open_store(paths.store)
+    first = store.get("colours")
+    assert first.metrics["accuracy_measure"] == "mean per-class recall" and first.recipe["head_settings"]["balance_classes"]
+    more = write(paths.root / "b" / "train.npz", *colour_images(per_class=3, seed=7), CLASS_NAMES)
+    assert add_task(head_args("colours", more, paths, "--update")).code == 0  # no flag: the live version's choice
+    assert store.get("colours").recipe["head_settings"]["balance_classes"] is True
+    run = add_task(head_args("colours", write(paths.root / "c" / "train.npz", *colour_images(per_class=3, seed=8), CLASS_NAMES),
+                             paths, "--update", "--no-balance-classes"))
+    assert run.code == 0, run.err
+    latest = store.get("colours")
+    assert latest.version == 3 and latest.metrics["accuracy_measure"] == "accuracy" and "val accuracy" in run.out
+
+
 def test_auto_keeps_the_best_candidate_on_validation_and_records_every_figure(paths, add_task):
     images, labels = colour_images(per_class=12)
     data = write(paths.root / "a" / "train.npz", images, labels, CLASS_NAMES)
@@ -260,6 +324,10 @@ def test_check_publishable_refuses_below_zero_shot_and_below_the_live_version():
         check_publishable({"val_accuracy": 0.6, "val_zero_shot_accuracy": 0.5}, {"version": 3, "val_accuracy": 0.7}, force=False)
     check_publishable({"val_accuracy": 0.4, "val_zero_shot_accuracy": 0.5}, {"version": 3, "val_accuracy": 0.7}, force=True)
     check_publishable({"val_accuracy": 0.7, "val_zero_shot_accuracy": 0.5}, {"version": 3, "val_accuracy": 0.7}, force=False)
+    balanced = {"val_accuracy": 0.6, "val_zero_shot_accuracy": 0.5, "accuracy_measure": "mean per-class recall"}
+    with pytest.raises(InputError, match=r"validation mean per-class recall 60.0% is below the live version 3's 70.0%"):
+        check_publishable(balanced, {"version": 3, "val_accuracy": 0.7, "accuracy_measure": "mean per-class recall"}, force=False)
+    check_publishable(balanced, {"version": 3, "val_accuracy": 0.7}, force=False)  # another measure: not compared
 
 
 def test_the_eval_batch_follows_the_device_and_does_not_change_the_features():
