@@ -302,6 +302,9 @@ def _check_run_options(args: argparse.Namespace, epochs: int) -> None:
         raise InputError("--resume: a head is solved in one step, there is no run to resume; run add-task again")
     if args.update and args.kind != "head":
         raise InputError(f"--update adds to a head task in closed form; it does not apply to --kind {args.kind}")
+    if args.balance_classes and args.kind in ("prompts", "auto"):
+        raise InputError(f"--balance-classes weighs the classes in the head's solve (--kind head or prompts+head); --kind "
+                         f"{args.kind} {'has no head' if args.kind == 'prompts' else 'compares its candidates by plain accuracy'}")
 
 
 def add_task(args: argparse.Namespace, plan: Plan) -> int:

@@ -244,6 +244,9 @@ def test_balance_classes_reports_the_mean_per_class_recall_and_an_update_keeps_i
     assert run.code == 0, run.err
     latest = store.get("colours")
     assert latest.version == 3 and latest.metrics["accuracy_measure"] == "accuracy" and "val accuracy" in run.out
+    for kind, why in (("prompts", "has no head"), ("auto", "compares its candidates by plain accuracy")):
+        run = add_task(tiny_args("other", data, paths.store, paths.checkpoints, "--balance-classes", kind=kind))
+        assert run.code == 2 and "--balance-classes weighs the classes in the head's solve" in run.err and why in run.err
 
 
 def test_auto_keeps_the_best_candidate_on_validation_and_records_every_figure(paths, add_task):
