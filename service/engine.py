@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from backbone import DEFAULT_TEMPLATES, TaskStats
+from backbone.preprocessing import jpeg_draft_size
 from backbone.task_identity import TaskIdentityHead
 from prompts_store import StoreError, TaskArtifact, TaskNotFound, TaskStore, open_store
 
@@ -221,6 +222,11 @@ class Engine:
     @property
     def preprocess(self):
         return self.runtime.preprocess
+
+    @property
+    def draft_size(self) -> int | None:
+        """What an uploaded JPEG may be decoded down to for this backbone (backbone.preprocessing.reduce_on_decode)."""
+        return jpeg_draft_size(self.runtime.preprocess)
 
     @property
     def fingerprint(self) -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from backbone.preprocessing import conversion_cost, to_rgb
+from backbone.preprocessing import conversion_cost, reduce_on_decode, to_rgb
 
 from .errors import ApiError
 
@@ -80,8 +80,9 @@ def _pixel_budget(limit: int) -> PixelBudget:
 
 
 def decode_image(data: bytes, max_pixels: int, field: str = "image", budget: PixelBudget | None = None,
-                 then: Callable[[Image.Image], Any] = lambda im: im) -> Any:
-    """The checked RGB image, passed to `then` (e.g. the model's preprocessing) while its pixels are held from `budget`."""
+                 then: Callable[[Image.Image], Any] = lambda im: im, draft_size: int | None = None) -> Any:
+    """The checked RGB image, passed to `then` (e.g. the model's preprocessing) while its pixels are held from `budget`.
+    A JPEG may be decoded at a reduced scale down to `draft_size` (the model's, as add-task reads files)."""
     if not data:
         raise ApiError(422, "empty_image", f"'{field}' is empty (0 bytes)")
     try:
@@ -99,6 +100,8 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image", budget: Pix
         raise ApiError(
             413, "image_too_large", f"'{field}' is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+    reduce_on_decode(im, draft_size)
+    width, height = im.size  # what is decoded: a reduced JPEG holds 1/4 to 1/64 of the header's pixels
     with budget.hold(width * height * conversion_cost(im)) if budget is not None else nullcontext():
         return then(crop_extreme_aspect(_rgb(im, max_pixels, field)))
 

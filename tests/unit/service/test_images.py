@@ -39,6 +39,29 @@ def test_sixteen_bit_and_rotated_uploads_decode_as_training_reads_them(tmp_path)
     assert 100 < np.asarray(decode_image((tmp_path / "grey.png").read_bytes(), 10_000)).mean() < 150  # not white
 
 
+def test_a_large_jpeg_is_decoded_reduced_and_as_training_reads_it(tmp_path):
+    """A phone-sized JPEG upload decodes at a reduced scale (both sides still >= the draft size), through the same
+    function add-task reads files with: the service and add-task give the same bytes, and a budget holds only the
+    reduced pixels."""
+    import numpy as np
+
+    from service.images import PixelBudget
+    from training.data import LabeledSource
+
+    ramp = np.linspace(0, 255, 2000, dtype=np.float32)
+    photo = np.stack([np.add.outer(ramp[:1500] / 2, ramp / 2), np.tile(ramp, (1500, 1)), np.tile(ramp[:1500, None], (1, 2000))], -1)
+    (tmp_path / "photo.jpg").write_bytes(encode_with(Image.fromarray(photo.astype(np.uint8)), "JPEG", quality=90))
+    budget = PixelBudget(10_000_000)
+    served = decode_image((tmp_path / "photo.jpg").read_bytes(), max_pixels=10_000_000, budget=budget, draft_size=448)
+    assert served.size == (1000, 750) and budget.peak == 1000 * 750  # 1/2 scale: at 1/4, 375 < 448
+    source = LabeledSource(tmp_path, "folder", ["x"], np.zeros(1, np.int64), ["x"], "test", files=[tmp_path / "photo.jpg"])
+    assert source.open(0, draft_size=448).tobytes() == served.tobytes()
+    assert decode_image((tmp_path / "photo.jpg").read_bytes(), max_pixels=10_000_000).size == (2000, 1500)  # no draft size: whole
+    with pytest.raises(ApiError) as e:  # the pixel limit is the header's, whatever the reduced decode would hold
+        decode_image((tmp_path / "photo.jpg").read_bytes(), max_pixels=1_000_000, draft_size=448)
+    assert e.value.status_code == 413
+
+
 def test_wide_pixel_formats_hold_more_of_the_decoding_budget():
     """Float grey widens to about 11 bytes a pixel on its way to RGB (4 RGB images' worth), images with alpha and
     16-bit grey 3, plain RGB 1: a request of small compressed float TIFFs cannot take 4x what the budget says."""
