@@ -57,9 +57,9 @@ def jpeg_draft_size(preprocess: Callable) -> int | None:
 
 def reduce_on_decode(image: Image.Image, size: int | None) -> None:
     """Before `load()`: let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale while both sides stay >= `size` (Pillow's
-    `draft`). A 12-megapixel photo then reaches a 224-pixel model input 3.3x faster (114 -> 34 ms on this machine)
-    and differs from a full decode by at most 2 grey levels (0.2 on average); training and serving both read files
-    through it. Other formats are decoded whole."""
+    `draft`). A 12-megapixel photo then reaches a 224-pixel model input 2.7x faster (92-96 -> 34-35 ms on this
+    machine, `python -m bench.image_decode`) and differs from a full decode by at most 2 grey levels (0.23 on
+    average); training and serving both read files through it. Other formats are decoded whole."""
     if size and image.format == "JPEG":
         image.draft(None, (size, size))
 

@@ -376,6 +376,7 @@ PYTHON_MODULES = {
     "bench.engine_passes": _inline("bench.engine_passes"),
     "bench.leak": _module_parser("bench.leak"),
     "bench.class_balance": _module_parser("bench.class_balance"),
+    "bench.image_decode": _module_parser("bench.image_decode"),
 }
 
 
