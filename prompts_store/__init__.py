@@ -12,7 +12,7 @@ See docs/store.md for the layout and the guarantees of each backend.
 from .artifact import (DEFAULT_KIND, FORMAT_VERSION, PROMPTS_FILE, STATS_FILE, TASK_FILE, UPDATE_FILE,
                        TaskArtifact)
 from .errors import (ArtifactIntegrityError, BackboneMismatch, InvalidArtifact, InvalidTaskName,
-                     InvalidVersion, StoreCorrupted, StoreError, StoreLockTimeout, TaskNotFound,
+                     InvalidVersion, StoreCorrupted, StoreError, StoreLockTimeout, StoreWriteFailed, TaskNotFound,
                      UnsupportedFormat, VersionNotFound)
 from .feed import FEED_LENGTH, Change, ChangeBatch
 from .names import validate_task_name
@@ -23,7 +23,7 @@ __all__ = [
     "ArtifactIntegrityError", "BackboneMismatch", "Change", "ChangeBatch", "DEFAULT_KIND",
     "FEED_LENGTH", "FORMAT_VERSION", "InvalidArtifact", "InvalidTaskName", "InvalidVersion",
     "PROMPTS_FILE", "STATS_FILE", "StoreCorrupted", "StoreError", "StoreLockTimeout",
-    "StoreSettings", "StoreSnapshot", "TASK_FILE", "TaskArtifact", "TaskInfo", "TaskNotFound",
+    "StoreSettings", "StoreSnapshot", "StoreWriteFailed", "TASK_FILE", "TaskArtifact", "TaskInfo", "TaskNotFound",
     "TaskStore", "UPDATE_FILE", "UnsupportedFormat", "VersionInfo", "VersionNotFound", "open_store",
     "validate_task_name",
 ]

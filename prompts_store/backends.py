@@ -84,9 +84,13 @@ class LocalBackend:
         final = self._path(path)
         staging = self._tmp() / f"stage-{uuid.uuid4().hex}"
         staging.mkdir()
-        for name, data in files.items():
-            _write_synced(staging / name, data)
-        _fsync_dir(staging)
+        try:
+            for name, data in files.items():
+                _write_synced(staging / name, data)
+            _fsync_dir(staging)
+        except OSError:  # a full disk: its partial files would keep it full until the next writer's cleanup
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         _ensure_dir(final.parent)
         if final.exists():  # left by a writer killed between this rename and its head switch
             trash = self._tmp() / f"trash-{uuid.uuid4().hex}"
@@ -99,7 +103,11 @@ class LocalBackend:
         dest = self._path(path)
         _ensure_dir(dest.parent)
         tmp = self._tmp() / f"{dest.name}.{uuid.uuid4().hex}"
-        _write_synced(tmp, data)
+        try:
+            _write_synced(tmp, data)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, dest)
         _fsync_dir(dest.parent)
 

@@ -60,3 +60,8 @@ class StoreCorrupted(StoreError):
 
 class StoreLockTimeout(StoreError, TimeoutError):
     """Another writer held the store lock for longer than the timeout."""
+
+
+class StoreWriteFailed(StoreError, OSError):
+    """The store could not be written (disk full, read-only, no permission). Nothing changed: the live versions and
+    the change feed are as they were, and the partial files are removed."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -29,7 +30,7 @@ from .artifact import (PROMPTS_FILE, check_file, STATS_FILE, TASK_FILE, UPDATE_F
                        artifact_from_parts, check_artifact, check_backbone, decode_task_json,
                        decode_tensors, encode_task_json, encode_tensors)
 from .backends import Backend, make_backend
-from .errors import ArtifactIntegrityError, BackboneMismatch, StoreError, TaskNotFound, VersionNotFound
+from .errors import ArtifactIntegrityError, BackboneMismatch, StoreError, StoreWriteFailed, TaskNotFound, VersionNotFound
 from .feed import HEAD_FILE, ChangeBatch, Head
 from .jsondoc import sha256_hex
 from .names import validate_task_name, validate_version
@@ -188,7 +189,7 @@ class TaskStore:
                    STATS_FILE: encode_tensors(artifact.stats, task=name, file=STATS_FILE)}
         if artifact.update_state:  # no update state, no file: the version looks as it always did
             tensors[UPDATE_FILE] = encode_tensors(artifact.update_state, task=name, file=UPDATE_FILE)
-        with self._backend.lock():
+        with self._writing(f"publish task {name!r}"), self._backend.lock():
             self._backend.cleanup()
             head = self._head()
             version, created_at = head.next_version(name), _now()
@@ -202,10 +203,16 @@ class TaskStore:
         artifact.checksums = {f: sha256_hex(b) for f, b in {**tensors, TASK_FILE: task_json}.items()}
         return version
 
+    def check_writable(self) -> None:
+        """Raise StoreWriteFailed now if the store cannot be written (read-only, no permission), before a long job
+        that ends by publishing. Takes the writer lock once and changes nothing."""
+        with self._writing("write to it"), self._backend.lock():
+            pass
+
     def delete(self, name: str) -> None:
         """Take a task out of service. Its versions stay in the store; ``rollback`` revives one."""
         name = validate_task_name(name)
-        with self._backend.lock():
+        with self._writing(f"delete task {name!r}"), self._backend.lock():
             head = self._head()
             pointer = head.tasks.get(name)
             if pointer is None or pointer.live is None:
@@ -219,7 +226,7 @@ class TaskStore:
         that is already live is a no-op and adds no change to the feed.
         """
         name, version = validate_task_name(name), validate_version(version)
-        with self._backend.lock():
+        with self._writing(f"roll task {name!r} back"), self._backend.lock():
             head = self._head()
             version = self._resolve(head, name, version)
             if head.tasks[name].live == version:
@@ -228,6 +235,17 @@ class TaskStore:
             self._write_head(head.rolled_back(name, version, _now()))
 
     # --- internals ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """The backend's OS errors while writing (a full disk, a read-only store) as StoreWriteFailed, which says that
+        nothing changed: a version goes live only by the head's atomic replace, the last step."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except OSError as e:
+            raise StoreWriteFailed(f"store {self.url}: cannot {what}: {e.strerror or e}; nothing changed") from e
 
     def _head(self) -> Head:
         try:

@@ -229,12 +229,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     configure_logging(args.verbose, args.quiet)
     from backbone import BackboneError
-    from prompts_store import StoreError
+    from prompts_store import StoreError, StoreWriteFailed
 
     plan = None
     try:
         plan = check_arguments(args)
         return add_task(args, plan)
+    except StoreWriteFailed as e:  # not the input's fault: a full disk, a read-only store
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except (InputError, StoreError, BackboneError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -347,6 +350,7 @@ def open_target(args: argparse.Namespace, name: str) -> Target:
 
     store_url = _absolute_url(args.store)
     store = open_store(store_url)
+    store.check_writable()  # a read-only store fails now, not after the learning
     live = store.list()
     model, pretrained = _absolute_if_file(args.model), _absolute_if_file(args.pretrained)
     backbone = load_frozen_backbone(model, pretrained, "cpu" if args.workers else args.device)
@@ -441,6 +445,8 @@ def _shows_progress(args: argparse.Namespace) -> bool:
 # ---------------------------------------------------------------- learning and publishing
 def _fit_here(args: argparse.Namespace, plan: Plan, target: Target, task: TaskData, learner, runner: str) -> tuple[int, dict[str, Any]]:
     """Learn in this process, check and publish. -> (version, metrics without the history)."""
+    from prompts_store import StoreWriteFailed
+
     from .checkpoint import LocalCheckpoints
     from .learner import RunContext
     from .publish_check import check_publishable, live_metrics
@@ -454,7 +460,10 @@ def _fit_here(args: argparse.Namespace, plan: Plan, target: Target, task: TaskDa
     else:
         artifact = learner.fit(task, target.backbone, run)
     check_publishable(artifact.metrics, live_metrics(target.store, plan.name), args.force)
-    version = target.store.publish(artifact)
+    try:
+        version = target.store.publish(artifact)
+    except StoreWriteFailed as e:  # a disk that filled up while the task was learned
+        raise StoreWriteFailed(f"{e}: the task was learned but not published") from e
     return version, {k: v for k, v in artifact.metrics.items() if k != "history"}
 
 
@@ -509,6 +518,8 @@ def _fit_on_ray(task: TaskData, job: WorkerConfig, where: RayRun) -> tuple[int, 
     """Learn on Ray Train workers; rank 0 checks and publishes. -> (version, metrics without the history)."""
     import ray
 
+    from prompts_store import StoreWriteFailed
+
     from .ray_train import fit_on_ray, unwrap_worker_error
 
     if not ray.is_initialized():
@@ -525,7 +536,7 @@ def _fit_on_ray(task: TaskData, job: WorkerConfig, where: RayRun) -> tuple[int, 
         if not isinstance(e, TrainingFailedError):
             raise
         cause = unwrap_worker_error(e)
-        if isinstance(cause, (InputError, TrainingDiverged)):
+        if isinstance(cause, (InputError, TrainingDiverged, StoreWriteFailed)):  # rank 0's publish: a full disk too
             raise cause from None
         raise
     if result.get("stopped_after_epoch"):

@@ -177,9 +177,11 @@ def unwrap_worker_error(error: BaseException) -> BaseException | None:
         seen: set[int] = set()
         while failure is not None and id(failure) not in seen:
             seen.add(id(failure))
+            from prompts_store import StoreWriteFailed
+
             from .errors import InputError, TrainingDiverged
 
-            if isinstance(failure, (InputError, TrainingDiverged)):
+            if isinstance(failure, (InputError, TrainingDiverged, StoreWriteFailed)):
                 return failure
             failure = getattr(failure, "cause", None) or failure.__cause__
         return list(failures.values())[0]

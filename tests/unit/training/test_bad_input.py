@@ -185,6 +185,16 @@ def test_a_backbone_that_does_not_match_the_stores_tasks(paths, add_task):
     assert_refused(run, paths, f"--store {paths.store}", "task 'older' (version 1)", "keepclip-tiny-b", TINY_MODEL, published=["older"])
 
 
+def test_a_store_that_cannot_be_written_fails_before_learning_with_exit_1(paths, add_task):
+    """Not bad input (exit 1, as a failed training): a store path under a file, as a read-only mount would be."""
+    data = write_npz(paths.root / "d.npz", per_class=2, classnames_beside=True)
+    (paths.root / "a-file").write_text("x")
+    store = paths.root / "a-file" / "store"
+    run = add_task(tiny_args("t", data, store, paths.checkpoints, kind="head"))
+    assert run.code == 1 and f"error: store {store}: cannot write to it: Not a directory; nothing changed" in run.err, run.err
+    assert "head λ" not in run.err + run.out and "Traceback" not in run.err  # refused before any learning
+
+
 def test_bad_numbers_and_unknown_formats(paths, add_task):
     data = write_npz(paths.root / "d.npz", per_class=2, classnames_beside=True)
     assert_refused(add_task(tiny_args("t", data, paths.store, paths.checkpoints, "--lr", "-1")), paths, "--lr must be a positive number")
