@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from prompts_store import ArtifactIntegrityError, InvalidTaskName, InvalidVersion, StoreError, TaskNotFound
+from prompts_store import ArtifactIntegrityError, InvalidTaskName, InvalidVersion, StoreError, StoreWriteFailed, TaskNotFound
 
 from .. import schemas as S
 from ..errors import ApiError
@@ -49,7 +49,8 @@ def store_call(fn, *args):
         raise ApiError(409, "artifact_damaged", without_store(e)) from None
     except (StoreError, OSError) as e:  # the cause goes to the log: its paths and URLs are not the client's business
         log.warning("task store call %s failed: %s", getattr(fn, "__name__", fn), e)
-        raise ApiError(503, "store_unavailable", f"the task store cannot be read ({type(e).__name__}); see the service log") from None
+        verb = "written (a full disk, a read-only store?); nothing changed" if isinstance(e, StoreWriteFailed) else "read"
+        raise ApiError(503, "store_unavailable", f"the task store cannot be {verb} ({type(e).__name__}); see the service log") from None
 
 
 def without_store(error: Exception) -> str:
