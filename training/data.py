@@ -68,6 +68,17 @@ def spoken(key: str) -> str:
     return key.replace("_", " ")
 
 
+def spoken_names(keys: list[str], where: str) -> list[str]:
+    """The class names of folder names or manifest labels; two keys that read the same (`a_b`, `a b`) are refused."""
+    seen: dict[str, str] = {}
+    for key in keys:
+        first = seen.setdefault(_key(spoken(key)), key)
+        if first != key:
+            raise InputError(f"{where}: {first!r} and {key!r} are the same class name {spoken(key)!r} ('_' reads as a "
+                             "space, and case does not count); give the class one spelling")
+    return [spoken(key) for key in keys]
+
+
 def check_class_names(names: list[str], where: str) -> list[str]:
     """Non-empty strings, no two the same for the text encoder ('Cat' and 'cat ' count as the same)."""
     if not isinstance(names, list) or not names:
@@ -288,7 +299,7 @@ def _scan_folder(path, class_names, names_from, reference, option) -> LabeledSou
         names, names_from, class_keys = reference.class_names, reference.class_names_from, list(reference.class_keys)
     else:
         if class_names is None:
-            names, names_from = [spoken(f) for f in folders], "folder names"
+            names, names_from = spoken_names(folders, f"{option} {path}: class folders"), "folder names"
         elif isinstance(class_names, dict):
             missing = [f for f in folders if f not in class_names]
             extra = [k for k in class_names if k not in folders]
@@ -342,7 +353,7 @@ def _scan_manifest(path, class_names, names_from, reference, option) -> LabeledS
             )
         label_keys = sorted({label for _, _, label in rows}, key=_natural)
         names_from = f"the labels of {path}"
-        names = check_class_names([spoken(label) for label in label_keys], names_from)
+        names = check_class_names(spoken_names(label_keys, f"{option} {path}: labels"), names_from)
     else:
         label_keys = names
     index = {name: i for i, name in enumerate(names)}

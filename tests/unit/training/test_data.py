@@ -79,6 +79,9 @@ def test_a_folder_and_a_manifest_of_the_same_classes_give_them_the_same_names(tm
     with pytest.raises(InputError, match=r"label 'sea lions' is not one of the class names"):
         manifest.write_text("path,label\nf/sea_lion/000.png,sea lions\n")
         scan(manifest, reference=from_folder, option="--test")
+    manifest.write_text("path,label\nf/b/001.png,sea_lion\nf/c/002.png,Sea lion\n")
+    with pytest.raises(InputError, match=r"labels: 'Sea lion' and 'sea_lion' are the same class name 'sea lion' \('_' reads as a space"):
+        scan(manifest)
 
 
 def test_templates_files_and_the_default(tmp_path):
