@@ -624,6 +624,17 @@ def _absolute_if_file(value: str | None) -> str | None:
     return str(path.absolute()) if path.exists() or path.suffix in (".json", ".safetensors", ".pt", ".bin") else value
 
 
+def _weakest_classes(class_names: list[str], recall: dict[str, list | None], shown: int = 3) -> str:
+    """"on test: 'cat' 41.0%, 'dog' 55.2%, ...": the classes with the lowest recall (on test, else validation)."""
+    from .learner import _pct
+
+    split = "test" if recall.get("test") else "val"
+    values = [(r, name) for name, r in zip(class_names, recall.get(split) or []) if r is not None]
+    if len(class_names) < 3 or len(values) < 3:
+        return ""
+    return f"on {split}: " + ", ".join(f"{name!r} {_pct(r)}" for r, name in sorted(values)[:shown])
+
+
 def _print_summary(name: str, version: int, store_url: str, task, summary: dict[str, Any], seconds: float) -> None:
     from .learner import _pct
 
@@ -643,6 +654,8 @@ def _print_summary(name: str, version: int, store_url: str, task, summary: dict[
         lines.append("  auto, validation accuracy: " + ", ".join(f"{k} {_pct(v['val_accuracy'])}" for k, v in summary["candidates"].items()))
     if summary.get("test_accuracy") is not None:
         lines.append(f"  test {measure} {pct('test_accuracy')} (frozen zero-shot {pct('test_zero_shot_accuracy')}) on {summary.get('n_test')} images")
+    if weakest := _weakest_classes(task.class_names, summary.get("recall_per_class") or {}):
+        lines.append(f"  weakest classes {weakest}")
     lines.append(f"  training {summary.get('train_seconds', 0):.1f} s, fingerprint {summary.get('fingerprint_seconds', 0):.1f} s, total {seconds:.1f} s")
     print("\n".join(lines), flush=True)
 

@@ -62,6 +62,7 @@ class HeadFit:
     val_accuracy: float
     val_zero_shot_accuracy: float
     loo_accuracy_by_lambda: dict[str, float]  # leave-one-out accuracy over all images, best fusion weight, per λ
+    val_recall: list[float | None]  # per class, leave-one-out on the validation rows (None: no image of it there)
 
 
 # ---------------------------------------------------------------- the solve
@@ -126,11 +127,19 @@ def fit_head(train: Features, val: Features, text: torch.Tensor, logit_scale: fl
             accuracy = score(predicted, truth)
             by_lambda[f"{lam:g}"] = max(by_lambda.get(f"{lam:g}", 0.0), accuracy)
             if accuracy > best[0]:
-                best = (accuracy, lam, fusion, score(predicted[on_val], truth[on_val]), weights)
-    _, lam, fusion, val_accuracy, weights = best
+                best = (accuracy, lam, fusion, predicted[on_val], weights)
+    _, lam, fusion, val_predicted, weights = best
     val_zero_shot = score(zero_shot.argmax(-1).numpy()[on_val], truth[on_val])
     head = AnalyticHead(expansion, center.float(), weights.float(), float(fusion))
-    return HeadFit(head, lam, val_accuracy, val_zero_shot, by_lambda)
+    return HeadFit(head, lam, score(val_predicted, truth[on_val]), val_zero_shot, by_lambda,
+                   recall_per_class(val_predicted, truth[on_val], num_classes))
+
+
+def recall_per_class(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float | None]:
+    """Per class, the share of its images predicted as it (None for a class with no image here)."""
+    counts = np.bincount(truth, minlength=num_classes)
+    right = np.bincount(truth[predicted == truth], minlength=num_classes)
+    return [float(r / c) if c else None for r, c in zip(right, counts)]
 
 
 class Scorer:
@@ -166,12 +175,13 @@ class Scorer:
 
 
 def accuracy_of(head: AnalyticHead, split: Features, text: torch.Tensor, logit_scale: float,
-                score: Scorer) -> tuple[float, float]:
-    """(head accuracy at w = 1, frozen zero-shot accuracy) within the task's classes, as `score` measures them."""
+                score: Scorer) -> tuple[float, float, list[float | None]]:
+    """(head accuracy at w = 1, frozen zero-shot accuracy, the head's recall per class) within the task's classes,
+    as `score` measures them."""
     zero_shot = logit_scale * split.features @ text.float().T
-    fused = head.logits(split.features, zero_shot, torch.ones(len(split)))
+    predicted = head.logits(split.features, zero_shot, torch.ones(len(split))).argmax(-1).numpy()
     truth = split.labels.numpy()
-    return score(fused.argmax(-1).numpy(), truth), score(zero_shot.argmax(-1).numpy(), truth)
+    return score(predicted, truth), score(zero_shot.argmax(-1).numpy(), truth), recall_per_class(predicted, truth, score.num_classes)
 
 
 def check_features(split: Features, where: str) -> None:
@@ -246,7 +256,8 @@ class HeadLearner:
         fit = fit_head(train, val, text, scale, self.settings, len(class_names))
         train_seconds = time.perf_counter() - started
         score = Scorer(len(class_names), self.settings.balance_classes)
-        test_accuracy, test_zero_shot = accuracy_of(fit.head, test, text, scale, score) if test is not None and len(test) else (None, None)
+        tested = test is not None and len(test)
+        test_accuracy, test_zero_shot, test_recall = accuracy_of(fit.head, test, text, scale, score) if tested else (None, None, None)
         metrics = {
             "accuracy_measure": score.measure,
             "val_accuracy": fit.val_accuracy,
@@ -256,6 +267,7 @@ class HeadLearner:
             "lambda": fit.lam,
             "fusion": fit.head.fusion,
             "loo_accuracy_by_lambda": fit.loo_accuracy_by_lambda,
+            "recall_per_class": {"val": fit.val_recall, "test": test_recall},  # in class-name order
             "train_seconds": round(train_seconds, 3),
             "fingerprint_seconds": round(fingerprint_seconds, 3),
             "n_train": len(train),
@@ -264,9 +276,9 @@ class HeadLearner:
             "updated_from_version": previous.version if previous is not None else None,
             **run.extra_metrics,
         }
-        say("%s: head λ %g, fusion %g; val %s %s (frozen zero-shot %s); test %s (frozen zero-shot %s); solve %.1f s",
+        say("%s: head λ %g, fusion %g; val %s %s (frozen zero-shot %s); test %s %s (frozen zero-shot %s); solve %.1f s",
             task.name, fit.lam, fit.head.fusion, score.short, _pct(fit.val_accuracy), _pct(fit.val_zero_shot_accuracy),
-            _pct(test_accuracy), _pct(test_zero_shot), train_seconds)
+            score.short, _pct(test_accuracy), _pct(test_zero_shot), train_seconds)
         recipe = {**self.recipe(task), "head": fit.head.config(), **(extra_recipe or {})}
         update_state = {"train.features": train.features, "train.labels": train.labels,
                         "val.features": val.features, "val.labels": val.labels}

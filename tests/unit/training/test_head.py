@@ -42,6 +42,8 @@ def test_the_default_kind_is_a_head_learned_in_one_frozen_pass(paths, add_task):
     m = artifact.metrics
     assert {"test_accuracy", "test_zero_shot_accuracy", "val_accuracy", "lambda", "fusion"} <= set(m)
     assert m["val_accuracy"] >= 0.9 and m["test_accuracy"] >= 0.9  # noisy solid colours: easy for a head
+    assert len(m["recall_per_class"]["val"]) == len(m["recall_per_class"]["test"]) == 4
+    assert "weakest classes on test: " in run.out
     assert set(artifact.prompts) == {"head.weights", "head.center"} and artifact.prompts["head.weights"].shape == (512 + 32, 4)  # random features + the feature itself
     assert artifact.update_state["train.features"].shape[0] + artifact.update_state["val.features"].shape[0] == 48
 
@@ -156,6 +158,13 @@ def test_a_feature_width_mismatch_and_non_finite_features_are_refused(paths, add
     assert store.generation() == before
     with pytest.raises(InputError, match="--data: the frozen features of 1 images are not finite"):
         check_features(Features(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), torch.tensor([0, 1])), "--data")
+
+
+def test_recall_per_class_counts_each_class_on_its_own_images():
+    from training.head_learner import recall_per_class
+
+    truth, predicted = np.array([0, 0, 0, 0, 1, 1, 3]), np.array([0, 0, 0, 1, 1, 0, 3])
+    assert recall_per_class(predicted, truth, 4) == [0.75, 0.5, None, 1.0]
 
 
 def test_merge_keeps_known_labels_and_appends_new_classes():
