@@ -624,12 +624,12 @@ def _absolute_if_file(value: str | None) -> str | None:
     return str(path.absolute()) if path.exists() or path.suffix in (".json", ".safetensors", ".pt", ".bin") else value
 
 
-def _weakest_classes(class_names: list[str], recall: dict[str, list | None], shown: int = 3) -> str:
+def _weakest_classes(class_names: list[str], recall: dict[str, dict | None], shown: int = 3) -> str:
     """"on test: 'cat' 41.0%, 'dog' 55.2%, ...": the classes with the lowest recall (on test, else validation)."""
     from .learner import _pct
 
     split = "test" if recall.get("test") else "val"
-    values = [(r, name) for name, r in zip(class_names, recall.get(split) or []) if r is not None]
+    values = [(r, name) for name, r in (recall.get(split) or {}).items() if r is not None]
     if len(class_names) < 3 or len(values) < 3:
         return ""
     return f"on {split}: " + ", ".join(f"{name!r} {_pct(r)}" for r, name in sorted(values)[:shown])

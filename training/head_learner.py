@@ -267,7 +267,8 @@ class HeadLearner:
             "lambda": fit.lam,
             "fusion": fit.head.fusion,
             "loo_accuracy_by_lambda": fit.loo_accuracy_by_lambda,
-            "recall_per_class": {"val": fit.val_recall, "test": test_recall},  # in class-name order
+            "recall_per_class": {split: dict(zip(class_names, recall)) if recall is not None else None
+                                 for split, recall in (("val", fit.val_recall), ("test", test_recall))},
             "train_seconds": round(train_seconds, 3),
             "fingerprint_seconds": round(fingerprint_seconds, 3),
             "n_train": len(train),
