@@ -102,6 +102,11 @@ def test_a_jpeg_decoded_at_reduced_scale_gives_nearly_the_same_model_input():
     assert reduced.size == (800, 600) and whole.size == (3200, 2400)  # 1/4: both sides still >= 448
     moved = np.abs(pipeline.pixels(whole).astype(int) - pipeline.pixels(reduced).astype(int))
     assert moved.max() <= 4 and moved.mean() < 0.5, (moved.max(), moved.mean())
+    mpo = io.BytesIO()  # a camera's multi-picture JPEG: the first picture is decoded reduced as well
+    smooth.save(mpo, "MPO", save_all=True, append_images=[smooth.rotate(180)])
+    camera = Image.open(io.BytesIO(mpo.getvalue()))
+    reduce_on_decode(camera, 448)
+    assert camera.format == "MPO" and camera.size == (800, 600)
     png = io.BytesIO()
     smooth.save(png, "PNG")
     other = Image.open(io.BytesIO(png.getvalue()))
