@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,28 +43,53 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image whole
 
 
-def jpeg_draft_size(preprocess: Callable) -> int | None:
-    """The size a JPEG may be decoded down to for this eval transform: twice what its first step, a plain Resize,
-    makes of the short side (of both sides for a fixed (h, w)). None when the transform starts otherwise."""
-    from torchvision.transforms import Resize
-
-    steps = list(getattr(preprocess, "transforms", []))
-    if not steps or not isinstance(steps[0], Resize):
-        return None
-    size = steps[0].size
-    size = [size] if isinstance(size, int) else list(size)
-    return 2 * max(size) if size and all(isinstance(x, int) and x > 0 for x in size) else None
+MAX_ASPECT = 4.0  # a strip longer than this is cut to its central square before resizing
 
 
-def reduce_on_decode(image: Image.Image, size: int | None) -> None:
-    """Before `load()`: let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale while both sides stay >= `size` (Pillow's
-    `draft`). A 12-megapixel photo then reaches a 224-pixel model input 2.7x faster (92-96 -> 34-35 ms on this
-    machine, `python -m bench.image_decode`) and differs from a full decode by at most 2 grey levels (0.23 on
-    average); training and serving both read files through it. Other formats are decoded whole."""
-    from PIL.JpegImagePlugin import JpegImageFile  # MPO, the multi-picture JPEG of many cameras, is one too
+@dataclass(frozen=True)
+class Reading:
+    """How a file is read for one eval transform, the same in add-task and in the service.
 
-    if size and isinstance(image, JpegImageFile):
-        image.draft(None, (size, size))
+    - `draft_size`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale by libjpeg (Pillow's `draft`) while both sides stay
+      at least this (twice what the transform's leading Resize makes of the short side). A 12-megapixel photo reaches
+      a 224-pixel input 2.7x faster (92-96 -> 34-35 ms here, `python -m bench.image_decode`), and the input moves by at
+      most 2 grey levels (0.23 on average).
+    - `crop_square`: the transform resizes the short side and centre-crops a square, so only an image's central square
+      reaches the model. A strip longer than MAX_ASPECT times its width is cut to that square first: resized whole, a
+      60000x2 strip would become 6.7 million x 224 pixels (4.5 GB).
+    """
+
+    draft_size: int | None = None
+    crop_square: bool = False
+
+    @classmethod
+    def for_transform(cls, preprocess: Callable) -> "Reading":
+        from torchvision.transforms import CenterCrop, Resize
+
+        steps = list(getattr(preprocess, "transforms", []))
+        if not steps or not isinstance(steps[0], Resize):
+            return cls()
+        size = steps[0].size
+        size = [size] if isinstance(size, int) else list(size)
+        if not size or not all(isinstance(x, int) and x > 0 for x in size):
+            return cls()
+        short_side_then_crop = len(size) == 1 and len(steps) > 1 and isinstance(steps[1], CenterCrop)
+        return cls(2 * max(size), short_side_then_crop)
+
+    def before_load(self, image: Image.Image) -> None:
+        """An opened, not yet decoded file: a JPEG (MPO, the multi-picture JPEG of many cameras, too) decodes reduced."""
+        from PIL.JpegImagePlugin import JpegImageFile
+
+        if self.draft_size and isinstance(image, JpegImageFile):
+            image.draft(None, (self.draft_size, self.draft_size))
+
+    def after_rgb(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if not self.crop_square or max(w, h) <= MAX_ASPECT * min(w, h):
+            return image
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        return image.crop((left, top, left + side, top + side))
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -107,7 +133,7 @@ class PixelPipeline:
     def __init__(self, preprocess: Callable):
         from torchvision.transforms import Compose, ToTensor
 
-        self.draft_size = jpeg_draft_size(preprocess)  # what a JPEG file may be decoded down to (reduce_on_decode)
+        self.reading = Reading.for_transform(preprocess)  # how a file is read for it (add-task and the service alike)
 
         steps = list(getattr(preprocess, "transforms", []))
         cut = next((i for i, step in enumerate(steps) if isinstance(step, ToTensor)), None)

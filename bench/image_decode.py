@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.input_sizes:
         pipeline = PixelPipeline(open_clip.image_transform(size, is_train=False))
         whole_ms, whole = timed(lambda: decode_image(data, 10**9, then=pipeline.pixels), args.rounds)
-        reduced_ms, reduced = timed(lambda: decode_image(data, 10**9, then=pipeline.pixels, draft_size=pipeline.draft_size), args.rounds)
+        reduced_ms, reduced = timed(lambda: decode_image(data, 10**9, then=pipeline.pixels, reading=pipeline.reading), args.rounds)
         moved = np.abs(whole.astype(int) - reduced.astype(int))
-        rows.append({"input_size": size, "draft_size": pipeline.draft_size, "whole_ms": round(whole_ms, 1),
+        rows.append({"input_size": size, "draft_size": pipeline.reading.draft_size, "whole_ms": round(whole_ms, 1),
                      "reduced_ms": round(reduced_ms, 1), "speedup": round(whole_ms / reduced_ms, 2),
                      "max_grey_levels_moved": int(moved.max()), "mean_grey_levels_moved": round(float(moved.mean()), 3)})
     report = {"benchmark": "image_decode", "jpeg": {"width": args.width, "height": args.height, "bytes": len(data)}, "rows": rows}

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from backbone import DEFAULT_TEMPLATES, TaskStats
-from backbone.preprocessing import jpeg_draft_size
+from backbone.preprocessing import Reading
 from backbone.task_identity import TaskIdentityHead
 from prompts_store import StoreError, TaskArtifact, TaskNotFound, TaskStore, open_store
 
@@ -224,9 +224,9 @@ class Engine:
         return self.runtime.preprocess
 
     @property
-    def draft_size(self) -> int | None:
-        """What an uploaded JPEG may be decoded down to for this backbone (backbone.preprocessing.reduce_on_decode)."""
-        return jpeg_draft_size(self.runtime.preprocess)
+    def reading(self) -> Reading:
+        """How an upload is read for this backbone: as add-task reads files (backbone.preprocessing.Reading)."""
+        return Reading.for_transform(self.runtime.preprocess)
 
     @property
     def fingerprint(self) -> dict[str, str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from backbone.preprocessing import conversion_cost, reduce_on_decode, to_rgb
+from backbone.preprocessing import Reading, conversion_cost, to_rgb
 
 from .errors import ApiError
 
@@ -32,7 +32,6 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,", re.I)
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")  # JPEG includes multi-picture JPEGs (MPO)
-MAX_ASPECT = 4.0  # wider than this: centre-crop to a square first (same result as open_clip's resize+crop)
 
 
 def decode_base64(data: str, field: str = "image") -> bytes:
@@ -80,9 +79,9 @@ def _pixel_budget(limit: int) -> PixelBudget:
 
 
 def decode_image(data: bytes, max_pixels: int, field: str = "image", budget: PixelBudget | None = None,
-                 then: Callable[[Image.Image], Any] = lambda im: im, draft_size: int | None = None) -> Any:
-    """The checked RGB image, passed to `then` (e.g. the model's preprocessing) while its pixels are held from `budget`.
-    A JPEG may be decoded at a reduced scale down to `draft_size` (the model's, as add-task reads files)."""
+                 then: Callable[[Image.Image], Any] = lambda im: im, reading: Reading = Reading()) -> Any:
+    """The checked RGB image, passed to `then` (e.g. the model's preprocessing) while its pixels are held from `budget`;
+    read for the model as add-task reads files (`reading`: the engine's)."""
     if not data:
         raise ApiError(422, "empty_image", f"'{field}' is empty (0 bytes)")
     try:
@@ -100,10 +99,10 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image", budget: Pix
         raise ApiError(
             413, "image_too_large", f"'{field}' is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
-    reduce_on_decode(im, draft_size)
+    reading.before_load(im)
     width, height = im.size  # what is decoded: a reduced JPEG holds 1/4 to 1/64 of the header's pixels
     with budget.hold(width * height * conversion_cost(im)) if budget is not None else nullcontext():
-        return then(crop_extreme_aspect(_rgb(im, max_pixels, field)))
+        return then(reading.after_rgb(_rgb(im, max_pixels, field)))
 
 
 def _rgb(im: Image.Image, max_pixels: int, field: str) -> Image.Image:
@@ -120,13 +119,3 @@ def _reason(error: Exception) -> str:
     """Pillow's own words (e.g. a compressed text chunk over its limit), cut short; they name no file or path."""
     text = " ".join(str(error).split())[:160]
     return text or type(error).__name__
-
-
-def crop_extreme_aspect(im: Image.Image) -> Image.Image:
-    """Resize-shorter-side + centre-crop only ever looks at the central square: cut it out before resizing."""
-    w, h = im.size
-    if max(w, h) <= MAX_ASPECT * min(w, h):
-        return im
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return im.crop((left, top, left + side, top + side))

@@ -46,7 +46,7 @@ def _prepare(engine: Engine, settings: ServiceSettings, path: str | None):
         raise gr.Error("Upload an image first.")
     try:
         return decode_image(Path(path).read_bytes(), settings.max_image_pixels, "image", decoding_budget(settings), engine.preprocess,
-                            engine.draft_size)
+                            engine.reading)
     except ApiError as e:
         raise gr.Error(e.message) from None
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from backbone.preprocessing import reduce_on_decode, to_rgb
+from backbone.preprocessing import Reading, to_rgb
 from backbone.settings import MAX_IMAGE_PIXELS
 
 from .errors import InputError
@@ -199,21 +199,21 @@ class LabeledSource:
     def where(self, i: int) -> str:
         return str(self.files[i]) if self.files is not None else f"{self.path}: images[{i}]"
 
-    def open(self, i: int, max_pixels: int = MAX_IMAGE_PIXELS, draft_size: int | None = None) -> Image.Image:
-        """Image i in RGB; a file whose header says it is larger than `max_pixels` is refused before decoding. A JPEG
-        file may be decoded at a reduced scale down to `draft_size` (the pipeline's; as the service does)."""
+    def open(self, i: int, max_pixels: int = MAX_IMAGE_PIXELS, reading: Reading = Reading()) -> Image.Image:
+        """Image i in RGB, read for the model as the service reads it (`reading`: the pipeline's); a file whose header
+        says it is larger than `max_pixels` is refused before decoding."""
         if self.arrays is not None:
             image = self.arrays[i]  # (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8
-            return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+            return reading.after_rgb(Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image))
         if not stat.S_ISREG(os.stat(self.files[i]).st_mode):  # a FIFO or device would block or never end
             raise OSError("not a regular file")
         with Image.open(self.files[i]) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageTooLarge(f"{width}x{height} = {width * height} pixels, over the limit of {max_pixels} (--max-image-pixels)")
-            reduce_on_decode(image, draft_size)
+            reading.before_load(image)
             image.load()
-            return to_rgb(image)
+            return reading.after_rgb(to_rgb(image))
 
     def describe(self) -> dict:
         return {"path": str(self.path), "format": self.format, "n_images": len(self), "class_names_from": self.class_names_from}
@@ -643,7 +643,7 @@ def decode(
         items = tqdm(items, desc=f"decoding {source.path.name}", unit="img", file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 30)
     for i in items:
         try:
-            image = source.open(i, max_pixels, pipeline.draft_size)
+            image = source.open(i, max_pixels, pipeline.reading)
         except FileNotFoundError:
             failures.append((source.where(i), "file not found"))
             continue

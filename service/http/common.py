@@ -53,7 +53,7 @@ async def image_tensors(engine: Engine, settings: ServiceSettings, images: list[
     budget = decoding_budget(settings)
 
     def load():
-        return [decode_image(data, settings.max_image_pixels, label, budget, engine.preprocess, engine.draft_size)
+        return [decode_image(data, settings.max_image_pixels, label, budget, engine.preprocess, engine.reading)
                 for label, data in images]
 
     return await run_in_threadpool(load)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from backbone import PixelPipeline
-from backbone.preprocessing import jpeg_draft_size, reduce_on_decode, to_rgb
+from backbone.preprocessing import Reading, to_rgb
 from tests.conftest import tiny_backbone
 
 
@@ -87,28 +87,31 @@ def test_a_jpeg_decoded_at_reduced_scale_gives_nearly_the_same_model_input():
     """Twice the transform's resize is kept, so the reduced decode moves the model's input pixels by a few grey levels
     at most; PNG and small JPEGs are decoded whole."""
     import open_clip
-    from torchvision.transforms import CenterCrop, Compose
+    from torchvision.transforms import CenterCrop, Compose, Resize
 
     preprocess = open_clip.image_transform(224, is_train=False)
-    assert jpeg_draft_size(preprocess) == 448 and jpeg_draft_size(tiny_backbone().preprocess) == 2 * tiny_backbone().preprocess.transforms[0].size
-    assert jpeg_draft_size(Compose([CenterCrop(224)])) is None and jpeg_draft_size(lambda im: im) is None
+    assert Reading.for_transform(preprocess) == Reading(draft_size=448, crop_square=True)
+    tiny = tiny_backbone().preprocess
+    assert Reading.for_transform(tiny) == Reading(2 * tiny.transforms[0].size, True)
+    assert Reading.for_transform(Compose([CenterCrop(224)])) == Reading() == Reading.for_transform(lambda im: im)
+    assert Reading.for_transform(Compose([Resize((224, 160))])) == Reading(448, False)  # squashed: every pixel counts
     rng = np.random.default_rng(0)
     smooth = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((3200, 2400), Image.BICUBIC)
     data = io.BytesIO()
     smooth.save(data, "JPEG", quality=92)
     pipeline = PixelPipeline(preprocess)
     whole, reduced = Image.open(io.BytesIO(data.getvalue())), Image.open(io.BytesIO(data.getvalue()))
-    reduce_on_decode(reduced, pipeline.draft_size)
+    pipeline.reading.before_load(reduced)
     assert reduced.size == (800, 600) and whole.size == (3200, 2400)  # 1/4: both sides still >= 448
     moved = np.abs(pipeline.pixels(whole).astype(int) - pipeline.pixels(reduced).astype(int))
     assert moved.max() <= 4 and moved.mean() < 0.5, (moved.max(), moved.mean())
     mpo = io.BytesIO()  # a camera's multi-picture JPEG: the first picture is decoded reduced as well
     smooth.save(mpo, "MPO", save_all=True, append_images=[smooth.rotate(180)])
     camera = Image.open(io.BytesIO(mpo.getvalue()))
-    reduce_on_decode(camera, 448)
+    pipeline.reading.before_load(camera)
     assert camera.format == "MPO" and camera.size == (800, 600)
     png = io.BytesIO()
     smooth.save(png, "PNG")
     other = Image.open(io.BytesIO(png.getvalue()))
-    reduce_on_decode(other, 448)
+    pipeline.reading.before_load(other)
     assert other.size == (3200, 2400)

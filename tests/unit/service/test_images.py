@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from service.errors import ApiError
-from service.images import crop_extreme_aspect, decode_base64, decode_image
+from backbone.preprocessing import Reading
+from service.images import decode_base64, decode_image
 
 
 def encode(im: Image.Image, fmt="PNG") -> bytes:
@@ -52,13 +53,13 @@ def test_a_large_jpeg_is_decoded_reduced_and_as_training_reads_it(tmp_path):
     photo = np.stack([np.add.outer(ramp[:1500] / 2, ramp / 2), np.tile(ramp, (1500, 1)), np.tile(ramp[:1500, None], (1, 2000))], -1)
     (tmp_path / "photo.jpg").write_bytes(encode_with(Image.fromarray(photo.astype(np.uint8)), "JPEG", quality=90))
     budget = PixelBudget(10_000_000)
-    served = decode_image((tmp_path / "photo.jpg").read_bytes(), max_pixels=10_000_000, budget=budget, draft_size=448)
+    served = decode_image((tmp_path / "photo.jpg").read_bytes(), max_pixels=10_000_000, budget=budget, reading=Reading(draft_size=448))
     assert served.size == (1000, 750) and budget.peak == 1000 * 750  # 1/2 scale: at 1/4, 375 < 448
     source = LabeledSource(tmp_path, "folder", ["x"], np.zeros(1, np.int64), ["x"], "test", files=[tmp_path / "photo.jpg"])
-    assert source.open(0, draft_size=448).tobytes() == served.tobytes()
-    assert decode_image((tmp_path / "photo.jpg").read_bytes(), max_pixels=10_000_000).size == (2000, 1500)  # no draft size: whole
+    assert source.open(0, reading=Reading(draft_size=448)).tobytes() == served.tobytes()
+    assert decode_image((tmp_path / "photo.jpg").read_bytes(), max_pixels=10_000_000).size == (2000, 1500)  # no reading: whole
     with pytest.raises(ApiError) as e:  # the pixel limit is the header's, whatever the reduced decode would hold
-        decode_image((tmp_path / "photo.jpg").read_bytes(), max_pixels=1_000_000, draft_size=448)
+        decode_image((tmp_path / "photo.jpg").read_bytes(), max_pixels=1_000_000, reading=Reading(draft_size=448))
     assert e.value.status_code == 413
 
 
@@ -116,10 +117,24 @@ def test_base64_and_data_urls():
             decode_base64(bad)
 
 
-def test_extreme_aspect_ratio_is_cropped_to_the_central_square():
-    im = Image.new("RGB", (1000, 10))
-    assert crop_extreme_aspect(im).size == (10, 10)
-    assert crop_extreme_aspect(Image.new("RGB", (30, 10))).size == (30, 10)
+def test_an_extreme_strip_is_cut_to_its_central_square_by_service_and_training_alike(tmp_path):
+    """For a resize-then-centre-crop transform only the central square reaches the model: a 60000x2 strip is cut to
+    it before resizing (resized whole it would be 6.7 million x 224 pixels), in the service and in add-task."""
+    import numpy as np
+
+    from training.data import LabeledSource
+
+    square = Reading(draft_size=448, crop_square=True)
+    strip = np.zeros((2, 60000, 3), np.uint8)
+    strip[:, 29999:30001] = 255  # the central square is white
+    (tmp_path / "strip.png").write_bytes(encode(Image.fromarray(strip)))
+    served = decode_image((tmp_path / "strip.png").read_bytes(), max_pixels=10**6, reading=square)
+    source = LabeledSource(tmp_path, "folder", ["x"], np.zeros(1, np.int64), ["x"], "test", files=[tmp_path / "strip.png"])
+    arrays = LabeledSource(tmp_path, "npz", ["x"], np.zeros(1, np.int64), ["x"], "test", arrays=strip[None])
+    assert served.size == source.open(0, reading=square).size == arrays.open(0, reading=square).size == (2, 2)
+    assert np.asarray(served).min() == 255 and served.tobytes() == source.open(0, reading=square).tobytes()
+    assert decode_image(encode(Image.new("RGB", (30, 10))), 1000, reading=square).size == (30, 10)  # 3:1 is kept whole
+    assert decode_image(encode(Image.new("RGB", (1000, 10))), 10**4).size == (1000, 10)  # a transform that needs it all
 
 
 def test_decoders_share_a_pixel_budget():
