@@ -9,7 +9,7 @@ from PIL import Image
 from backbone import DEFAULT_TEMPLATES, PixelPipeline
 from tests.conftest import tiny_backbone
 from tests.unit.training.helpers import CLASS_NAMES, colour_images, write_folder, write_manifest, write_npz
-from training.data import ImageSet, decode, read_class_names, read_templates, scan, split_train_val
+from training.data import ImageSet, decode, in_order, read_class_names, read_templates, scan, split_train_val
 from training.errors import InputError
 
 
@@ -140,3 +140,35 @@ def test_decoded_images_that_would_not_fit_in_memory_go_to_a_file_or_are_refused
     assert on_disk[3].sum() == 7 * 192 and on_disk.sum() == 7 * 192
     with pytest.raises(InputError, match=r"--data .*: its 1000000000000 images take .* GiB once decoded; .*TMPDIR"):
         pixel_store(10**12, row, "--data", tmp_path, available=1000)
+
+
+def test_images_decoded_on_threads_come_out_in_order_and_equal_one_thread(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import training.data as data
+
+    started, lock = [], threading.Lock()
+
+    def slow(i):
+        with lock:
+            started.append(i)
+        time.sleep(0.002 * (i % 3))  # out-of-order finishing
+        return i * i
+
+    taken = []
+    for value in in_order(slow, range(60), threads=3, ahead=2):
+        taken.append(value)
+        assert len(started) <= len(taken) + 3 * 2  # at most `ahead` per thread waiting: memory stays bounded
+    assert taken == [i * i for i in range(60)]
+
+    folder = write_folder(tmp_path / "f", per_class=5)
+    (folder / "red" / "broken.png").write_bytes(b"not a png")
+    pipeline = PixelPipeline(tiny_backbone().preprocess)
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(data, "DECODE_THREADS", threads)
+        results[threads] = decode(scan(folder), pipeline, skip_unreadable=True, progress=False)
+    (one, skipped_one), (three, skipped_three) = results[1], results[3]
+    assert np.array_equal(one.pixels, three.pixels) and np.array_equal(one.labels, three.labels)
+    assert skipped_one == skipped_three == [str(folder / "red" / "broken.png")]
