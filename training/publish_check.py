@@ -34,7 +34,7 @@ def check_publishable(new: dict[str, Any], live: dict[str, Any] | None, force: b
         raise InputError(f"not published: validation {measure} {100 * mine:.1f}% is below frozen zero-shot's {100 * zero_shot:.1f}% "
                          "on the same images; pass --force to publish it anyway")
     # the live version's figure counts only where it measured the same thing (accuracy, or the mean per-class recall)
-    same_measure = live is not None and live.get("accuracy_measure", "accuracy") == new.get("accuracy_measure", "accuracy")
+    same_measure = live is not None and live.get("accuracy_measure", "accuracy") == measure
     theirs = live.get("val_accuracy") if same_measure else None
     if mine is not None and theirs is not None and mine < theirs:
         raise InputError(f"not published: validation {measure} {100 * mine:.1f}% is below the live version {live['version']}'s "

@@ -172,15 +172,15 @@ def fit_on_ray(
 
 def unwrap_worker_error(error: BaseException) -> BaseException | None:
     """The first worker exception of a failed TorchTrainer.fit(), unwrapped from Ray's wrappers."""
+    from prompts_store import StoreWriteFailed
+
+    from .errors import InputError, TrainingDiverged
+
     failures = getattr(error, "worker_failures", None) or {}
     for _, failure in sorted(failures.items()):
         seen: set[int] = set()
         while failure is not None and id(failure) not in seen:
             seen.add(id(failure))
-            from prompts_store import StoreWriteFailed
-
-            from .errors import InputError, TrainingDiverged
-
             if isinstance(failure, (InputError, TrainingDiverged, StoreWriteFailed)):
                 return failure
             failure = getattr(failure, "cause", None) or failure.__cause__
