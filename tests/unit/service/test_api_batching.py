@@ -72,6 +72,8 @@ def test_the_image_count_is_bounded_by_max_images_per_request(client):
     ({"json": {"images": [b64(png()), 5]}}, "validation_error", "images"),
     ({"json": {"images": [b64(png()), "@@@"]}}, "invalid_base64", "images[1]"),
     ({"json": {"images": [b64(png()), b64(b"not an image")]}}, "invalid_image", "images[1]"),
+    # decoded on several threads: still the first bad image in the order sent
+    ({"json": {"images": [b64(png()), b64(b"not an image"), b64(png()), b64(b"nor this")]}}, "invalid_image", "'images[1]' is not"),
     ({"files": [("file", ("a.png", png())), ("file", ("b.txt", b"no"))]}, "invalid_image", "file[1]"),
     ({"files": [("file", ("a.png", png())), ("images", ("b.png", png()))]}, "validation_error", "not in file and images"),
     ({"files": [("images", ("a.png", png()))], "data": {"labels": "a,b", "task": "red"}}, "validation_error", "not both"),
