@@ -25,6 +25,7 @@ prompts are freed as soon as the last request that could use them has finished.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -223,7 +224,7 @@ class Engine:
     def preprocess(self):
         return self.runtime.preprocess
 
-    @property
+    @functools.cached_property
     def reading(self) -> Reading:
         """How an upload is read for this backbone: as add-task reads files (backbone.preprocessing.Reading)."""
         return Reading.for_transform(self.runtime.preprocess)
