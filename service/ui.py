@@ -16,7 +16,7 @@ from .images import decode_image, decoding_budget
 from .settings import ServiceSettings
 
 TITLE = "keepclip"
-TASK_COLUMNS = ["task", "version", "kind", "classes", "test acc %", "zero-shot %", "class names", "created"]
+TASK_COLUMNS = ["task", "version", "kind", "classes", "accuracy % (test, else val)", "zero-shot %", "class names", "created"]
 # small images (28x28 digits) are drawn scaled up to the box, with sharp pixels, instead of at native size
 CSS = ".keepclip-image img { width: 100% !important; height: 100% !important; object-fit: contain; image-rendering: pixelated; }"
 
@@ -32,7 +32,9 @@ def task_rows(state) -> list[list]:
     for t in sorted(state.tasks.values(), key=lambda t: t.name):
         test = "test" if _pct(t.metrics, "test_accuracy") is not None else "val"
         names = ", ".join(t.class_names[:8]) + (" …" if len(t.class_names) > 8 else "")
-        rows.append([t.name, t.version, t.kind, len(t.class_names), _pct(t.metrics, f"{test}_accuracy"),
+        balanced = (t.metrics or {}).get("accuracy_measure") == "mean per-class recall"  # add-task --balance-classes
+        kind = f"{t.kind} (per-class recall)" if balanced else t.kind
+        rows.append([t.name, t.version, kind, len(t.class_names), _pct(t.metrics, f"{test}_accuracy"),
                      _pct(t.metrics, f"{test}_zero_shot_accuracy"), names, t.created_at or ""])
     rows += [[name, None, None, None, None, None, f"not served: {why[:120]}", ""]
              for name, why in sorted(state.errors.items()) if name not in state.tasks]
