@@ -412,14 +412,17 @@ def _check_local_resume(learner, task: TaskData, backbone: Backbone, runner: str
 def _log_start(args: argparse.Namespace, plan: Plan, target: Target, task: TaskData, train_source: LabeledSource) -> None:
     update = f", update of version {target.previous.version}" if target.previous is not None else ""
     log.info(
-        "task %s (kind %s%s): %d classes (names from %s), %d train / %d val images%s%s",
-        plan.name, args.kind, update, len(task.class_names), train_source.class_names_from, len(task.train),
+        "task %s (kind %s%s): %s (names from %s), %d train / %d val images%s%s",
+        plan.name, args.kind, update, _count(len(task.class_names), "class", "classes"), train_source.class_names_from, len(task.train),
         len(task.val) if task.val is not None else 0,
         f", {len(task.test)} test images" if task.test is not None else "",
         f"; run {plan.run_name}, checkpoints in {plan.run_dir}" if args.kind != "head" else "",
     )
     if args.kind != "prompts" and args.balance_classes is None and target.previous is None:
         _note_uneven_classes(task)
+    if len(task.class_names) == 1:
+        log.warning("task %s has one class (%r): every image routed to it gets that answer, so only its fingerprint "
+                    "decides, and its accuracy figures are 100%% by construction", plan.name, task.class_names[0])
 
 
 UNEVEN = 4  # a largest class this many times the smallest gets a hint about --balance-classes
@@ -624,6 +627,10 @@ def _absolute_if_file(value: str | None) -> str | None:
     return str(path.absolute()) if path.exists() or path.suffix in (".json", ".safetensors", ".pt", ".bin") else value
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _weakest_classes(class_names: list[str], recall: dict[str, dict | None], shown: int = 3) -> str:
     """"on test: 'cat' 41.0%, 'dog' 55.2%, ...": the classes with the lowest recall (on test, else validation)."""
     from .learner import _pct
@@ -647,7 +654,7 @@ def _print_summary(name: str, version: int, store_url: str, task, summary: dict[
     measure = summary.get("accuracy_measure", "accuracy")  # or the mean per-class recall (--balance-classes)
     lines = [
         f"published task {name!r} version {version} to store {store_url}",
-        f"  {len(task.class_names)} classes; {summary.get('n_train')} train / {summary.get('n_val')} val images{kept}",
+        f"  {_count(len(task.class_names), 'class', 'classes')}; {summary.get('n_train')} train / {summary.get('n_val')} val images{kept}",
         f"  val {measure} {pct('val_accuracy')} (frozen zero-shot {pct('val_zero_shot_accuracy')})",
     ]
     if summary.get("candidates"):

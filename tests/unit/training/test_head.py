@@ -160,6 +160,15 @@ def test_a_feature_width_mismatch_and_non_finite_features_are_refused(paths, add
         check_features(Features(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), torch.tensor([0, 1])), "--data")
 
 
+def test_a_one_class_task_is_learned_with_a_warning_that_only_its_fingerprint_decides(paths, add_task):
+    images, labels = colour_images(per_class=6)
+    data = write(paths.root / "a" / "train.npz", images[labels == 0], labels[labels == 0], CLASS_NAMES[:1])
+    run = add_task(head_args("reds", data, paths))
+    assert run.code == 0, run.err
+    assert "task reds has one class ('red'): every image routed to it gets that answer" in run.err
+    assert "  1 class; " in run.out
+
+
 def test_recall_per_class_counts_each_class_on_its_own_images():
     from training.head_learner import recall_per_class
 
