@@ -174,7 +174,7 @@ def _read_text(path: Path, option: str) -> str:
     if not path.is_file():  # a directory, or a FIFO or device that would block or never end
         raise InputError(f"{option} {path}: not a regular file")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a leading BOM (Excel's "CSV UTF-8", Notepad) is not data
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{option} {path}: cannot be read as UTF-8 text ({e})") from None
 

@@ -84,6 +84,20 @@ def test_a_folder_and_a_manifest_of_the_same_classes_give_them_the_same_names(tm
         scan(manifest)
 
 
+def test_text_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Excel's "CSV UTF-8" and Windows Notepad start a file with a BOM (and end lines with CRLF)."""
+    Image.fromarray(colour_images(1)[0][0]).save(tmp_path / "a.png")
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "m.csv").write_bytes(bom + b"path,label\r\na.png,sea_lion\r\na.png,cat\r\n")
+    (tmp_path / "m.jsonl").write_bytes(bom + b'{"path": "a.png", "label": "cat"}\r\n')
+    (tmp_path / "names.json").write_bytes(bom + b'["cat", "dog"]')
+    (tmp_path / "templates.txt").write_bytes(bom + b"a photo of a {}.\r\n")
+    assert scan(tmp_path / "m.csv").class_names == ["cat", "sea lion"]
+    assert scan(tmp_path / "m.jsonl").class_names == ["cat"]
+    assert read_class_names(tmp_path / "names.json") == ["cat", "dog"]
+    assert read_templates(tmp_path / "templates.txt") == ["a photo of a {}."]
+
+
 def test_templates_files_and_the_default(tmp_path):
     assert DEFAULT_TEMPLATES == ("a photo of a {}.",)
     json_file = tmp_path / "t.json"
