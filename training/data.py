@@ -401,11 +401,19 @@ def _read_jsonl(path: Path, option: str) -> list[tuple[int, str, int | str]]:
 
 
 def _read_csv(path: Path, option: str) -> list[tuple[int, str, int | str]]:
-    reader = csv.DictReader(_read_text(path, option).splitlines())
+    lines = _read_text(path, option).splitlines()
+    reader = csv.DictReader(lines, delimiter=_delimiter(lines[0] if lines else ""))
     try:
         return _csv_rows(reader, path, option)
     except csv.Error as e:
         raise InputError(f"{option} {path}: not valid CSV after line {reader.line_num} ({e})") from None
+
+
+def _delimiter(header: str) -> str:
+    """',' unless the header has none and a ';' (what Excel writes where ',' is the decimal mark) or a tab."""
+    if "," in header:
+        return ","
+    return next((d for d in (";", "\t") if d in header), ",")
 
 
 def _csv_rows(reader: csv.DictReader, path: Path, option: str) -> list[tuple[int, str, int | str]]:

@@ -93,6 +93,9 @@ def test_text_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
     (tmp_path / "names.json").write_bytes(bom + b'["cat", "dog"]')
     (tmp_path / "templates.txt").write_bytes(bom + b"a photo of a {}.\r\n")
     assert scan(tmp_path / "m.csv").class_names == ["cat", "sea lion"]
+    for delimiter in (b";", b"\t"):  # Excel where ',' is the decimal mark; a tab-separated export
+        (tmp_path / "m.csv").write_bytes(b"path" + delimiter + b"label\na.png" + delimiter + b"dog\n")
+        assert scan(tmp_path / "m.csv").class_names == ["dog"]
     assert scan(tmp_path / "m.jsonl").class_names == ["cat"]
     assert read_class_names(tmp_path / "names.json") == ["cat", "dog"]
     assert read_templates(tmp_path / "templates.txt") == ["a photo of a {}."]
