@@ -286,6 +286,21 @@ def reference_index(reference: LabeledSource) -> dict[str, int]:
     return index
 
 
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
+
+
+def _refuse_split_folders(path: Path, folders: list[str], option: str) -> None:
+    """`dataset/` holding `train/<class>/` and `test/<class>/` would otherwise be learned as two classes, train and test."""
+    if not folders or not {f.lower() for f in folders} <= SPLIT_NAMES:
+        return
+    if any(d.is_dir() for f in folders for d in (path / f).iterdir()):
+        train = next((f for f in folders if f.lower().startswith("train")), folders[0])
+        test = next((f for f in folders if f.lower().startswith("test")), None)
+        hint = f"pass --data {path / train}" + (f" --test {path / test}" if test else "")
+        raise InputError(f"{option} {path}: its folders {folders} are splits of a dataset, not classes (they hold class "
+                         f"folders); {hint}")
+
+
 def _scan_folder(path, class_names, names_from, reference, option) -> LabeledSource:
     folders = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
@@ -298,6 +313,7 @@ def _scan_folder(path, class_names, names_from, reference, option) -> LabeledSou
                              f"(classes: {reference.class_keys})")
         names, names_from, class_keys = reference.class_names, reference.class_names_from, list(reference.class_keys)
     else:
+        _refuse_split_folders(path, folders, option)
         if class_names is None:
             names, names_from = spoken_names(folders, f"{option} {path}: class folders"), "folder names"
         elif isinstance(class_names, dict):

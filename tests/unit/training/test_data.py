@@ -101,6 +101,19 @@ def test_text_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
     assert read_templates(tmp_path / "templates.txt") == ["a photo of a {}."]
 
 
+def test_a_folder_of_train_and_test_splits_is_not_taken_for_two_classes(tmp_path):
+    write_folder(tmp_path / "ds" / "train", per_class=2)
+    write_folder(tmp_path / "ds" / "test", per_class=1)
+    with pytest.raises(InputError) as refused:
+        scan(tmp_path / "ds")
+    assert str(refused.value) == (f"--data {tmp_path / 'ds'}: its folders ['test', 'train'] are splits of a dataset, not "
+                                  f"classes (they hold class folders); pass --data {tmp_path / 'ds' / 'train'} --test "
+                                  f"{tmp_path / 'ds' / 'test'}")
+    assert scan(tmp_path / "ds" / "train").class_names == sorted(CLASS_NAMES)
+    flat = write_folder(tmp_path / "flat", per_class=1, names=["train", "test", "val", "valid"])  # images right inside
+    assert scan(flat).class_names == ["test", "train", "val", "valid"]  # classes that happen to be named so
+
+
 def test_templates_files_and_the_default(tmp_path):
     assert DEFAULT_TEMPLATES == ("a photo of a {}.",)
     json_file = tmp_path / "t.json"
