@@ -271,10 +271,17 @@ def check_no_empty_class(source: LabeledSource, option: str = "--data", labels: 
     )
 
 
+# what operating systems leave beside images: Windows' thumbnail caches and folder settings, the resource forks a zip
+# made on a Mac unpacks into __MACOSX/ (names starting with "." are skipped anyway: .DS_Store, ._photo.jpg)
+NOT_DATA = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx"})
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".") and name.lower() not in NOT_DATA
+
+
 def _visible_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    return sorted(p for p in folder.rglob("*") if p.is_file() and all(_visible(part) for part in p.relative_to(folder).parts))
 
 
 def reference_index(reference: LabeledSource) -> dict[str, int]:
@@ -302,7 +309,7 @@ def _refuse_split_folders(path: Path, folders: list[str], option: str) -> None:
 
 
 def _scan_folder(path, class_names, names_from, reference, option) -> LabeledSource:
-    folders = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = sorted(d.name for d in path.iterdir() if d.is_dir() and _visible(d.name))
     if not folders:
         raise InputError(f"{option} {path}: no class folders; expected one sub-folder of images per class (ImageFolder layout)")
     if reference is not None:  # a test set: its folders must be among the training set's
@@ -343,7 +350,7 @@ def _scan_folder(path, class_names, names_from, reference, option) -> LabeledSou
             raise InputError(f"{option} {path}: class folder {path / folder} has no images")
         files += found
         labels += [index[folder]] * len(found)
-    stray = [p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    stray = [p.name for p in path.iterdir() if p.is_file() and _visible(p.name)]
     if stray:
         log.info("%s: ignoring %d files outside the class folders (%s)", path, len(stray), ", ".join(stray[:3]))
     return LabeledSource(path, "folder", names, np.asarray(labels, dtype=np.int64), class_keys, names_from, files=files)

@@ -114,6 +114,19 @@ def test_a_folder_of_train_and_test_splits_is_not_taken_for_two_classes(tmp_path
     assert scan(flat).class_names == ["test", "train", "val", "valid"]  # classes that happen to be named so
 
 
+def test_what_operating_systems_leave_in_a_dataset_folder_is_not_data(tmp_path):
+    """A folder copied from Windows or unzipped from a Mac-made zip: no __MACOSX class, no Thumbs.db image."""
+    folder = write_folder(tmp_path / "f", per_class=1)
+    (folder / "__MACOSX" / "red").mkdir(parents=True)
+    (folder / "__MACOSX" / "red" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (folder / "red" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (folder / "green" / "desktop.ini").write_text("[.ShellClassInfo]")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    source = scan(folder)
+    assert source.class_names == sorted(CLASS_NAMES) and len(source) == 4
+    assert all(f.suffix == ".png" for f in source.files)
+
+
 def test_templates_files_and_the_default(tmp_path):
     assert DEFAULT_TEMPLATES == ("a photo of a {}.",)
     json_file = tmp_path / "t.json"
