@@ -243,6 +243,9 @@ def scan(
         source = _scan_npz(path, class_names, class_names_from, option, max_pixels)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
         source = _scan_manifest(path, class_names, class_names_from, reference, option)
+    elif path.name.lower().endswith(ARCHIVES):
+        raise InputError(f"{option} {path}: an archive; unpack it and pass the folder of class folders (or the manifest) "
+                         "it holds")
     else:
         raise InputError(
             f"{option} {path}: unknown data format; expected a folder per class, a .jsonl or .csv manifest "
@@ -293,6 +296,7 @@ def reference_index(reference: LabeledSource) -> dict[str, int]:
     return index
 
 
+ARCHIVES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
 
 

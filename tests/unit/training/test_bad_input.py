@@ -202,6 +202,9 @@ def test_bad_numbers_and_unknown_formats(paths, add_task):
     weird = paths.root / "data.parquet"
     weird.write_text("x")
     assert_refused(add_task(tiny_args("t", weird, paths.store, paths.checkpoints)), paths, str(weird), "unknown data format")
+    archive = paths.root / "dataset.tar.gz"
+    archive.write_bytes(b"\x1f\x8b")
+    assert_refused(add_task(tiny_args("t", archive, paths.store, paths.checkpoints)), paths, str(archive), "an archive; unpack it")
     usage = add_task(tiny_args("t", data, paths.store, paths.checkpoints, "--epochs", "many"))
     assert usage.code == 2 and "--epochs: invalid int value" in usage.err
 
