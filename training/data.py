@@ -402,9 +402,19 @@ def _scan_manifest(path, class_names, names_from, reference, option) -> LabeledS
             labels.append(value)
         else:
             raise InputError(f"{option} {path}, line {line}: label {label!r} is not one of the class names (from {names_from})")
-        file_path = Path(file)
-        files.append(file_path if file_path.is_absolute() else path.parent / file_path)
+        files.append(_manifest_file(path.parent, file))
     return LabeledSource(path, kind, names, np.asarray(labels, dtype=np.int64), list(keys), names_from, files=files)
+
+
+def _manifest_file(folder: Path, file: str) -> Path:
+    """A manifest row's image: relative to the manifest's folder; `imgs\\001.png` written on Windows is `imgs/001.png`
+    when only that exists (a backslash is a legal character in a POSIX file name)."""
+    found = Path(file) if Path(file).is_absolute() else folder / file
+    if "\\" in file and os.sep == "/" and not found.exists():
+        slashed = folder / file.replace("\\", "/")
+        if slashed.exists():
+            return slashed
+    return found
 
 
 def _read_jsonl(path: Path, option: str) -> list[tuple[int, str, int | str]]:

@@ -127,6 +127,16 @@ def test_what_operating_systems_leave_in_a_dataset_folder_is_not_data(tmp_path):
     assert all(f.suffix == ".png" for f in source.files)
 
 
+def test_a_manifest_written_on_windows_finds_its_images(tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", per_class=1)
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\r\n".join([lines[0]] + [line.replace("/", "\\") for line in lines[1:]]) + "\r\n")
+    assert "images\\000.png" in manifest.read_text()
+    source = scan(manifest)
+    assert [f.relative_to(tmp_path).as_posix() for f in source.files] == [f"images/{i:03d}.png" for i in range(4)]
+    assert all(f.is_file() for f in source.files)
+
+
 def test_templates_files_and_the_default(tmp_path):
     assert DEFAULT_TEMPLATES == ("a photo of a {}.",)
     json_file = tmp_path / "t.json"
