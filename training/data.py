@@ -491,10 +491,16 @@ def _scan_npz(path, class_names, names_from, option, max_pixels: int = MAX_IMAGE
         raise InputError(f"{option} {path}: cannot be read as an .npz file ({type(e).__name__}: {e})") from None
     except MemoryError:  # an array header may claim any size
         raise InputError(f"{option} {path}: an array in it is larger than this machine's memory") from None
+    if images.ndim == 4 and images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):  # PyTorch's layout
+        log.info("%s: 'images' is [N, C, H, W] %s (channels first): read as [N, H, W, C]", path, list(images.shape))
+        images = images.transpose(0, 2, 3, 1)
+        if images.shape[1] * images.shape[2] > max_pixels:
+            raise InputError(f"{option} {path}: field 'images' holds {images.shape[1]}x{images.shape[2]} images = "
+                             f"{images.shape[1] * images.shape[2]} pixels each, over the limit of {max_pixels} (--max-image-pixels)")
     if (images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4))
             or 0 in images.shape[1:3]):
         raise InputError(
-            f"{option} {path}: field 'images' must be uint8 [N, H, W, 3] (or [N, H, W] greyscale) with H, W > 0, "
+            f"{option} {path}: field 'images' must be uint8 [N, H, W, 3] (or [N, H, W] greyscale, or [N, 3, H, W]) with H, W > 0, "
             f"got {images.dtype} {list(images.shape)}"
         )
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:

@@ -137,6 +137,18 @@ def test_a_manifest_written_on_windows_finds_its_images(tmp_path):
     assert all(f.is_file() for f in source.files)
 
 
+def test_channels_first_arrays_read_as_their_channels_last_twin(tmp_path):
+    """PyTorch keeps images as [N, C, H, W]; an .npz saved from a tensor reads as the same images."""
+    pipeline = PixelPipeline(tiny_backbone().preprocess)
+    last = write_npz(tmp_path / "last" / "x.npz", per_class=2, class_names=np.array(CLASS_NAMES))
+    with np.load(last) as arrays:
+        first = tmp_path / "first" / "x.npz"
+        first.parent.mkdir()
+        np.savez(first, images=arrays["images"].transpose(0, 3, 1, 2), labels=arrays["labels"], class_names=arrays["class_names"])
+    (a, _), (b, _) = (decode(scan(path), pipeline, progress=False) for path in (last, first))
+    assert np.array_equal(a.pixels, b.pixels) and np.array_equal(a.labels, b.labels)
+
+
 def test_templates_files_and_the_default(tmp_path):
     assert DEFAULT_TEMPLATES == ("a photo of a {}.",)
     json_file = tmp_path / "t.json"
