@@ -63,11 +63,11 @@ def split_rows(split, rows: np.ndarray):
 
 
 def scores(fit, test, text, scale: float, skewed: np.ndarray, num_classes: int) -> dict[str, float]:
-    from training.head_learner import Scorer
+    from training.head_learner import Scorer, recall_per_class
 
     logits = fit.head.logits(test.features, scale * test.features @ text.T, torch.ones(len(test)))
     predicted, truth = logits.argmax(-1).numpy(), test.labels.numpy()
-    rare = [float((predicted[truth == c] == c).mean()) for c in range(1, num_classes, 2) if (truth == c).any()]
+    rare = [r for c, r in enumerate(recall_per_class(predicted, truth, num_classes)) if c % 2 and r is not None]
     return {"even_mean_recall": Scorer(num_classes, True)(predicted, truth),
             "rare_classes_recall": float(np.mean(rare)),
             "skewed_accuracy": Scorer(num_classes, False)(predicted[skewed], truth[skewed]),

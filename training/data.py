@@ -68,11 +68,16 @@ def spoken(key: str) -> str:
     return key.replace("_", " ")
 
 
+def name_key(name: str) -> str:
+    """What two spellings of one class share: `Sea_lion`, `sea lion` and `sea  lion` are one class name."""
+    return _key(spoken(name))
+
+
 def spoken_names(keys: list[str], where: str) -> list[str]:
     """The class names of folder names or manifest labels; two keys that read the same (`a_b`, `a b`) are refused."""
     seen: dict[str, str] = {}
     for key in keys:
-        first = seen.setdefault(_key(spoken(key)), key)
+        first = seen.setdefault(name_key(key), key)
         if first != key:
             raise InputError(f"{where}: {first!r} and {key!r} are the same class name {spoken(key)!r} ('_' reads as a "
                              "space, and case does not count); give the class one spelling")
@@ -290,7 +295,7 @@ def _visible_files(folder: Path) -> list[Path]:
 def reference_index(reference: LabeledSource) -> dict[str, int]:
     """How a test set may name the training data's classes: by its keys (folder names, labels), its class names, or a
     name written with `_` for spaces."""
-    index = {spoken(name).replace(" ", "_"): i for i, name in enumerate(reference.class_names)}
+    index = {name.replace(" ", "_"): i for i, name in enumerate(reference.class_names)}
     index.update({name: i for i, name in enumerate(reference.class_names)})
     index.update({key: i for i, key in enumerate(reference.class_keys)})
     return index

@@ -28,7 +28,7 @@ from backbone import Backbone, PixelPipeline, PromptedCLIP, fit_task_stats, text
 from backbone.analytic_head import AnalyticHead, RandomFeatures
 from prompts_store import TaskArtifact
 
-from .data import ImageSet, spoken
+from .data import ImageSet, name_key, spoken
 from .errors import InputError
 from .features import sharded_features
 from .learner import RunContext, TaskData, _pct
@@ -150,12 +150,9 @@ class Scorer:
         self.num_classes, self.balanced = num_classes, balanced
 
     def __call__(self, predicted: np.ndarray, truth: np.ndarray) -> float:
-        right = predicted == truth
         if not self.balanced:
-            return float(right.mean())
-        counts = np.bincount(truth, minlength=self.num_classes)
-        recall = np.bincount(truth[right], minlength=self.num_classes)[counts > 0] / counts[counts > 0]
-        return float(recall.mean())
+            return float((predicted == truth).mean())
+        return float(np.mean([r for r in recall_per_class(predicted, truth, self.num_classes) if r is not None]))
 
     def row_weights(self, labels: torch.Tensor) -> torch.Tensor:
         """(n,) float64: 1 each, or n / (C·n_c) so that every class weighs what an even split would give it."""
@@ -355,12 +352,12 @@ def merge_class_names(previous: list[str], new: list[str], where: str) -> tuple[
     labels were read like folder names keeps `golden_retriever`). One that differs by case or spaces is a conflict
     (it would split one class in two)."""
     by_spoken = {spoken(n): n for n in previous}
-    known = {" ".join(spoken(n).casefold().split()): n for n in previous}
+    known = {name_key(n): n for n in previous}
     merged, resolved = list(previous), []
     for name in new:
         same = name if name in merged else by_spoken.get(spoken(name))
         if same is None:
-            twin = known.get(" ".join(spoken(name).casefold().split()))
+            twin = known.get(name_key(name))
             if twin is not None:
                 raise InputError(f"{where}: class name {name!r} conflicts with the task's class {twin!r} (same but for "
                                  "case or spaces): use the task's spelling")
