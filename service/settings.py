@@ -127,7 +127,7 @@ class ServiceSettings(BackboneSettings, StoreSettings):
     max_batch_size: int = Field(16, ge=1, le=1024, description="largest dynamic batch of images")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, le=10, description="under load only: how long a batch formed right after the previous one waits "
-        "for more images (up to max_batch_size); an image that finds the engine idle never waits. 0: continuous "
+        "for more images (until the recent load is queued, at most max_batch_size); an image that finds the engine idle never waits. 0: continuous "
         "batching (a batch takes what queued while the previous one ran), measured the fastest",
     )
     router_top_k: int = Field(3, ge=1, le=64, description="candidate tasks FAISS hands to the exact Gaussian check")

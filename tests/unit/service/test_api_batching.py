@@ -231,6 +231,66 @@ def test_with_engine_batches_two_batches_run_at_once_and_no_more():
     assert batches == [[1], [2]]
 
 
+def test_a_batch_starts_beside_a_running_one_only_with_half_the_recent_load():
+    """concurrency 2: with a batch of 4 running, the jobs queued meanwhile wait until they are half of the 8 the
+    replica then holds, rather than run in ones beside it; the fourth starts them beside it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate, batches = threading.Event(), []
+
+    def run(jobs):
+        batches.append(list(jobs))
+        if len(batches) == 1:
+            gate.wait(GUARD_S)
+        return [job * 10 for job in jobs]
+
+    async def scenario(batcher):
+        first = asyncio.ensure_future(batcher.submit_many(range(1, 5)))
+        await until(lambda: len(batches) == 1)
+        singles = [asyncio.ensure_future(batcher.submit(job)) for job in (5, 6, 7)]
+        await until(lambda: batcher.queued == 3)
+        await asyncio.sleep(0.05)  # the worker has seen all three: they still wait, not in batches of their own
+        assert len(batches) == 1
+        fourth = asyncio.ensure_future(batcher.submit(8))
+        await until(lambda: len(batches) == 2)  # beside the first batch, which is still held
+        gate.set()
+        return await first, [await job for job in singles], await fourth
+
+    with ThreadPoolExecutor(2) as pool:
+        assert asyncio.run(scenario(MicroBatcher(run, pool, concurrency=2))) == (
+            [10, 20, 30, 40], [50, 60, 70], 80)
+    assert batches == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+def test_a_top_up_wait_ends_when_the_recent_load_is_queued():
+    """A batch formed under load waits for more jobs only until as many are queued as the replica recently held
+    (3 here), not for a full batch: with an hour's wait configured it starts as soon as the third job arrives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate, batches = threading.Event(), []
+
+    def run(jobs):
+        batches.append(list(jobs))
+        if len(batches) == 1:
+            gate.wait(GUARD_S)
+        return [job * 10 for job in jobs]
+
+    async def scenario(batcher):
+        first = asyncio.ensure_future(batcher.submit(1))
+        await until(lambda: len(batches) == 1)
+        queued = [asyncio.ensure_future(batcher.submit(job)) for job in (2, 3)]  # 3 jobs in the replica
+        await until(lambda: batcher.queued == 2)
+        gate.set()
+        assert await first == 10  # its client's next job is what the top-up waits for
+        third = asyncio.ensure_future(batcher.submit(4))
+        return await asyncio.wait_for(asyncio.gather(*queued, third), GUARD_S)
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(run, pool, max_batch_size=16, wait_s=3600)
+        assert asyncio.run(scenario(batcher)) == [20, 30, 40]
+    assert batches == [[1], [2, 3, 4]]
+
+
 def test_concurrent_engine_batches_answer_like_one_at_a_time(settings, store, task_maker):
     """Two engine threads at once (prompt tasks in the last blocks: shared bottom, pooled last block) give the bits
     one thread gives: per-call routing state is per thread."""
