@@ -5,12 +5,12 @@ Layouts of `--data PATH` (and `--test PATH`):
     PATH/<class>/.../<image>    a folder per class (ImageFolder); class names are the folder names, '_' read as ' '
     PATH.jsonl                  one JSON object per line: {"path": "imgs/001.png", "label": 3}  or  "label": "cat"
     PATH.csv                    a header with `path` and `label` columns, then one row per image
-    PATH.npz                    `images` uint8 [N, H, W, 3] (or [N, H, W] greyscale) and `labels` int [N]
+    PATH.npz                    `images` uint8 [N, H, W, 3] (or [N, H, W] greyscale) and `labels` int or str [N]
 
 Image paths in a manifest are relative to the manifest's folder (or absolute). Integer labels index the class
 names; string labels are class names. Class names come from `--class-names A,B,...` or `--classnames FILE` (a JSON
 list, a JSON object {folder: name} for folders, or one name per line), else from the layout: folder names, the
-label strings of a manifest (sorted), `classnames.json` beside the .npz, or a `class_names` array inside it.
+label strings of a manifest or an .npz (sorted), `classnames.json` beside the .npz, or a `class_names` array inside it.
 
 Everything is checked before any image is decoded, and every image is decoded before training starts; each error
 names the file, line or field. Decoding runs the PIL part of the backbone's own eval transform once per image
@@ -245,7 +245,7 @@ def scan(
     if path.is_dir():
         source = _scan_folder(path, class_names, class_names_from, reference, option)
     elif path.suffix.lower() == ".npz":
-        source = _scan_npz(path, class_names, class_names_from, option, max_pixels)
+        source = _scan_npz(path, class_names, class_names_from, reference, option, max_pixels)
     elif path.suffix.lower() in MANIFEST_SUFFIXES:
         source = _scan_manifest(path, class_names, class_names_from, reference, option)
     elif path.name.lower().endswith(ARCHIVES):
@@ -479,7 +479,7 @@ def _csv_rows(reader: csv.DictReader, path: Path, option: str) -> list[tuple[int
     return rows
 
 
-def _scan_npz(path, class_names, names_from, option, max_pixels: int = MAX_IMAGE_PIXELS) -> LabeledSource:
+def _scan_npz(path, class_names, names_from, reference, option, max_pixels: int = MAX_IMAGE_PIXELS) -> LabeledSource:
     _check_is_zip(path, option)
     try:
         with np.load(path, allow_pickle=False) as arrays:
@@ -508,8 +508,10 @@ def _scan_npz(path, class_names, names_from, option, max_pixels: int = MAX_IMAGE
             f"{option} {path}: field 'images' must be uint8 [N, H, W, 3] (or [N, H, W] greyscale, or [N, 3, H, W]) with H, W > 0, "
             f"got {images.dtype} {list(images.shape)}"
         )
-    if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
-        raise InputError(f"{option} {path}: field 'labels' must be integers [N], got {labels.dtype} {list(labels.shape)}")
+    text_labels = labels.dtype.kind in "US"
+    if not (np.issubdtype(labels.dtype, np.integer) or text_labels) or labels.ndim != 1:
+        raise InputError(f"{option} {path}: field 'labels' must be integers or strings [N], got {labels.dtype} "
+                         f"{list(labels.shape)}")
     if len(labels) != len(images):
         raise InputError(f"{option} {path}: field 'labels' has {len(labels)} entries but 'images' has {len(images)}")
     if isinstance(class_names, dict):
@@ -522,14 +524,43 @@ def _scan_npz(path, class_names, names_from, option, max_pixels: int = MAX_IMAGE
                 raise InputError(f"{beside}: expected a JSON list of class names")
         elif inner_names is not None:
             class_names, names_from = check_class_names([str(n) for n in inner_names], f"{path}: field 'class_names'"), f"{path}: field 'class_names'"
-        else:
+        elif not text_labels:
             raise InputError(
                 f"{option} {path}: no class names; pass --classnames FILE (a JSON list or one name per line) or "
                 f"--class-names A,B,..., or put {NPZ_CLASSNAMES} beside the .npz"
             )
-    _check_labels_in_range(path, labels, len(class_names), names_from, option)
-    names = list(class_names)
-    return LabeledSource(path, "npz", names, labels.astype(np.int64), names, names_from, arrays=images)
+    if not text_labels:
+        _check_labels_in_range(path, labels, len(class_names), names_from, option)
+        names = list(class_names)
+        return LabeledSource(path, "npz", names, labels.astype(np.int64), names, names_from, arrays=images)
+    texts = _label_texts(labels, path, option)
+    if class_names is None:  # class names are the labels, sorted, read like folder names
+        keys, names_from = sorted(set(texts), key=_natural), f"the labels of {path}"
+        class_names = check_class_names(spoken_names(keys, f"{option} {path}: field 'labels'"), names_from)
+    else:
+        keys = list(reference.class_keys) if reference is not None else list(class_names)
+    index = reference_index(reference) if reference is not None else {}
+    index.update({key: i for i, key in enumerate(keys)})
+    index.update({name: i for i, name in enumerate(class_names)})
+    unknown = next((i for i, text in enumerate(texts) if text not in index), None)
+    if unknown is not None:
+        raise InputError(f"{option} {path}: labels[{unknown}] = {texts[unknown]!r} is not one of the class names "
+                         f"(from {names_from})")
+    labels = np.asarray([index[text] for text in texts], dtype=np.int64)
+    return LabeledSource(path, "npz", list(class_names), labels, keys, names_from, arrays=images)
+
+
+def _label_texts(labels: np.ndarray, path: Path, option: str) -> list[str]:
+    """An .npz's string labels as text: str arrays as they are, bytes arrays as UTF-8."""
+    if labels.dtype.kind == "U":
+        return labels.tolist()
+    texts = []
+    for i, raw in enumerate(labels.tolist()):
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"{option} {path}: labels[{i}] = {raw!r} is not UTF-8 text") from None
+    return texts
 
 
 def _check_npz_images_fit(arrays, path: Path, option: str, max_pixels: int) -> None:
@@ -575,7 +606,13 @@ def _available_memory() -> int | None:
 
 
 def _npz_array(arrays, field: str, path: Path, option: str) -> np.ndarray:
-    value = arrays[field]
+    try:
+        value = arrays[field]
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+        raise InputError(f"{option} {path}: field {field!r} holds Python objects, which are never unpickled; save it as a "
+                         f"plain array (strings: np.asarray(values, dtype=str))") from None
     if not isinstance(value, np.ndarray):  # numpy hands back the raw bytes of a member that is not .npy data
         raise InputError(f"{option} {path}: cannot be read as an .npz file (field {field!r} is not .npy data)")
     return value

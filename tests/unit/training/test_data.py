@@ -63,6 +63,32 @@ def test_manifest_string_labels_are_the_class_names_in_natural_order(tmp_path):
     assert scan(manifest).class_names == ["class 1", "class 2", "class 10"]
 
 
+def test_npz_string_labels_are_class_names_as_in_a_manifest(tmp_path):
+    """`labels` as strings (str or UTF-8 bytes): the class names, sorted and read like folder names without class
+    names given; a test set's string labels find the training classes by key or name; objects are never unpickled."""
+    _, ints = colour_images(2)
+    keys = np.array(["sea_lion", "b", "c", "d"])
+    as_ints = scan(write_npz(tmp_path / "i" / "x.npz", per_class=2, class_names=np.array(["b", "c", "d", "sea lion"]),
+                             labels=np.array([[3, 0, 1, 2][i] for i in ints])))
+    for labels in (keys[ints], np.char.encode(keys[ints], "utf-8")):
+        source = scan(write_npz(tmp_path / labels.dtype.kind / "x.npz", per_class=2, labels=labels))
+        assert source.class_names == ["b", "c", "d", "sea lion"] and source.class_keys == ["b", "c", "d", "sea_lion"]
+        assert source.labels.tolist() == as_ints.labels.tolist()
+    train = write_folder(tmp_path / "f", per_class=1, names=list(keys))
+    test = write_npz(tmp_path / "t" / "x.npz", per_class=2, labels=np.array(["sea lion", "b", "c", "d"])[ints])
+    tested = scan(test, reference=scan(train), option="--test")
+    assert [tested.class_names[i] for i in tested.labels] == [["sea lion", "b", "c", "d"][i] for i in ints]
+    bad = write_npz(tmp_path / "u" / "x.npz", per_class=2, labels=np.array(["b"] * 7 + ["walrus"]))
+    with pytest.raises(InputError, match=r"--test .*x.npz: labels\[7\] = 'walrus' is not one of the class names"):
+        scan(bad, reference=scan(train), option="--test")
+    undecodable = write_npz(tmp_path / "s" / "x.npz", per_class=2, labels=np.array([b"b"] * 7 + [b"\xff"]))
+    with pytest.raises(InputError, match=r"labels\[7\] = b'\\xff' is not UTF-8 text"):
+        scan(undecodable)
+    pickled = write_npz(tmp_path / "o" / "x.npz", per_class=2, labels=np.array(list(keys[ints]), dtype=object))
+    with pytest.raises(InputError, match=r"field 'labels' holds Python objects, which are never unpickled"):
+        scan(pickled)
+
+
 def test_a_folder_and_a_manifest_of_the_same_classes_give_them_the_same_names(tmp_path):
     """`sea_lion` is "sea lion" as a folder and as a manifest's label, so an update or a test set in the other layout
     finds its class instead of adding a second one."""
