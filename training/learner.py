@@ -233,20 +233,29 @@ class ResidualPromptLearner:
     def _features(self, model, pipeline, images: ImageSet, task: str | None, comm: Comm) -> torch.Tensor:
         return sharded_features(model, pipeline, images, self.settings.eval_batch_size, comm, task, self.settings.frozen_runtime)
 
-    @torch.no_grad()
     def _accuracy(self, model, pipeline, images: ImageSet, classifier: torch.Tensor, task: str | None, comm: Comm) -> float:
         """Top-1 accuracy within the task's classes; ranks split the images and sum their counts."""
+        return self._evaluate(model, pipeline, images, classifier, task, comm)[0]
+
+    @torch.no_grad()
+    def _evaluate(self, model, pipeline, images: ImageSet, classifier: torch.Tensor, task: str | None,
+                  comm: Comm) -> tuple[float, list[float | None]]:
+        """(top-1 accuracy, recall of each class: None where it has no image); ranks sum per-class counts."""
         shard = np.arange(len(images))[comm.rank :: comm.world_size]
-        correct, batch_size = 0, eval_batch(self.settings.eval_batch_size, model.backbone.device)
+        num_classes, batch_size = classifier.shape[0], eval_batch(self.settings.eval_batch_size, model.backbone.device)
+        correct, total = np.zeros(num_classes), np.zeros(num_classes)
         frozen = frozen_encoder(model, self.settings.frozen_runtime) if task is None else None
         for start in range(0, len(shard), batch_size):
             chunk = shard[start : start + batch_size]
             batch = pipeline.to_batch(images.pixels[chunk], model.backbone.device)
             features = frozen(batch) if frozen is not None else model.encode_image(batch, tasks=task, normalize=True, pooled=True)
-            predicted = (features.to(classifier) @ classifier.T).argmax(-1).cpu().numpy()
-            correct += int((predicted == images.labels[chunk]).sum())
-        counts = comm.all_reduce_sum(torch.tensor([correct, len(shard)], dtype=torch.float64))
-        return counts[0].item() / max(counts[1].item(), 1)
+            predicted, truth = (features.to(classifier) @ classifier.T).argmax(-1).cpu().numpy(), images.labels[chunk]
+            np.add.at(total, truth, 1)
+            np.add.at(correct, truth[predicted == truth], 1)
+        counts = comm.all_reduce_sum(torch.tensor(np.concatenate([correct, total]), dtype=torch.float64)).numpy()
+        correct, total = counts[:num_classes], counts[num_classes:]
+        recall = [float(c / t) if t else None for c, t in zip(correct, total)]
+        return float(correct.sum() / max(total.sum(), 1)), recall
 
 
 # ---------------------------------------------------------------- one fit, step by step
@@ -447,7 +456,8 @@ class _Training:
         task = self.task
         _copy_into(prompts.params, [progress.best[k] for k in prompts.keys])
         self.model.set_trainable(None)
-        test_accuracy = self._prompted_accuracy(task.test) if task.test is not None else None
+        test_accuracy, test_recall = self._prompted_evaluation(task.test) if task.test is not None else (None, None)
+        val_recall = self._prompted_evaluation(task.val)[1] if self.has_val else None
         last = progress.history[-1]
         metrics = {
             "val_accuracy": progress.best_val,
@@ -466,6 +476,8 @@ class _Training:
             "n_test": len(task.test) if task.test is not None else 0,
             "resumed_after_epoch": state.epoch if state is not None else None,
             "history": progress.history,
+            "recall_per_class": {split: dict(zip(task.class_names, recall)) if recall is not None else None
+                                 for split, recall in (("val", val_recall), ("test", test_recall))},
             **self.run.extra_metrics,
         }
         self.say(
@@ -480,10 +492,14 @@ class _Training:
         )
 
     def _prompted_accuracy(self, images: ImageSet) -> float:
-        """Top-1 accuracy with the task's prompts in both towers (the classifier the service builds)."""
+        return self._prompted_evaluation(images)[0]
+
+    def _prompted_evaluation(self, images: ImageSet) -> tuple[float, list[float | None]]:
+        """Top-1 accuracy and per-class recall with the task's prompts in both towers (the classifier the service
+        builds)."""
         with torch.no_grad():
             classifier = text_classifier(self.model, self.task.class_names, self.task.templates, task=self.task.name)
-        return self.learner._accuracy(self.model, self.pipeline, images, classifier, self.task.name, self.comm)
+        return self.learner._evaluate(self.model, self.pipeline, images, classifier, self.task.name, self.comm)
 
 
 # ---------------------------------------------------------------- helpers

@@ -99,6 +99,10 @@ def test_other_layouts_class_names_and_templates_end_to_end(paths, add_task):
     assert artifact.metrics["n_test"] == 12 and artifact.metrics["test_accuracy"] is not None
     assert artifact.metrics["test_zero_shot_accuracy"] is not None and "test accuracy" in run.out
     assert artifact.recipe["data"]["train"]["format"] == "folder"
+    recall = artifact.metrics["recall_per_class"]  # 3 test images per class: their mean is the accuracy
+    assert list(recall["test"]) == sorted(CLASS_NAMES) and list(recall["val"]) == sorted(CLASS_NAMES)
+    assert np.mean(list(recall["test"].values())) == pytest.approx(artifact.metrics["test_accuracy"])
+    assert "weakest classes on test: " in run.out
 
 
 def test_help_reads_well_under_both_names_and_imports_no_torch(add_task):
