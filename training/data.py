@@ -487,7 +487,7 @@ def _scan_npz(path, class_names, names_from, reference, option, max_pixels: int 
             missing = [f for f in ("images", "labels") if f not in fields]
             if missing:
                 raise InputError(f"{option} {path}: no {' or '.join(repr(m) for m in missing)} array (found: {fields})")
-            _check_npz_images_fit(arrays, path, option, max_pixels)
+            _check_npz_fits(arrays, path, option, max_pixels)
             images, labels = _npz_array(arrays, "images", path, option), _npz_array(arrays, "labels", path, option)
             inner_names = _npz_class_names(arrays, path, option) if "class_names" in fields else None
     except InputError:
@@ -563,20 +563,22 @@ def _label_texts(labels: np.ndarray, path: Path, option: str) -> list[str]:
     return texts
 
 
-def _check_npz_images_fit(arrays, path: Path, option: str, max_pixels: int) -> None:
-    """From the `images` member's .npy header, before a byte is decompressed: refuse images over the pixel limit, and
-    an array larger than the memory this machine has free (a small compressed file can hold a huge array)."""
-    shape, dtype = _npy_header(arrays, "images")
-    if shape is None or len(shape) not in (3, 4):
-        return  # not .npy data, or the wrong shape: the checks after loading name the problem
-    height, width = shape[1], shape[2]
-    if height * width > max_pixels:
-        raise InputError(f"{option} {path}: field 'images' holds {height}x{width} images = {height * width} pixels each, "
-                         f"over the limit of {max_pixels} (--max-image-pixels)")
-    size, free = math.prod(shape) * dtype.itemsize, _available_memory()
-    if free is not None and size > free:
-        raise InputError(f"{option} {path}: field 'images' {list(shape)} {dtype} takes {size / 2**30:.1f} GiB when loaded; "
-                         f"this machine has {free / 2**30:.1f} GiB available")
+def _check_npz_fits(arrays, path: Path, option: str, max_pixels: int) -> None:
+    """From the members' .npy headers, before a byte is decompressed: refuse images over the pixel limit, and arrays
+    larger than the memory this machine has free (a small compressed file can hold a huge array)."""
+    shape, _ = _npy_header(arrays, "images")
+    if shape is not None and len(shape) in (3, 4) and shape[1] * shape[2] > max_pixels:
+        raise InputError(f"{option} {path}: field 'images' holds {shape[1]}x{shape[2]} images = {shape[1] * shape[2]} "
+                         f"pixels each, over the limit of {max_pixels} (--max-image-pixels)")
+    free = _available_memory()
+    for field in ("images", "labels", "class_names"):
+        shape, dtype = _npy_header(arrays, field)
+        if shape is None or free is None:
+            continue  # not .npy data (the checks after loading name the problem), or the memory is unknown
+        size = math.prod(shape) * dtype.itemsize
+        if size > free:
+            raise InputError(f"{option} {path}: field {field!r} {list(shape)} {dtype} takes {size / 2**30:.1f} GiB when "
+                             f"loaded; this machine has {free / 2**30:.1f} GiB available")
 
 
 def _npy_header(arrays, field: str) -> tuple[tuple[int, ...] | None, np.dtype | None]:

@@ -218,13 +218,19 @@ def test_a_missing_model_config_is_named(paths, add_task):
 
 # ---------------------------------------------------------------- found by an outside trial (hostile files)
 
-def _lying_npz(path, shape=(40, 100_000, 100_000, 3)):
-    """A 100-byte 'images' member whose .npy header claims `shape` in bytes."""
-    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(buf, header)
+def _lying_npz(path, shape=(40, 100_000, 100_000, 3), labels_shape=None):
+    """A 100-byte 'images' member whose .npy header claims `shape` in bytes (and 'labels' `labels_shape` strings of
+    1,000 characters, if given)."""
+    def lying(descr, claimed):
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": claimed})
+        return buf.getvalue() + b"\0" * 100
+
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("images.npy", buf.getvalue() + b"\0" * 100)
+        archive.writestr("images.npy", lying("|u1", shape))
+        if labels_shape is not None:
+            archive.writestr("labels.npy", lying("<U1000", labels_shape))
+            return path
         labels = io.BytesIO()
         np.save(labels, np.zeros(40, np.int64))
         archive.writestr("labels.npy", labels.getvalue())
@@ -238,6 +244,7 @@ def _lying_npz(path, shape=(40, 100_000, 100_000, 3)):
     ("a header claiming a terabyte", ["field 'images' holds 100000x100000 images", "over the limit of 40000000 (--max-image-pixels)"]),
     ("a header claiming more than the memory", ["field 'images' [1000000000, 100, 100, 3] uint8 takes 27939.7 GiB when loaded",
                                                 "GiB available"]),
+    ("labels claiming more than the memory", ["field 'labels' [1000000000] <U1000 takes 3725.3 GiB when loaded"]),
 ])
 def test_hostile_npz_files(paths, add_task, case, fragments):
     data = paths.root / "d.npz"
@@ -249,6 +256,8 @@ def test_hostile_npz_files(paths, add_task, case, fragments):
         write_npz(data, per_class=2, class_names=np.array([b"red", b"green", b"blue", b"yellow"]))
     elif case == "a header claiming a terabyte":
         _lying_npz(data)
+    elif case == "labels claiming more than the memory":
+        _lying_npz(data, (40, 8, 8, 3), labels_shape=(10**9,))
     else:
         _lying_npz(data, (10**9, 100, 100, 3))
     assert_refused(add_task(tiny_args("t", data, paths.store, paths.checkpoints)), paths, str(data), *fragments)
