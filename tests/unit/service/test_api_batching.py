@@ -149,11 +149,8 @@ def test_a_requests_images_enter_the_batch_together(settings, store, task_maker)
     assert sizes == [3, 2]  # one request's images fill a batch; the rest spill into the next
 
 
-def test_a_lone_job_runs_at_once_and_the_queue_forms_the_next_batch():
-    """The batcher alone: a job on an idle batcher runs at once whatever the wait (the wait is for a batch formed
-    under load); jobs queued while a batch runs form the next one, results in order."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def held_first_batch():
+    """(gate, batches, run): `run` records each batch and holds the first one until `gate` is set; job x -> 10x."""
     gate, batches = threading.Event(), []
 
     def run(jobs):
@@ -161,6 +158,16 @@ def test_a_lone_job_runs_at_once_and_the_queue_forms_the_next_batch():
         if len(batches) == 1:
             gate.wait(GUARD_S)
         return [job * 10 for job in jobs]
+
+    return gate, batches, run
+
+
+def test_a_lone_job_runs_at_once_and_the_queue_forms_the_next_batch():
+    """The batcher alone: a job on an idle batcher runs at once whatever the wait (the wait is for a batch formed
+    under load); jobs queued while a batch runs form the next one, results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate, batches, run = held_first_batch()
 
     async def scenario(batcher):
         assert await asyncio.wait_for(batcher.submit(1), GUARD_S) == 10  # 1 h wait configured: it did not wait
@@ -236,13 +243,7 @@ def test_a_batch_starts_beside_a_running_one_only_with_half_the_recent_load():
     replica then holds, rather than run in ones beside it; the fourth starts them beside it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    gate, batches = threading.Event(), []
-
-    def run(jobs):
-        batches.append(list(jobs))
-        if len(batches) == 1:
-            gate.wait(GUARD_S)
-        return [job * 10 for job in jobs]
+    gate, batches, run = held_first_batch()
 
     async def scenario(batcher):
         first = asyncio.ensure_future(batcher.submit_many(range(1, 5)))
@@ -267,13 +268,7 @@ def test_a_top_up_wait_ends_when_the_recent_load_is_queued():
     (3 here), not for a full batch: with an hour's wait configured it starts as soon as the third job arrives."""
     from concurrent.futures import ThreadPoolExecutor
 
-    gate, batches = threading.Event(), []
-
-    def run(jobs):
-        batches.append(list(jobs))
-        if len(batches) == 1:
-            gate.wait(GUARD_S)
-        return [job * 10 for job in jobs]
+    gate, batches, run = held_first_batch()
 
     async def scenario(batcher):
         first = asyncio.ensure_future(batcher.submit(1))
