@@ -83,6 +83,18 @@ def test_update_adds_images_and_a_class_and_equals_a_fit_on_all_the_data(paths, 
     assert v2.recipe["head"]["fusion"] == once.recipe["head"]["fusion"]
 
 
+def test_an_update_from_an_npz_with_string_labels_finds_the_known_classes(paths, add_task):
+    images, labels = colour_images(per_class=6, seed=1)
+    data_a = write(paths.root / "a" / "train.npz", images[labels < 3], labels[labels < 3], CLASS_NAMES[:3])
+    assert add_task(head_args("colours", data_a, paths)).code == 0
+    more, more_labels = colour_images(per_class=6, seed=2)
+    (paths.root / "b").mkdir()
+    np.savez(paths.root / "b" / "train.npz", images=more, labels=np.array(CLASS_NAMES)[more_labels])  # no class names
+    run = add_task(head_args("colours", paths.root / "b" / "train.npz", paths, "--update"))
+    assert run.code == 0, run.err
+    assert open_store(paths.store).get("colours").class_names == ["red", "green", "blue", "yellow"]
+
+
 def test_an_update_counts_images_the_task_already_learned_once(paths, add_task):
     """The usual update: the same folder again, a few images added. Only the new ones count; re-sending all of it is
     refused (nothing to add); the same image under another class is kept and reported."""
