@@ -100,7 +100,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         epilog=(
             "data layouts: a folder per class (PATH/<class>/<images>); a .jsonl or .csv manifest of path,label "
             "(paths relative to the manifest); an .npz with `images` uint8 [N,H,W,3] and `labels` int [N] "
-            "(class names from --classnames, --class-names, or classnames.json beside it). "
+            "(class names from --classnames, --class-names, or classnames.json beside it) or str [N] (the class names). "
             "Bad input: `error: ...` on stderr and exit code 2, before any training. See docs/training.md."
         ),
     )
