@@ -14,11 +14,12 @@ while the engine is still busy, then queues it on a semaphore: under load the qu
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
+
+from backbone.loading import available_cores
 
 
 class MicroBatcher:
@@ -159,8 +160,7 @@ def engine_batches(setting: int | None, runtime) -> int | Callable[[], int]:
     in one session's pairs, 1.07x in another's). Asked per batch: loading or removing a task switches it."""
     if setting:
         return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if runtime.device.type != "cpu" or cores < 2:
+    if runtime.device.type != "cpu" or available_cores() < 2:
         return 1
     return lambda: AUTO_ENGINE_BATCHES if runtime.images_by_torch() or runtime.prompted_graphs_in_use() else 1
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from backbone.loading import available_cores
 from backbone.preprocessing import Reading, to_rgb
 from backbone.settings import MAX_IMAGE_PIXELS
 
@@ -383,9 +384,7 @@ def _scan_manifest(path, class_names, names_from, reference, option) -> LabeledS
                 f"{option} {path}, line {line}: label {label} is a class index, but no class names were given "
                 "(pass --classnames FILE or --class-names A,B,...)"
             )
-        label_keys = sorted({label for _, _, label in rows}, key=_natural)
-        names_from = f"the labels of {path}"
-        names = check_class_names(spoken_names(label_keys, f"{option} {path}: labels"), names_from)
+        label_keys, names, names_from = _names_of_labels({label for _, _, label in rows}, path, f"{option} {path}: labels")
     else:
         label_keys = names
     index = {name: i for i, name in enumerate(names)}
@@ -409,6 +408,14 @@ def _scan_manifest(path, class_names, names_from, reference, option) -> LabeledS
             raise InputError(f"{option} {path}, line {line}: label {label!r} is not one of the class names (from {names_from})")
         files.append(_manifest_file(path.parent, file))
     return LabeledSource(path, kind, names, np.asarray(labels, dtype=np.int64), list(keys), names_from, files=files)
+
+
+def _names_of_labels(labels: set[str], path: Path, where: str) -> tuple[list[str], list[str], str]:
+    """(keys, class names, where they come from) of a data set whose string labels are its classes: sorted naturally,
+    read like folder names."""
+    keys = sorted(labels, key=_natural)
+    names_from = f"the labels of {path}"
+    return keys, check_class_names(spoken_names(keys, where), names_from), names_from
 
 
 def _manifest_file(folder: Path, file: str) -> Path:
@@ -499,9 +506,7 @@ def _scan_npz(path, class_names, names_from, reference, option, max_pixels: int 
     if images.ndim == 4 and images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):  # PyTorch's layout
         log.info("%s: 'images' is [N, C, H, W] %s (channels first): read as [N, H, W, C]", path, list(images.shape))
         images = images.transpose(0, 2, 3, 1)
-        if images.shape[1] * images.shape[2] > max_pixels:
-            raise InputError(f"{option} {path}: field 'images' holds {images.shape[1]}x{images.shape[2]} images = "
-                             f"{images.shape[1] * images.shape[2]} pixels each, over the limit of {max_pixels} (--max-image-pixels)")
+        _check_npz_pixels(images.shape, path, option, max_pixels)
     if (images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4))
             or 0 in images.shape[1:3]):
         raise InputError(
@@ -534,9 +539,8 @@ def _scan_npz(path, class_names, names_from, reference, option, max_pixels: int 
         names = list(class_names)
         return LabeledSource(path, "npz", names, labels.astype(np.int64), names, names_from, arrays=images)
     texts = _label_texts(labels, path, option)
-    if class_names is None:  # class names are the labels, sorted, read like folder names
-        keys, names_from = sorted(set(texts), key=_natural), f"the labels of {path}"
-        class_names = check_class_names(spoken_names(keys, f"{option} {path}: field 'labels'"), names_from)
+    if class_names is None:
+        keys, class_names, names_from = _names_of_labels(set(texts), path, f"{option} {path}: field 'labels'")
     else:
         keys = list(reference.class_keys) if reference is not None else list(class_names)
     index = reference_index(reference) if reference is not None else {}
@@ -563,13 +567,20 @@ def _label_texts(labels: np.ndarray, path: Path, option: str) -> list[str]:
     return texts
 
 
+def _check_npz_pixels(shape: tuple[int, ...], path: Path, option: str, max_pixels: int) -> None:
+    """`images` of `shape` [N, H, W(, C)]: each image within the pixel limit."""
+    height, width = shape[1], shape[2]
+    if height * width > max_pixels:
+        raise InputError(f"{option} {path}: field 'images' holds {height}x{width} images = {height * width} pixels each, "
+                         f"over the limit of {max_pixels} (--max-image-pixels)")
+
+
 def _check_npz_fits(arrays, path: Path, option: str, max_pixels: int) -> None:
     """From the members' .npy headers, before a byte is decompressed: refuse images over the pixel limit, and arrays
     larger than the memory this machine has free (a small compressed file can hold a huge array)."""
     shape, _ = _npy_header(arrays, "images")
-    if shape is not None and len(shape) in (3, 4) and shape[1] * shape[2] > max_pixels:
-        raise InputError(f"{option} {path}: field 'images' holds {shape[1]}x{shape[2]} images = {shape[1] * shape[2]} "
-                         f"pixels each, over the limit of {max_pixels} (--max-image-pixels)")
+    if shape is not None and len(shape) in (3, 4):
+        _check_npz_pixels(shape, path, option, max_pixels)
     free = _available_memory()
     for field in ("images", "labels", "class_names"):
         shape, dtype = _npy_header(arrays, field)
@@ -721,7 +732,7 @@ def pixel_store(n: int, row: np.ndarray, option: str, path: Path, available: int
         return np.memmap(backing, dtype=row.dtype, mode="r+", shape=(n, *row.shape))
 
 
-DECODE_THREADS = min(8, os.cpu_count() or 1)  # Pillow decodes and resizes without the GIL: 80 photos 2.8 -> 1.4 s on 2 cores
+DECODE_THREADS = min(8, available_cores())  # Pillow decodes and resizes without the GIL: 80 photos 2.8 -> 1.4 s on 2 cores
 
 
 def _read_row(source: LabeledSource, pipeline: PixelPipeline, max_pixels: int, i: int) -> tuple[np.ndarray | None, str | None]:

@@ -31,7 +31,7 @@ from prompts_store import TaskArtifact
 from .data import ImageSet, name_key, spoken
 from .errors import InputError
 from .features import sharded_features
-from .learner import RunContext, TaskData, _pct
+from .learner import RunContext, TaskData, _pct, recall_per_class
 from .settings import HeadSettings
 
 log = logging.getLogger(__name__)
@@ -133,13 +133,6 @@ def fit_head(train: Features, val: Features, text: torch.Tensor, logit_scale: fl
     head = AnalyticHead(expansion, center.float(), weights.float(), float(fusion))
     return HeadFit(head, lam, score(val_predicted, truth[on_val]), val_zero_shot, by_lambda,
                    recall_per_class(val_predicted, truth[on_val], num_classes))
-
-
-def recall_per_class(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float | None]:
-    """Per class, the share of its images predicted as it (None for a class with no image here)."""
-    counts = np.bincount(truth, minlength=num_classes)
-    right = np.bincount(truth[predicted == truth], minlength=num_classes)
-    return [float(r / c) if c else None for r, c in zip(right, counts)]
 
 
 class Scorer:

@@ -249,13 +249,12 @@ class ResidualPromptLearner:
             chunk = shard[start : start + batch_size]
             batch = pipeline.to_batch(images.pixels[chunk], model.backbone.device)
             features = frozen(batch) if frozen is not None else model.encode_image(batch, tasks=task, normalize=True, pooled=True)
-            predicted, truth = (features.to(classifier) @ classifier.T).argmax(-1).cpu().numpy(), images.labels[chunk]
-            np.add.at(total, truth, 1)
-            np.add.at(correct, truth[predicted == truth], 1)
-        counts = comm.all_reduce_sum(torch.tensor(np.concatenate([correct, total]), dtype=torch.float64)).numpy()
-        correct, total = counts[:num_classes], counts[num_classes:]
-        recall = [float(c / t) if t else None for c, t in zip(correct, total)]
-        return float(correct.sum() / max(total.sum(), 1)), recall
+            predicted = (features.to(classifier) @ classifier.T).argmax(-1).cpu().numpy()
+            right, counts = class_counts(predicted, images.labels[chunk], num_classes)
+            correct, total = correct + right, total + counts
+        summed = comm.all_reduce_sum(torch.tensor(np.concatenate([correct, total]), dtype=torch.float64)).numpy()
+        correct, total = summed[:num_classes], summed[num_classes:]
+        return float(correct.sum() / max(total.sum(), 1)), recalls(correct, total)
 
 
 # ---------------------------------------------------------------- one fit, step by step
@@ -524,6 +523,20 @@ def _copy_into(params, values) -> None:
     with torch.no_grad():
         for param, value in zip(params, values):
             param.copy_(value.to(param))
+
+
+def class_counts(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images predicted right, images) per class."""
+    return np.bincount(truth[predicted == truth], minlength=num_classes), np.bincount(truth, minlength=num_classes)
+
+
+def recalls(right: np.ndarray, counts: np.ndarray) -> list[float | None]:
+    """Per class, the share of its images predicted as it (None for a class with no image here)."""
+    return [float(r / c) if c else None for r, c in zip(right, counts)]
+
+
+def recall_per_class(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float | None]:
+    return recalls(*class_counts(predicted, truth, num_classes))
 
 
 def _accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:

@@ -3,12 +3,12 @@ the event loop, the top_k limit."""
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import torch
 from starlette.concurrency import run_in_threadpool
 
+from backbone.loading import available_cores
 from prompts_store import InvalidTaskName, validate_task_name
 
 from ..engine import Engine, TaskNotLoaded, WeightNotSupported
@@ -50,7 +50,7 @@ def raise_task_error(result: Any) -> Any:
     return result
 
 
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+CORES = available_cores()
 
 
 async def image_tensors(engine: Engine, settings: ServiceSettings, images: list[Image]) -> list[torch.Tensor]:
