@@ -203,7 +203,8 @@ def replica_totals(url: str) -> dict[str, float]:
 
     classify = 'keepclip_request_latency_seconds_{}{{endpoint="/v1/classify",method="POST"'
     return {"batches": total("keepclip_batch_size_count"), "images": total("keepclip_batch_size_sum"),
-            "requests": total(classify.format("count")), "seconds": total(classify.format("sum"))}
+            "requests": total(classify.format("count")), "seconds": total(classify.format("sum")),
+            "wait_s": total("keepclip_batch_wait_seconds ")}
 
 
 def http_run(url: str, pngs: list[bytes], clients: int, seconds: float, per_request: int = 1) -> dict:
@@ -219,6 +220,7 @@ def http_run(url: str, pngs: list[bytes], clients: int, seconds: float, per_requ
         "latency_ms": {"p50": 1000 * percentile(lat, 50), "p99": 1000 * percentile(lat, 99)} if lat else None,
         "in_replica_mean_ms": 1000 * ran["seconds"] / ran["requests"] if ran["requests"] else None,
         "batches": int(ran["batches"]), "mean_batch": ran["images"] / ran["batches"] if ran["batches"] else None,
+        "batch_wait_ms_after": 1000 * after["wait_s"],
     }
 
 
@@ -323,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-batches", type=int, default=None,
                    help="batches the replica runs at once (default: the service's auto: 2 on CPU while images run in torch eager, else 1)")
     p.add_argument("--batch-wait-s", type=float, default=None,
-                   help="the replica's batch_wait_timeout_s (default: the service's default, continuous batching)")
+                   help="the replica's batch_wait_timeout_s (default: the service's default, auto)")
     p.add_argument("--seconds", type=float, default=15.0, help="duration of each measurement")
     p.add_argument("--clients", type=int, default=8, help="clients of an extra throughput run (besides 1 and 8)")
     p.add_argument("--images-per-request", type=int, default=8, help="images per request of the multi-image run at 8 clients (1: skip it)")

@@ -55,6 +55,7 @@ def create_app(
         on_shutdown.append(lambda: executor.shutdown(wait=False))
     if batcher is None:
         batcher = engine_batcher(engine, settings, executor)
+    metrics.watch_batcher(batcher)
 
     app = FastAPI(
         title="keepclip",

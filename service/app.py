@@ -14,7 +14,7 @@ or, from a Serve config file (also KubeRay's `serveConfigV2`; see service/serve_
         args: {store: s3://bucket/keepclip-store, model: ViT-B-16, pretrained: openai}
         deployments:
           - name: KeepclipDeployment
-            user_config: {max_batch_size: 16, batch_wait_timeout_s: 0.0, gate_threshold: 0.01}
+            user_config: {max_batch_size: 16, batch_wait_timeout_s: null, gate_threshold: 0.01}
 
 Updates to tasks never go through `serve.run`/`serve deploy` (which restart replicas): every replica follows the
 store's change feed itself. Runtime knobs (batch size and wait, gate threshold, router top-k, poll interval) arrive
@@ -78,11 +78,13 @@ class KeepclipDeployment:
         unknown = set(user_config or {}) - set(RUNTIME_KNOBS)
         if unknown:
             raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: {list(RUNTIME_KNOBS)}")
-        knobs = {k: v for k, v in (user_config or {}).items() if v is not None}
+        # null leaves a knob as it is, except the batch wait, where it means auto
+        knobs = {k: v for k, v in (user_config or {}).items() if v is not None or k == "batch_wait_timeout_s"}
         if "max_batch_size" in knobs:
             self.batcher.set_max_batch_size(int(knobs["max_batch_size"]))
         if "batch_wait_timeout_s" in knobs:
-            self.batcher.set_batch_wait_timeout_s(float(knobs["batch_wait_timeout_s"]))
+            wait = knobs["batch_wait_timeout_s"]
+            self.batcher.set_batch_wait_timeout_s(None if wait is None else float(wait))
         self.engine.reconfigure(**knobs)
         self.settings = self.settings.model_copy(update=knobs)
         log.info("reconfigured: %s", knobs)

@@ -14,6 +14,7 @@ while the engine is still busy, then queues it on a semaphore: under load the qu
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -28,11 +29,13 @@ class MicroBatcher:
     `wait_s` applies only under load: a batch formed right after another one (jobs were waiting when the engine
     became free) waits up to `wait_s` for more jobs, until as many are queued as the recent load can bring (at most
     `max_batch_size`), so that clients whose answers just went out can join it. A job that finds the engine idle
-    never waits.
+    never waits. `wait_s=None` (auto): up to the fixed cost of a batch (`BatchCost`), what one more image saves by
+    joining this batch rather than starting another: on a GPU, where a batch costs about the same at any size, nearly
+    a batch's time; on CPU, where each image costs its own, a few ms.
     """
 
     def __init__(self, run: Callable[[Sequence[Any]], list[Any]], executor: Executor, max_batch_size: int = 16,
-                 wait_s: float = 0.0, concurrency: int | Callable[[], int] = 1):
+                 wait_s: float | None = None, concurrency: int | Callable[[], int] = 1):
         self.run = run
         self.executor = executor  # needs as many workers as `concurrency` can say
         self.max_batch_size = max_batch_size
@@ -41,6 +44,7 @@ class MicroBatcher:
         self._pending: deque[tuple[Any, asyncio.Future]] = deque()
         self._in_engine = 0  # jobs in the running batches
         self._loads: deque[int] = deque(maxlen=64)  # jobs in the replica (queued or running) at the recent arrivals
+        self.cost = BatchCost()  # the recent batches' run time by size
         self._wake: asyncio.Event | None = None  # set whenever jobs are queued
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: asyncio.Task | None = None
@@ -53,8 +57,12 @@ class MicroBatcher:
     def set_max_batch_size(self, n: int) -> None:
         self.max_batch_size = int(n)
 
-    def set_batch_wait_timeout_s(self, s: float) -> None:
-        self.wait_s = float(s)
+    def set_batch_wait_timeout_s(self, s: float | None) -> None:
+        self.wait_s = None if s is None else float(s)
+
+    def wait_limit(self) -> float:
+        """How long a batch formed under load may wait for more jobs now."""
+        return self.cost.fixed_s() if self.wait_s is None else self.wait_s
 
     async def submit(self, job: Any) -> Any:
         [result] = await self.submit_many([job])
@@ -90,8 +98,8 @@ class MicroBatcher:
                 busy = busy or bool(self._pending)
                 self._wake.clear()
                 await self._wake.wait()
-            if busy and self.wait_s > 0:
-                await self._top_up(loop)
+            if busy and (wait := self.wait_limit()) > 0:
+                await self._top_up(loop, wait)
             batch = self._take()
             if not batch:
                 continue
@@ -116,9 +124,9 @@ class MicroBatcher:
             return False
         return not running or len(self._pending) >= min(self.max_batch_size, -(-self._recent_load() // 2))
 
-    async def _top_up(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _top_up(self, loop: asyncio.AbstractEventLoop, wait_s: float) -> None:
         """Waits up to `wait_s` until as many jobs are queued as the recent load can bring (at most a full batch)."""
-        deadline = loop.time() + self.wait_s
+        deadline = loop.time() + wait_s
         expected = min(self.max_batch_size, self._recent_load() - self._in_engine)
         while len(self._pending) < expected and (left := deadline - loop.time()) > 0:
             self._wake.clear()
@@ -136,6 +144,7 @@ class MicroBatcher:
         return batch
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Any, asyncio.Future]]) -> None:
+        started = time.perf_counter()
         try:
             results = await loop.run_in_executor(self.executor, self.run, [job for job, _ in batch])
         except Exception as e:  # the whole batch failed (a bug, not bad input): every caller gets it
@@ -143,9 +152,33 @@ class MicroBatcher:
                 if not future.done():
                     future.set_exception(e)
             return
+        self.cost.add(len(batch), time.perf_counter() - started)
         for (_, future), result in zip(batch, results):
             if not future.done():
                 future.set_result(result)
+
+
+class BatchCost:
+    """A batch's run time as `fixed + per_image * size`, fitted by least squares over the recent batches (older ones
+    weigh less by `decay` per batch). The fit needs batches of several sizes; while they are all alike it keeps the
+    last fit (none yet: 0)."""
+
+    def __init__(self, decay: float = 0.98):
+        self.decay = decay
+        self._sums = [0.0] * 5  # weights, sizes, squared sizes, seconds, sizes x seconds
+        self._fixed_s = 0.0
+
+    def add(self, size: int, seconds: float) -> None:
+        terms = (1.0, size, size * size, seconds, size * seconds)
+        self._sums = [self.decay * s + t for s, t in zip(self._sums, terms)]
+        w, n, nn, t, nt = self._sums
+        spread = nn * w - n * n  # w^2 x the variance of the sizes
+        if spread >= 0.25 * w * w:  # sizes apart by about one image or more: the fit is determined
+            self._fixed_s = min(max((t * nn - n * nt) / spread, 0.0), t / w)
+
+    def fixed_s(self) -> float:
+        """The fixed part of a batch's run time (0 to the mean run time)."""
+        return self._fixed_s
 
 
 AUTO_ENGINE_BATCHES = 2  # batches at once under `engine_batches` auto, while the image passes run prompted or in torch

@@ -27,12 +27,17 @@ class ServiceMetrics:
             registry=r,
         )
         self.batch_size = Histogram("keepclip_batch_size", "images per dynamic batch", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_wait = Gauge("keepclip_batch_wait_seconds", "longest wait for more images of a batch formed under "
+                                "load, now (auto: the fitted fixed cost of a batch)", registry=r)
         self.routed = Counter("keepclip_routed", "task-agnostic images per routed task ('none' = frozen CLIP)", ["task"], registry=r)
         self.gate = Histogram("keepclip_gate_weight", "gate weight w of the routed task per image", buckets=GATE_BUCKETS, registry=r)
         self.generation = Gauge("keepclip_store_generation", "store generation the replica serves", registry=r)
         self.tasks = Gauge("keepclip_loaded_tasks", "tasks loaded in the replica", registry=r)
         self.refused = Gauge("keepclip_refused_tasks", "tasks whose live version the replica refused (damaged, another "
                              "backbone, unservable): an older version or none serves; /v1/tasks says why", registry=r)
+
+    def watch_batcher(self, batcher) -> None:
+        self.batch_wait.set_function(batcher.wait_limit)
 
     # engine hooks
     def observe_batch(self, size: int) -> None:

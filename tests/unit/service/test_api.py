@@ -163,6 +163,7 @@ def test_health_metrics_docs(client):
         'keepclip_routed_total{task="none"} 1.0',
         "keepclip_store_generation 2.0",
         "keepclip_loaded_tasks 2.0",
+        "keepclip_batch_wait_seconds 0.002",  # the settings' BATCH_WAIT_TIMEOUT_S (auto would show the fitted one)
     ):
         assert line in text, line
     assert "keepclip_batch_size_bucket" in text and "keepclip_gate_weight_bucket" in text

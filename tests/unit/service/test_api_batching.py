@@ -286,6 +286,56 @@ def test_a_top_up_wait_ends_when_the_recent_load_is_queued():
     assert batches == [[1], [2, 3, 4]]
 
 
+def test_batch_cost_is_fitted_from_batches_of_several_sizes():
+    """The fixed part of a batch's run time, from decayed least squares: exact on exact data, clipped to [0, mean
+    run time], and none until batches of different sizes have run."""
+    from service.batching import BatchCost
+
+    cost = BatchCost()
+    for _ in range(20):
+        cost.add(4, 0.019)
+    assert cost.fixed_s() == 0  # one size only: not determined
+    for size in (1, 2, 8, 16) * 5:
+        cost.add(size, 0.003 + 0.004 * size)
+    assert cost.fixed_s() == pytest.approx(0.003)
+    gpu = BatchCost()
+    for size in (1, 4, 8, 16) * 5:
+        gpu.add(size, 0.01)  # a batch costs the same at any size: all of it is fixed
+    assert gpu.fixed_s() == pytest.approx(0.01)
+    cpu = BatchCost()
+    for size in (1, 4, 8, 16) * 5:
+        cpu.add(size, 0.004 * size - 0.001)  # a negative intercept is noise: no wait
+    assert cpu.fixed_s() == 0
+
+
+def test_the_auto_top_up_wait_is_the_fixed_cost_of_a_batch():
+    """wait_s None (auto): a batch formed under load waits for the recent load at most the fixed part of a batch's
+    run time. Batches that cost 0.3 s at any size (a GPU's): a job arriving at once joins the batch, one arriving
+    after a second does not. Batches whose cost is all per image (a CPU's, in the extreme): no wait at all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def scenario(batcher, gate, batches, late_s):
+        first = asyncio.ensure_future(batcher.submit(1))
+        await until(lambda: len(batches) == 1)
+        queued = [asyncio.ensure_future(batcher.submit(job)) for job in (2, 3)]  # 3 jobs in the replica
+        await until(lambda: batcher.queued == 2)
+        gate.set()
+        assert await first == 10
+        await asyncio.sleep(late_s)
+        return await asyncio.wait_for(asyncio.gather(*queued, batcher.submit(4)), GUARD_S)
+
+    for per_image_s, fixed_s, late_s, expected in (
+            (0.0, 0.3, 0.0, [[1], [2, 3, 4]]), (0.0, 0.3, 1.0, [[1], [2, 3], [4]]), (0.1, 0.0, 0.0, [[1], [2, 3], [4]])):
+        gate, batches, run = held_first_batch()
+        with ThreadPoolExecutor(1) as pool:
+            batcher = MicroBatcher(run, pool, wait_s=None)
+            for size in (1, 4, 8, 16) * 25:  # the recent batches' cost
+                batcher.cost.add(size, fixed_s + per_image_s * size)
+            assert batcher.wait_limit() == pytest.approx(fixed_s)
+            assert asyncio.run(scenario(batcher, gate, batches, late_s)) == [20, 30, 40]
+        assert batches == expected, (per_image_s, fixed_s, late_s)
+
+
 def test_concurrent_engine_batches_answer_like_one_at_a_time(settings, store, task_maker):
     """Two engine threads at once (prompt tasks in the last blocks: shared bottom, pooled last block) give the bits
     one thread gives: per-call routing state is per thread."""

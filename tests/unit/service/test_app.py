@@ -62,3 +62,27 @@ def test_serve_gives_up_once_nothing_listens_on_its_port():
         stop = threading.Event()
         threading.Timer(0.5, stop.set).start()
         _watch_ingress("127.0.0.1", listening.getsockname()[1], "HAProxy", stop, every_s=0.05, gone_after_s=0.2)
+
+
+def test_user_config_reconfigures_a_replica_and_a_null_wait_is_auto(settings):
+    """Serve's `user_config` -> `reconfigure` on a replica's own parts (no Ray): knobs change without a restart,
+    `batch_wait_timeout_s: null` means the auto wait (the fitted fixed cost of a batch), unknown keys are refused."""
+    from service.app import KeepclipDeployment
+    from service.batching import engine_batcher, engine_executor
+    from service.engine import Engine
+
+    replica = object.__new__(KeepclipDeployment.func_or_class)  # __init__ is Serve's (async): its parts, made here
+    replica.settings, replica.engine, replica.executor = settings, Engine.from_settings(settings), engine_executor(settings)
+    replica.batcher = engine_batcher(replica.engine, settings, replica.executor)
+    try:
+        replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.5, "gate_threshold": None})
+        assert (replica.batcher.max_batch_size, replica.batcher.wait_limit()) == (8, 0.5)
+        assert replica.settings.gate_threshold == settings.gate_threshold  # null leaves other knobs as they are
+        replica.reconfigure({"batch_wait_timeout_s": None})
+        assert replica.batcher.wait_s is None and replica.settings.batch_wait_timeout_s is None
+        assert replica.batcher.wait_limit() == replica.batcher.cost.fixed_s() == 0  # no batches yet: no wait
+        with pytest.raises(ValueError, match=r"unknown user_config keys \['batch_wait'\]"):
+            replica.reconfigure({"batch_wait": 1})
+    finally:
+        replica.engine.close()
+        replica.executor.shutdown()
