@@ -287,8 +287,8 @@ def test_a_top_up_wait_ends_when_the_recent_load_is_queued():
 
 
 def test_batch_cost_is_fitted_from_batches_of_several_sizes():
-    """The fixed part of a batch's run time, from decayed least squares: exact on exact data, clipped to [0, mean
-    run time], and none until batches of different sizes have run."""
+    """The fixed part of a batch's run time: exact on exact data, clipped to [0, median run time], none until
+    batches of two sizes have run, and not moved by a stalled batch."""
     from service.batching import BatchCost
 
     cost = BatchCost()
@@ -298,6 +298,8 @@ def test_batch_cost_is_fitted_from_batches_of_several_sizes():
     for size in (1, 2, 8, 16) * 5:
         cost.add(size, 0.003 + 0.004 * size)
     assert cost.fixed_s() == pytest.approx(0.003)
+    cost.add(1, 5.0)  # a stall (a swap, a graph's first run)
+    assert cost.fixed_s() == pytest.approx(0.003)
     gpu = BatchCost()
     for size in (1, 4, 8, 16) * 5:
         gpu.add(size, 0.01)  # a batch costs the same at any size: all of it is fixed
@@ -306,6 +308,12 @@ def test_batch_cost_is_fitted_from_batches_of_several_sizes():
     for size in (1, 4, 8, 16) * 5:
         cpu.add(size, 0.004 * size - 0.001)  # a negative intercept is noise: no wait
     assert cpu.fixed_s() == 0
+    window = BatchCost(window=8)
+    for size in (1, 4) * 4:
+        window.add(size, 0.01)
+    for size in (1, 4) * 4:
+        window.add(size, 0.002 * size)  # the device got busier per image: the old batches leave the window
+    assert window.fixed_s() == pytest.approx(0)
 
 
 def test_the_auto_top_up_wait_is_the_fixed_cost_of_a_batch():
