@@ -1,12 +1,18 @@
 """Network helpers for test and benchmark servers."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from service.ingress import free_port  # one definition: the service picks side ports with it too
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for test and benchmark servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager
