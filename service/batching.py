@@ -169,9 +169,20 @@ class BatchCost:
     def __init__(self, window: int = 64):
         self._recent: deque[tuple[int, float]] = deque(maxlen=window)
         self._fixed_s = 0.0
+        self._fitted = True  # no batch since the last fit
 
     def add(self, size: int, seconds: float) -> None:
         self._recent.append((size, seconds))
+        self._fitted = False  # fitted when asked (only an auto wait under load asks): nothing more per batch
+
+    def fixed_s(self) -> float:
+        """The fixed part of a batch's run time (0 to the median run time)."""
+        if not self._fitted:
+            self._fitted = True
+            self._fit()
+        return self._fixed_s
+
+    def _fit(self) -> None:
         by_size: dict[int, list[float]] = {}
         for n, t in self._recent:
             by_size.setdefault(n, []).append(t)
@@ -182,10 +193,6 @@ class BatchCost:
         medians = np.array([np.median(ts) for ts in by_size.values()])
         fixed = np.polyfit(sizes, medians, 1, w=np.sqrt(counts))[1]  # [per image, fixed]
         self._fixed_s = float(min(max(fixed, 0.0), np.median([t for _, t in self._recent])))
-
-    def fixed_s(self) -> float:
-        """The fixed part of a batch's run time (0 to the median run time)."""
-        return self._fixed_s
 
 
 AUTO_ENGINE_BATCHES = 2  # batches at once under `engine_batches` auto, while the image passes run prompted or in torch
