@@ -85,10 +85,7 @@ def mixed_task(tasks: dict):
 
 def leak_row(learner, name: str, tests: list[EvalTask], threshold: float, vocabulary=None, class_names=()) -> list[dict]:
     """Route every domain's test images to the one learned task; claimed share and accuracy changes per domain."""
-    from service.router import Router
-
-    classes = {name: (tuple(class_names), learner.served[name].text_frozen)} if class_names else None
-    router = Router({name: learner.stats[name]}, top_k=1, threshold=0.01, vocabulary=vocabulary, classes=classes)
+    router = task_router(learner, name, vocabulary, class_names)
     text = learner.text[name]
     row = []
     for i, t in enumerate(tests):
@@ -112,6 +109,47 @@ def leak_row(learner, name: str, tests: list[EvalTask], threshold: float, vocabu
                     "own_labels_change": float(right.mean()) - own_before if t.name == name else own_after - own_before,
                     "task_agnostic_change": float(right.mean()) - agnostic_before})
     return row
+
+
+def task_router(learner, name: str, vocabulary=None, class_names=()):
+    """The router the service builds for the one task: its distance gate, and its check against the vocabulary."""
+    from service.router import Router
+
+    classes = {name: (tuple(class_names), learner.served[name].text_frozen)} if class_names else None
+    return Router({name: learner.stats[name]}, top_k=1, threshold=0.01, vocabulary=vocabulary, classes=classes)
+
+
+def check_frontier(router, name: str, tests: list[EvalTask], text: torch.Tensor, max_move: float = 0.01) -> dict | None:
+    """What meeting the accuracy target by the check alone would cost: the lowest check threshold at which no unlearned
+    domain loses more than `max_move` of its task-agnostic accuracy (a claimed image is answered wrongly, so the loss
+    is the share of its images that are claimed and that frozen CLIP answers rightly; exact for the head, which
+    leaves the features frozen), the quantile of the task's calibration sample it sits at (now and then), and
+    the share of the task's own test images still claimed there. None without a check or an own test domain."""
+    from service.router import CLAIM
+
+    check = router.check(name)
+    own = next((t for t in tests if t.name == name), None)
+    if check is None or own is None:
+        return None
+
+    def scored(t: EvalTask):
+        f = torch.nn.functional.normalize(t.frozen.float(), dim=-1)
+        return check.score(f).double().numpy(), router.stats[name].weight(f).numpy() >= CLAIM
+
+    needed = check.threshold
+    for t in (t for t in tests if unlearned(name, t.name)):
+        z, inside = scored(t)
+        right = (t.frozen @ torch.cat([t.text_frozen, text]).T).argmax(-1).numpy() == t.test.labels
+        harmful = np.sort(z[inside & right & (z >= check.threshold)])  # claimed now, and frozen CLIP answers rightly
+        allowed = int(max_move * len(z) + 1e-9)  # images the domain may lose
+        if len(harmful) > allowed:  # the threshold must pass the lowest-scoring harmful claims beyond those
+            needed = max(needed, float(np.nextafter(harmful[len(harmful) - allowed - 1], np.inf)))
+    z_own, inside_own = scored(own)
+    sample = check.score(router.stats[name].calibration.float(), router.stats[name].calibration_key_cos).double().numpy()
+    return {"threshold": check.threshold, "threshold_needed": needed,
+            "quantile_now": float((sample < check.threshold).mean()), "quantile_needed": float((sample < needed).mean()),
+            "own_claimed_now": float((inside_own & (z_own >= check.threshold)).mean()),
+            "own_claimed_then": float((inside_own & (z_own >= needed)).mean())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     vocabulary = open_vocabulary(spec, names)
     report = {"benchmark": "leak", "kind": args.kind, "threshold": args.threshold, "domains": [t.name for t in tests],
               "vocabulary": {"name": vocabulary_name, "names": len(names)},
-              "command": " ".join(["python -m bench.leak", *(argv if argv is not None else sys.argv[1:])]), "rows": {}}
+              "command": " ".join(["python -m bench.leak", *(argv if argv is not None else sys.argv[1:])]), "rows": {},
+              "frontier": {}}
     for name, task in learn.items():
         store = open_store(out / f"store-{name}")
         learner = KindLearner(spec, args.kind, RecipeSettings(), store, progress=False)
         learner.learn(task)
         report["rows"][name] = leak_row(learner, name, tests, args.threshold, vocabulary, task.class_names)
+        report["frontier"][name] = check_frontier(task_router(learner, name, vocabulary, task.class_names), name, tests, learner.text[name])
         log.info("%s: claimed %s", name, " ".join(f"{c['domain']} {100 * c['claimed']:.1f}" for c in report["rows"][name]))
     report["minutes"] = round((time.perf_counter() - started) / 60, 2)
     report["summary"] = summary(report)
@@ -187,6 +227,14 @@ def to_markdown(report: dict) -> str:
     lines += ["", f"Unlearned domains: at most **{100 * s['max_claimed_unlearned']:.1f} %** claimed, accuracy moved at most "
               f"**{100 * s['max_abs_accuracy_change_unlearned']:.1f}** points; own domain claimed at least "
               f"**{100 * s['min_claimed_own']:.1f} %**. {report['minutes']:.1f} minutes."]
+    costly = {t: f for t, f in report.get("frontier", {}).items() if f and f["threshold_needed"] > f["threshold"]}
+    if costly:
+        lines += ["", "Where a task moves an unlearned domain by more than 1 point, the check threshold that would keep every "
+                  "one within 1 point (the distance gate unchanged), and what it costs the task's own test images:", "",
+                  "| task | check quantile (calibration sample) now → needed | own test images claimed now → then |",
+                  "|---|---|---|"]
+        lines += [f"| {t} | {100 * f['quantile_now']:.1f} % → {100 * f['quantile_needed']:.1f} % | {100 * f['own_claimed_now']:.1f} % → "
+                  f"{100 * f['own_claimed_then']:.1f} % |" for t, f in costly.items()]
     return "\n".join(lines) + "\n"
 
 

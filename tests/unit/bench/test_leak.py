@@ -23,3 +23,9 @@ def test_leak_benchmark_reports_claims_per_task_and_domain(tmp_path):
     assert all(c["claimed"] >= 0.5 for c in own.values())  # its own images: claimed
     assert report["summary"]["min_claimed_own"] == min(c["claimed"] for c in own.values())
     assert (out / "leak-heatmap.png").stat().st_size > 1000 and "task learned" in (out / "leak.md").read_text()
+    frontier = report["frontier"]
+    assert set(frontier) == {"mnist", "eurosat"}
+    for task, f in frontier.items():  # the check's price for the 1-point target, against the claims measured above
+        assert f["own_claimed_now"] == pytest.approx(own[task]["claimed"])
+        assert f["threshold_needed"] >= f["threshold"] and f["quantile_needed"] >= f["quantile_now"]
+        assert f["own_claimed_then"] <= f["own_claimed_now"]
