@@ -66,9 +66,11 @@ class KeepclipDeployment:
 
     def __serve_build_asgi_app__(self):
         from .api import create_app
-        from .limits import SlowClientGuard
+        from .limits import SlowClientGuard, UiRequestCap
 
         app = create_app(self.settings, engine=self.engine, batcher=self.batcher, executor=self.executor, metrics=self.metrics)
+        if self.settings.ui:  # never-ending UI streams may hold only some of the replica's slots
+            app.add_middleware(UiRequestCap, max_requests=self.settings.ui_max_requests)
         # outermost: Serve hands over a request before its body arrives, so a slow sender holds a replica slot
         app.add_middleware(SlowClientGuard, body_timeout_s=self.settings.body_timeout_s, max_body_reads=self.settings.max_body_reads)
         return app

@@ -13,9 +13,14 @@ matter on an exposed port:
   all 4,096. keepclip caps the connections one client address may hold at once (`max_connections_per_client`); more
   are refused at connect.
 
-And one answer: while no application is deployed (the service starting or stopping), Ray's default backend answers
-every path with a plain-text 404 "Path not found", which reads as a wrong URL. When keepclip owns every path (route
-prefix `/`), that becomes a JSON 503 `not_ready` with `Retry-After: 1`, as the API's own errors are.
+And answers in the API's JSON error shape:
+- while no application is deployed (the service starting or stopping), Ray's default backend answers every path with
+  a plain-text 404 "Path not found", which reads as a wrong URL. When keepclip owns every path (route prefix `/`),
+  that becomes a JSON 503 `not_ready` with `Retry-After: 1`;
+- a request target that is not a path (`OPTIONS *`, `CONNECT host:443`, `GET x`) matches no application either, so
+  it got that 503 too, telling a client who sent a bad request that the service is down: now a 400 `bad_request`;
+- a method that is none of GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS (methods are case-sensitive: `get` is not
+  GET) reached the replica's uvicorn, which answered a plain-text 400: now a 405 `method_not_allowed`.
 
 Ray lets an operator choose the binary (`RAY_SERVE_HAPROXY_BINARY_PATH`), and runs it as `BINARY -db -f CONFIG
 [...]`, for every start and reload. `service/ingress.py` points that variable at the `keepclip-haproxy` script; this
@@ -43,6 +48,20 @@ PER_CLIENT = "KEEPCLIP_HAPROXY_MAX_CONNECTIONS_PER_CLIENT"
 NOT_READY_BODY = json.dumps({"error": {"code": "not_ready", "message": "keepclip is starting or stopping: no replica "
                                        "serves yet; retry shortly"}}, separators=(",", ":"))
 NOT_READY = f"http-request return status 503 content-type application/json string '{NOT_READY_BODY}' hdr Retry-After 1"
+METHODS = "GET HEAD POST PUT DELETE PATCH OPTIONS"  # case-sensitive: `get` is not GET; TRACE and CONNECT stay out
+
+
+def _json_return(status: int, code: str, message: str, condition: str) -> str:
+    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":"))
+    return f"http-request return status {status} content-type application/json string '{body}' {condition}"
+
+
+# Requests the API never sees, answered as its errors are (else: a 503 not_ready from the backend of unrouted paths,
+# or uvicorn's plain-text 400): an unknown method, and a request target that is not a path (`*`, `host:port`, `x`).
+ODD_REQUESTS = (
+    _json_return(405, "method_not_allowed", f"the method must be one of {METHODS}", f"unless {{ method {METHODS} }}"),
+    _json_return(400, "bad_request", "the request target must be a path, beginning with /", "unless { path_beg / }"),
+)
 DEFAULT_HEADER_TIMEOUT_S = 10
 EVERY_INTERFACE = ("", "*", "0.0.0.0", "::", "[::]")
 
@@ -70,9 +89,10 @@ def wrapper_env(header_timeout_s: float, host: str, route_prefix: str = "/", per
 
 
 def harden(config: str, header_timeout_s: int, admin_host: str = "", owns_every_path: bool = False, per_client: int = 0) -> str:
-    """Ray's HAProxy config with a header deadline in `defaults`, the admin listeners bound to `admin_host`,
-    (`owns_every_path`) a JSON 503 from the backend of paths no application serves, and (`per_client` > 0) at most
-    that many connections at once from one client address on the service's frontend."""
+    """Ray's HAProxy config with a header deadline in `defaults`, the admin listeners bound to `admin_host`, JSON
+    errors for unknown methods and targets that are not paths, (`owns_every_path`) a JSON 503 from the backend of
+    paths no application serves, and (`per_client` > 0) at most that many connections at once from one client
+    address on the service's frontend."""
     if not re.search(r"^\s*timeout\s+http-request\s", config, flags=re.M):
         config = re.sub(r"^defaults\b[^\n]*\n", lambda m: f"{m.group(0)}    timeout http-request {header_timeout_s}s\n",
                         config, count=1, flags=re.M)
@@ -81,6 +101,9 @@ def harden(config: str, header_timeout_s: int, admin_host: str = "", owns_every_
         for section in ("listen stats", "frontend prometheus"):  # `bind *:8404` / `bind :9101`
             config = re.sub(rf"(^{section}\b[^\n]*\n(?:[ \t][^\n]*\n)*?[ \t]*bind )\*?(:\d+)",
                             lambda m: f"{m.group(1)}{host}{m.group(2)}", config, count=1, flags=re.M)
+    if not any(rule in config for rule in ODD_REQUESTS):
+        rules = "".join(f"    {rule}\n" for rule in ODD_REQUESTS)
+        config = re.sub(r"^frontend http_frontend\b[^\n]*\n", lambda m: m.group(0) + rules, config, count=1, flags=re.M)
     if per_client > 0:  # a stick table of current connections per source address, checked as each one arrives
         limit = (f"    stick-table type ipv6 size 100k expire 60s store conn_cur\n    tcp-request connection track-sc0 src\n"
                  f"    tcp-request connection reject if {{ sc0_conn_cur gt {per_client} }}\n")

@@ -11,6 +11,12 @@ bounds what slow senders can hold:
 - at most `max_body_reads` requests may be receiving their body at once; a request with a body beyond that is
   refused at once (503 JSON with Retry-After), which keeps the remaining slots for requests that are complete and
   for requests without a body (`/healthz`, the task listing).
+
+The UI holds slots without any body: every open page keeps a heartbeat stream (server-sent events, one line every
+15 s, which also keeps HAProxy's client timeout from ever firing), and any client may open one for any session id.
+256 of them took all of a replica's slots, and the API answered nobody until they closed (a hostile-client trial).
+`UiRequestCap` lets at most `ui_max_requests` UI requests be in flight on a replica at once and refuses more at
+once (503 JSON with Retry-After): the UI can be crowded out, the API cannot.
 """
 from __future__ import annotations
 
@@ -68,6 +74,27 @@ class SlowClientGuard:
 
     def _read_done(self) -> None:
         self.reading -= 1
+
+
+class UiRequestCap:
+    """At most `max_requests` requests under `prefix` (the UI's mount path) in flight at once on this replica."""
+
+    def __init__(self, app, max_requests: int, prefix: str = "/ui", retry_after_s: int = 1):
+        self.app, self.max_requests, self.prefix, self.retry_after_s = app, max_requests, prefix.rstrip("/"), retry_after_s
+        self.open = 0  # UI requests in flight on this replica
+
+    async def __call__(self, scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not (path == self.prefix or path.startswith(self.prefix + "/")):
+            return await self.app(scope, receive, send)
+        if self.open >= self.max_requests:
+            message = f"the UI already has {self.open} requests open on this replica; retry shortly"
+            return await send_json(send, 503, error_body("overloaded", message), {"Retry-After": str(self.retry_after_s)})
+        self.open += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.open -= 1
 
 
 class _DeadlineReceive:

@@ -187,6 +187,11 @@ class ServiceSettings(BackboneSettings, StoreSettings):
 
     # --- UI ---
     ui: bool = Field(True, description="mount the Gradio UI at /ui")
+    ui_max_requests: int = Field(
+        32, ge=1, description="UI requests a replica holds at once (every open page keeps a stream open); more are "
+        "refused at once with 503 + Retry-After, so the UI cannot take the slots the API needs (max_body_reads + this "
+        "must be below max_ongoing_requests)",
+    )
 
     @field_validator("vocabulary")
     @classmethod
@@ -206,6 +211,10 @@ class ServiceSettings(BackboneSettings, StoreSettings):
         if self.max_body_reads >= self.max_ongoing_requests:
             raise ValueError(f"max_body_reads ({self.max_body_reads}) must be below max_ongoing_requests "
                              f"({self.max_ongoing_requests}): slow senders could otherwise hold every slot")
+        if self.ui and self.max_body_reads + self.ui_max_requests >= self.max_ongoing_requests:
+            raise ValueError(f"max_body_reads + ui_max_requests ({self.max_body_reads} + {self.ui_max_requests}) must be "
+                             f"below max_ongoing_requests ({self.max_ongoing_requests}): slow senders and open UI pages "
+                             "could otherwise hold every slot")
         return self
 
     @classmethod

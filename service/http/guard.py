@@ -1,12 +1,16 @@
 """The API's middleware (pure ASGI, around every route): the body size limit, HEAD, and the request metrics."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi.responses import JSONResponse
 
 from ..errors import ApiError, echo, error_body
 from ..metrics import ServiceMetrics
+from .handlers import CLIENT_CLOSED
+
+NOT_ANSWERED = 500  # what a request that ends without a response counts as: an error, unless its client left
 
 
 class Guard:
@@ -20,7 +24,7 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status, method = time.perf_counter(), [500], scope.get("method", "")
+        start, status, method = time.perf_counter(), [NOT_ANSWERED], scope.get("method", "")
         if method == "HEAD":  # a copy: the server still reads HEAD in its own scope (and so expects no body)
             scope = {**scope, "method": "GET"}
 
@@ -38,6 +42,10 @@ class Guard:
             if refusal is not None:
                 return await refusal(scope, receive, send_wrapper)
             await self.app(scope, self._limited(receive), send_wrapper)
+        except asyncio.CancelledError:  # the server gave up on the request: its client went away
+            if status[0] == NOT_ANSWERED:
+                status[0] = CLIENT_CLOSED
+            raise
         finally:
             self.metrics.observe_request(_endpoint(scope), method, status[0], time.perf_counter() - start)
 

@@ -7,18 +7,21 @@ import traceback
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import STATUS_CODES, ApiError, error_body, printable, summarise
 
 log = logging.getLogger(__name__)
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away first (also Ray's proxy's)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, internal_error)
 
 
@@ -33,6 +36,13 @@ async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResp
 
 async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(error_body("validation_error", summarise(exc.errors())), status_code=422)
+
+
+async def client_gone(request: Request, _exc: ClientDisconnect) -> Response:
+    """The client hung up before its body was read: nobody to answer, and no bug. Counted as nginx's 499 ("client
+    closed request"), not logged as an internal error (any client could fill the log and the 5xx rate with them)."""
+    log.debug("client closed the connection before sending its body: %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED)
 
 
 async def internal_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -1,6 +1,8 @@
 """Slow clients on the live Serve HTTP port (issue 17 item 1): 128 raw connections announce a 100,000-byte body,
 send 10 bytes and wait. /healthz and a classify request still answer within 2 s each, and every stalled request
-gets a 408 JSON error once the body deadline (`body_timeout_s`) has passed, its connection closed."""
+gets a 408 JSON error once the body deadline (`body_timeout_s`) has passed, its connection closed. Slow headers are
+cut at the header deadline; never-ending UI streams hold at most `ui_max_requests` slots; a client that hangs up
+mid-body counts as 499, not as an internal error."""
 from __future__ import annotations
 
 import json
@@ -155,3 +157,70 @@ def test_haproxy_stats_and_metrics_listen_only_on_the_services_host(keepclip_ser
                 socket.create_connection((elsewhere, port), timeout=5)
     if elsewhere is None:
         pytest.skip("no outward interface here to check the listeners are not on")
+
+
+def heartbeat_stream(host: str, port: int, i: int) -> socket.socket:
+    """What every open UI page holds: Gradio's heartbeat, a server-sent-events stream that never ends (any session
+    id will do)."""
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(f"GET /ui/gradio_api/heartbeat/hostile{i} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    return s
+
+
+def test_open_ui_streams_hold_at_most_ui_max_requests_slots_and_the_api_still_answers(keepclip_service):
+    """A hostile-client trial opened 256 heartbeat streams: they took every one of the replica's slots and the API
+    answered nobody until they closed. Now the UI holds at most `ui_max_requests` at once; more get a 503 at once."""
+    url = urlsplit(keepclip_service.url)
+    cap = keepclip_service.settings.ui_max_requests
+    sockets = []
+    try:
+        sockets = [heartbeat_stream(url.hostname, url.port, i) for i in range(cap + 16)]
+        time.sleep(1.0)
+        with httpx.Client(base_url=keepclip_service.url, timeout=ANSWER_WITHIN_S + 3) as c:
+            health, health_s = timed(lambda: c.get("/healthz"))
+            files = {"file": ("r.png", color_png("red"), "image/png")}
+            classify, classify_s = timed(lambda: c.post("/v1/classify", files=files))
+        print(f"\n{len(sockets)} UI streams: /healthz {health_s:.3f} s, classify {classify_s:.3f} s")
+        assert health.status_code == 200 and health_s < ANSWER_WITHIN_S
+        assert classify.status_code == 200 and classify_s < ANSWER_WITHIN_S
+        statuses = [first_status(s, time.monotonic() + 5) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    assert statuses.count(503) == 16 and statuses.count(200) == cap, statuses
+
+
+def first_status(s: socket.socket, deadline: float) -> int | None:
+    """The status of the response that has started on `s` (a stream need not end), or None without one by `deadline`."""
+    data = b""
+    while b"\r\n" not in data and time.monotonic() < deadline:
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            chunk = s.recv(4096)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split()[1]) if data.startswith(b"HTTP/") else None
+
+
+def test_a_client_that_hangs_up_mid_body_counts_499_not_500(keepclip_service):
+    """A disconnect while the body was being read was logged as an internal error with a traceback and counted as a
+    500: any client could fill the log and the 5xx rate. It is the client's doing: 499, nginx's and Ray's code."""
+    url = urlsplit(keepclip_service.url)
+
+    def count(status: str) -> float:
+        text = httpx.get(f"{keepclip_service.url}/metrics", timeout=10).text
+        prefix = f'keepclip_requests_total{{endpoint="/v1/classify",method="POST",status="{status}"}} '
+        return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+    before = count("499"), count("500")
+    for _ in range(3):
+        s = stalled_request(url.hostname, url.port)
+        time.sleep(0.5)  # the request reaches the replica and waits for its body
+        s.close()
+    deadline = time.monotonic() + 20
+    while count("499") < before[0] + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (count("499"), count("500")) == (before[0] + 3, before[1])

@@ -178,3 +178,35 @@ def still_open(s: socket.socket) -> bool:
         return True
     except ConnectionResetError:
         return False
+
+
+def test_unknown_methods_and_targets_that_are_not_paths_get_json_errors(tmp_path):
+    """They match no application: without the rules, the backend of unrouted paths said 503 not_ready to a healthy
+    service's client (a bad request read as an outage) and uvicorn answered unknown methods in plain text."""
+    assert harden(harden(RAY_CONFIG, 10), 10).count("method_not_allowed") == 1  # added once, on every reload
+    with live_haproxy(tmp_path, owns_every_path=True) as port:
+        for request, status, code in (
+            (b"get /healthz HTTP/1.1\r\nHost: x", 405, "method_not_allowed"),
+            (b"FOO /v1/classify HTTP/1.1\r\nHost: x", 405, "method_not_allowed"),
+            (b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443", 405, "method_not_allowed"),
+            (b"GET healthz HTTP/1.1\r\nHost: x", 400, "bad_request"),
+            (b"OPTIONS * HTTP/1.1\r\nHost: x", 400, "bad_request"),
+        ):
+            status_line, headers, body = raw_exchange(port, request + b"\r\nConnection: close\r\n\r\n")
+            assert status_line.startswith(b"HTTP/1.1 %d" % status), (request, status_line)
+            assert b"content-type: application/json" in headers.lower(), (request, headers)
+            assert json.loads(body)["error"]["code"] == code, (request, body)
+        # a path still reaches the backend (here: nothing deployed, so not_ready)
+        assert raw_exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")[0].startswith(b"HTTP/1.1 503")
+
+
+def raw_exchange(port: int, request: bytes) -> tuple[bytes, bytes, bytes]:
+    """Send raw bytes, read until the server closes: (status line, headers, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, _, headers = head.partition(b"\r\n")
+    return status_line, headers, body

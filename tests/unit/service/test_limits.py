@@ -234,3 +234,70 @@ def test_primary_first_router_keeps_one_primary_until_it_is_gone():
     assert ranks(c, b, a) == [["a1"], ["c3", "b2"]]
     assert ranks(c, b) == [["b2"], ["c3"]]  # a died: b takes over at once
     assert ranks(a, c, b) == [["b2"], ["a1", "c3"]]  # a replica with a smaller id comes back: b stays primary
+
+
+# ----------------------------------------------------------------------------- UI streams
+def test_ui_requests_beyond_the_cap_are_refused_at_once_and_the_api_still_answers():
+    """Never-ending UI streams (the heartbeat of every open page) hold at most `max_requests` of a replica's slots."""
+    from service.limits import UiRequestCap
+
+    app = FastAPI()
+
+    @app.get("/ui/heartbeat")
+    async def heartbeat() -> dict:
+        await asyncio.Event().wait()  # a stream that never ends
+
+    @app.get("/healthz")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    cap = UiRequestCap(app, max_requests=3)
+
+    async def scenario():
+        streams = [asyncio.create_task(call(cap, feeder([]), method="GET", path="/ui/heartbeat")) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert cap.open == 3
+        refused = await asyncio.wait_for(call(cap, feeder([]), method="GET", path="/ui/heartbeat"), 1)
+        api = await asyncio.wait_for(call(cap, feeder([]), method="GET", path="/healthz"), 1)
+        not_ui = await asyncio.wait_for(call(cap, feeder([]), method="GET", path="/uix"), 1)  # another path, not the UI's
+        streams[0].cancel()
+        await asyncio.sleep(0.05)
+        assert cap.open == 2  # a closed stream gives its slot back
+        for s in streams[1:]:
+            s.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+        return refused, api, not_ui
+
+    (status, headers, body), (api_status, _, _), (other_status, _, _) = asyncio.run(scenario())
+    assert status == 503 and headers["retry-after"] == "1" and json.loads(body)["error"]["code"] == "overloaded"
+    assert api_status == 200 and other_status == 404
+    with pytest.raises(ValidationError, match="ui_max_requests"):
+        ServiceSettings(max_ongoing_requests=224)  # 192 body reads + 32 UI requests leave no slot
+    assert ServiceSettings(max_ongoing_requests=224, ui=False).ui is False  # without the UI, its cap takes none
+
+
+def test_a_client_that_hangs_up_before_its_body_is_counted_499_not_as_an_internal_error(settings, caplog):
+    """Starlette raises ClientDisconnect where the body was to be read; it used to be logged as a bug (a traceback
+    per request) and counted as a 500, so any client could fill the log and the 5xx rate."""
+    from service.api import create_app
+
+    app = create_app(settings)
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append(1)
+            return {"type": "http.request", "body": b'{"image": ', "more_body": True}
+        return {"type": "http.disconnect"}
+
+    try:
+        headers = {"content-type": "application/json", "content-length": "5000"}
+        with caplog.at_level("DEBUG", logger="service"):
+            status, _, _ = asyncio.run(call(app, receive, path="/v1/classify", headers=headers))
+        assert status == 499
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+        exposed = generate_latest(app.state.metrics.registry).decode()
+        assert 'keepclip_requests_total{endpoint="/v1/classify",method="POST",status="499"} 1.0' in exposed
+        assert 'status="500"' not in exposed
+    finally:
+        app.state.engine.close()
