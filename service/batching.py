@@ -10,6 +10,11 @@ uses the second core; on 2 cores at 8 one-image clients this raised the mean bat
 better images/s). A request that finds the engine idle runs at once, alone; requests that arrive while a batch runs
 form the next one. (Serve's `@serve.batch` cuts the next batch `batch_wait_timeout_s` after its first request even
 while the engine is still busy, then queues it on a semaphore: under load the queue is cut into batches of one or two.)
+
+A batch takes the queued requests' images in turn, one from each request, round and round (a request with images
+left goes to the back of the line): a request of one image waits for a few batches at most, however many images the
+requests before it hold. In first-come order, 20 clients sending 64 images each made a one-image client wait 4.5 s
+(p50) in a hostile-client trial.
 """
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_s
         self.concurrency = concurrency  # batches running at once, each on its own executor thread (a callable: asked per batch)
-        self._pending: deque[tuple[Any, asyncio.Future]] = deque()
+        self._requests: deque[deque[tuple[Any, asyncio.Future]]] = deque()  # per request, its queued jobs
+        self._queued = 0  # jobs in `_requests`
         self._in_engine = 0  # jobs in the running batches
         self._loads: deque[int] = deque(maxlen=64)  # jobs in the replica (queued or running) at the recent arrivals
         self.cost = BatchCost()  # the recent batches' run time by size
@@ -54,7 +60,7 @@ class MicroBatcher:
     @property
     def queued(self) -> int:
         """Jobs waiting for the next batch."""
-        return len(self._pending)
+        return self._queued
 
     def set_max_batch_size(self, n: int) -> None:
         self.max_batch_size = int(n)
@@ -71,12 +77,14 @@ class MicroBatcher:
         return result
 
     async def submit_many(self, jobs: Sequence[Any]) -> list[Any]:
-        """Queues the jobs together (a several-image request enters the batch as its images; more than
-        `max_batch_size` of them spill into the next batch) and waits for all their results."""
+        """Queues the jobs as one request (batches take its jobs in turn with other requests' jobs, see the module
+        docstring) and waits for all their results."""
         loop = self._started()
         futures = [loop.create_future() for _ in jobs]
-        self._pending.extend(zip(jobs, futures))
-        self._loads.append(len(self._pending) + self._in_engine)
+        if jobs:
+            self._requests.append(deque(zip(jobs, futures)))
+            self._queued += len(jobs)
+        self._loads.append(self._queued + self._in_engine)
         self._wake.set()
         return list(await asyncio.gather(*futures))  # cancelled (client gone): the worker skips its jobs
 
@@ -84,7 +92,7 @@ class MicroBatcher:
         """The worker on the running loop (a new one when the app moves to another loop, as TestClients do)."""
         loop = asyncio.get_running_loop()
         if self._loop is not loop or self._worker is None or self._worker.done():
-            self._loop, self._pending, self._wake = loop, deque(), asyncio.Event()
+            self._loop, self._requests, self._queued, self._wake = loop, deque(), 0, asyncio.Event()
             self._worker = loop.create_task(self._work())
         return loop
 
@@ -96,8 +104,8 @@ class MicroBatcher:
         running = set()  # the running batches' tasks (kept referenced here); each one's end sets `_wake`
         while True:
             busy = False  # the jobs queued while every engine thread was running a batch
-            while not self._pending or not self._may_start(running):
-                busy = busy or bool(self._pending)
+            while not self._queued or not self._may_start(running):
+                busy = busy or bool(self._queued)
                 self._wake.clear()
                 await self._wake.wait()
             if busy and (wait := self.wait_limit()) > 0:
@@ -124,13 +132,13 @@ class MicroBatcher:
         (a full batch at most), so that two batches at once split the load rather than run one image beside many."""
         if len(running) >= self._limit():
             return False
-        return not running or len(self._pending) >= min(self.max_batch_size, -(-self._recent_load() // 2))
+        return not running or self._queued >= min(self.max_batch_size, -(-self._recent_load() // 2))
 
     async def _top_up(self, loop: asyncio.AbstractEventLoop, wait_s: float) -> None:
         """Waits up to `wait_s` until as many jobs are queued as the recent load can bring (at most a full batch)."""
         deadline = loop.time() + wait_s
         expected = min(self.max_batch_size, self._recent_load() - self._in_engine)
-        while len(self._pending) < expected and (left := deadline - loop.time()) > 0:
+        while self._queued < expected and (left := deadline - loop.time()) > 0:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), left)
@@ -138,11 +146,16 @@ class MicroBatcher:
                 return
 
     def _take(self) -> list[tuple[Any, asyncio.Future]]:
+        """Up to `max_batch_size` jobs, one from each queued request in turn (round robin)."""
         batch = []
-        while self._pending and len(batch) < self.max_batch_size:
-            job, future = self._pending.popleft()
+        while self._requests and len(batch) < self.max_batch_size:
+            request = self._requests.popleft()
+            job, future = request.popleft()
+            self._queued -= 1
             if not future.done():  # cancelled: its request is gone
                 batch.append((job, future))
+            if request:
+                self._requests.append(request)
         return batch
 
     async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Any, asyncio.Future]]) -> None:

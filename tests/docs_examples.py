@@ -377,6 +377,7 @@ PYTHON_MODULES = {
     "bench.leak": _module_parser("bench.leak"),
     "bench.class_balance": _module_parser("bench.class_balance"),
     "bench.image_decode": _module_parser("bench.image_decode"),
+    "bench.fair_share": _module_parser("bench.fair_share"),
 }
 
 

@@ -12,7 +12,7 @@ from ..images import decode_base64
 from ..settings import ServiceSettings
 from .body import Body, Form, check_image_count, request_body, validate
 from .common import check_top_k, image_tensors, raise_task_error, served_task
-from .deps import BatcherDep, EngineDep, SettingsDep
+from .deps import BatcherDep, EngineDep, InEngineDep, SettingsDep
 from .openapi import ERRORS, FILE, FILES, STRINGS, body_doc
 
 # one image in `file` or `image`; several as repeated `file`/`image` parts, or `images` (plural: the answer is a list)
@@ -91,7 +91,8 @@ _FORM_DOC = (
         top_k={"type": "integer", "default": 5},
     ),
 )
-async def classify(body: ClassifyBody, engine: EngineDep, settings: SettingsDep, batcher: BatcherDep) -> S.ClassifyResponse | S.ClassifyManyResponse:
+async def classify(body: ClassifyBody, engine: EngineDep, settings: SettingsDep, batcher: BatcherDep,
+                   in_engine: InEngineDep) -> S.ClassifyResponse | S.ClassifyManyResponse:
     """Modes: `task` (that task's classes, its prompts at w = 1), `labels` (open vocabulary; the routed task's
     prompts still apply, weighted by its gate), or neither (task-agnostic: the routed task's classes). Without
     task or labels, an image that matches no learned task gets `task: null` and the frozen CLIP answer over the
@@ -104,6 +105,8 @@ async def classify(body: ClassifyBody, engine: EngineDep, settings: SettingsDep,
         raise ApiError(422, "validation_error", "give either 'task' or 'labels', not both")
     task, labels, top_k = served_task(req.task), check_labels(req.labels, settings), check_top_k(req.top_k, settings)
     tensors = await image_tensors(engine, settings, body.images)
+    if labels is not None:  # new labels' text is encoded on the text lane, not inside a batch other images share
+        await in_engine(engine.encode_labels, labels)
     # the images join the dynamic batch together (each routed on its own); a refusal of any fails the request
     results = await batcher.submit_many([ClassifyJob(image, task, labels, top_k) for image in tensors])
     answers = [S.ClassifyResponse.from_result(raise_task_error(r)) for r in results]

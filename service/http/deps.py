@@ -16,13 +16,22 @@ from ..settings import ServiceSettings
 
 
 class InEngine:
-    """Runs a call on the engine's executor (the threads that run its batches), off the event loop."""
+    """Runs a call on the engine's executor (the threads that run its batches), off the event loop, one call at a
+    time: text requests (embed, search) then hold one engine thread at most, and a batch of images waits for one of
+    them at most, not for every text request queued before it (20 clients embedding 256 long texts each, 0.65 s a
+    request, held a one-image client up for 10.9 s (p50) in a hostile-client trial)."""
 
     def __init__(self, executor: ThreadPoolExecutor):
         self.executor = executor
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._one: asyncio.Semaphore | None = None  # per event loop (TestClients move the app to a new one)
 
     async def __call__(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._one = loop, asyncio.Semaphore(1)
+        async with self._one:
+            return await loop.run_in_executor(self.executor, fn, *args)
 
 
 async def get_engine(request: Request) -> Engine:

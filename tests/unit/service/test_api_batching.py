@@ -4,6 +4,7 @@ the engine's first batch until the other requests have queued."""
 import asyncio
 import base64
 import threading
+import time
 
 import httpx
 import pytest
@@ -186,7 +187,33 @@ def test_a_lone_job_runs_at_once_and_the_queue_forms_the_next_batch():
         gate.set()
         batcher = MicroBatcher(run, pool, max_batch_size=3, wait_s=3600)
         assert asyncio.run(scenario(batcher)) == (20, [30, 40, 50], 60)
-    assert batches == [[2], [3, 4, 5], [6]]
+    assert batches == [[2], [3, 6, 4], [5]]  # one job of each queued request in turn: the lone 6 does not wait for 5
+
+
+def test_a_batch_takes_the_queued_requests_jobs_in_turn():
+    """Round robin over requests: a one-image request queued behind two requests of 64 images rides in the next
+    batch, not the fourth; a request with jobs left goes to the back of the line; cancelled jobs are skipped."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gate, batches, run = held_first_batch()
+
+    async def scenario(batcher):
+        first = asyncio.ensure_future(batcher.submit(0))  # held in the engine while the others queue
+        await until(lambda: len(batches) == 1)
+        big = [asyncio.ensure_future(batcher.submit_many(list(range(base, base + 64)))) for base in (100, 200)]
+        gone = asyncio.ensure_future(batcher.submit_many([300, 301]))
+        lone = asyncio.ensure_future(batcher.submit(1))
+        await until(lambda: batcher.queued == 131)
+        gone.cancel()  # its client left: its jobs are skipped, taking no place in a batch
+        batcher.set_batch_wait_timeout_s(0)
+        gate.set()
+        return await first, [len(await b) for b in big], await lone
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(run, pool, max_batch_size=16, wait_s=3600)
+        assert asyncio.run(scenario(batcher)) == (0, [64, 64], 10)
+    assert batches[1] == [100, 200, 1, 101, 201, 102, 202, 103, 203, 104, 204, 105, 205, 106, 206, 107]
+    assert batches[2][:2] == [207, 108] and sorted(j for b in batches[1:] for j in b) == [1, *range(100, 164), *range(200, 264)]
 
 
 def test_with_engine_batches_two_batches_run_at_once_and_no_more():
@@ -391,3 +418,35 @@ def test_a_batch_failure_reaches_every_caller():
 def test_a_replica_runs_one_torch_thread_on_cpu_unless_told(settings):
     assert replica_torch_threads(settings.model_copy(update={"device": "cpu"})) == 1
     assert replica_torch_threads(settings.model_copy(update={"device": "cpu", "torch_threads": 3})) == 3
+
+
+def test_text_calls_hold_one_engine_thread_at_most():
+    """`InEngine` (embed and search texts) runs one call at a time, so a batch of images always finds the other
+    engine thread free instead of queueing behind every text request before it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.http.deps import InEngine
+
+    running, most, done = [0], [0], [0]
+    lock = threading.Lock()
+
+    def slow(x):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+            done[0] += 1
+        return x
+
+    async def scenario(in_engine, pool):
+        texts = [asyncio.ensure_future(in_engine(slow, i)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        done_at_batch = await asyncio.get_running_loop().run_in_executor(pool, lambda: done[0])  # a batch's turn
+        return await asyncio.gather(*texts), done_at_batch
+
+    with ThreadPoolExecutor(2) as pool:
+        texts, done_at_batch = asyncio.run(scenario(InEngine(pool), pool))
+    assert texts == [0, 1, 2, 3] and most[0] == 1
+    assert done_at_batch <= 1  # it ran beside the first text call, not behind the queued ones (first come: 2 or more)

@@ -46,9 +46,11 @@ def test_a_repeated_request_over_http_does_no_new_text_work(engine, settings):
     with TestClient(create_app(settings, engine=engine)) as client:  # max_labels: 256 by default
         first = client.post("/v1/classify", files={"file": ("r.png", color_png("red"), "image/png")}, data=body).json()
         assert first["task"] == "red" and first["gate"] > 0  # routed: the task's prompts apply to the label text
-        assert engine.runtime.text_calls == [(engine.state.tasks["red"].slot, first["gate"], 256)]
+        # the frozen text first, off the batch (Engine.encode_labels), then the routed task's prompted text in it
+        calls = [(None, 1.0, 256), (engine.state.tasks["red"].slot, first["gate"], 256)]
+        assert engine.runtime.text_calls == calls
         second = client.post("/v1/classify", files={"file": ("r.png", color_png("red"), "image/png")}, data=body).json()
-    assert engine.runtime.text_calls == [(engine.state.tasks["red"].slot, first["gate"], 256)]  # no new call
+    assert engine.runtime.text_calls == calls  # no new call
     assert second == first
 
 
