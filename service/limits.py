@@ -84,10 +84,12 @@ class UiRequestCap:
         self.open = 0  # UI requests in flight on this replica
 
     async def __call__(self, scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
+        path = scope.get("path", "") if scope["type"] in ("http", "websocket") else ""
         if not (path == self.prefix or path.startswith(self.prefix + "/")):
             return await self.app(scope, receive, send)
         if self.open >= self.max_requests:
+            if scope["type"] == "websocket":  # refused before the handshake: "try again later"
+                return await send({"type": "websocket.close", "code": 1013})
             message = f"the UI already has {self.open} requests open on this replica; retry shortly"
             return await send_json(send, 503, error_body("overloaded", message), {"Retry-After": str(self.retry_after_s)})
         self.open += 1

@@ -64,6 +64,17 @@ def timed(fn) -> tuple[httpx.Response, float]:
     return response, time.monotonic() - start
 
 
+def api_still_answers(url: str, meanwhile: str) -> None:
+    """/healthz and a classify request each answer within ANSWER_WITHIN_S, the latter routed to its task."""
+    with httpx.Client(base_url=url, timeout=ANSWER_WITHIN_S + 3) as c:
+        health, health_s = timed(lambda: c.get("/healthz"))
+        files = {"file": ("r.png", color_png("red"), "image/png")}
+        classify, classify_s = timed(lambda: c.post("/v1/classify", files=files))
+    print(f"\n{meanwhile}: /healthz {health_s:.3f} s, classify {classify_s:.3f} s")
+    assert health.status_code == 200 and health_s < ANSWER_WITHIN_S
+    assert classify.status_code == 200 and classify.json()["task"] == "red" and classify_s < ANSWER_WITHIN_S
+
+
 def test_stalled_bodies_neither_starve_health_nor_classify_and_time_out_with_408(keepclip_service):
     url = urlsplit(keepclip_service.url)
     timeout_s = keepclip_service.settings.body_timeout_s
@@ -72,13 +83,7 @@ def test_stalled_bodies_neither_starve_health_nor_classify_and_time_out_with_408
         opened = time.monotonic()
         sockets = [stalled_request(url.hostname, url.port) for _ in range(STALLED)]
         time.sleep(1.0)  # every stalled request reaches the replica and waits there for its body
-        with httpx.Client(base_url=keepclip_service.url, timeout=ANSWER_WITHIN_S + 3) as c:
-            health, health_s = timed(lambda: c.get("/healthz"))
-            files = {"file": ("r.png", color_png("red"), "image/png")}
-            classify, classify_s = timed(lambda: c.post("/v1/classify", files=files))
-        print(f"\n{STALLED} stalled bodies: /healthz {health_s:.3f} s, classify {classify_s:.3f} s")
-        assert health.status_code == 200 and health_s < ANSWER_WITHIN_S
-        assert classify.status_code == 200 and classify.json()["task"] == "red" and classify_s < ANSWER_WITHIN_S
+        api_still_answers(keepclip_service.url, f"{STALLED} stalled bodies")
 
         deadline = opened + timeout_s + 30
         answers = [read_response(s, deadline) for s in sockets]
@@ -176,13 +181,7 @@ def test_open_ui_streams_hold_at_most_ui_max_requests_slots_and_the_api_still_an
     try:
         sockets = [heartbeat_stream(url.hostname, url.port, i) for i in range(cap + 16)]
         time.sleep(1.0)
-        with httpx.Client(base_url=keepclip_service.url, timeout=ANSWER_WITHIN_S + 3) as c:
-            health, health_s = timed(lambda: c.get("/healthz"))
-            files = {"file": ("r.png", color_png("red"), "image/png")}
-            classify, classify_s = timed(lambda: c.post("/v1/classify", files=files))
-        print(f"\n{len(sockets)} UI streams: /healthz {health_s:.3f} s, classify {classify_s:.3f} s")
-        assert health.status_code == 200 and health_s < ANSWER_WITHIN_S
-        assert classify.status_code == 200 and classify_s < ANSWER_WITHIN_S
+        api_still_answers(keepclip_service.url, f"{len(sockets)} UI streams")
         statuses = [first_status(s, time.monotonic() + 5) for s in sockets]
     finally:
         for s in sockets:

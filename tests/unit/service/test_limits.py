@@ -260,6 +260,14 @@ def test_ui_requests_beyond_the_cap_are_refused_at_once_and_the_api_still_answer
         refused = await asyncio.wait_for(call(cap, feeder([]), method="GET", path="/ui/heartbeat"), 1)
         api = await asyncio.wait_for(call(cap, feeder([]), method="GET", path="/healthz"), 1)
         not_ui = await asyncio.wait_for(call(cap, feeder([]), method="GET", path="/uix"), 1)  # another path, not the UI's
+        closed = []
+
+        async def record(message):
+            closed.append(message)
+
+        websocket = {**scope(method="GET", path="/ui/queue/join"), "type": "websocket"}
+        await asyncio.wait_for(cap(websocket, feeder([]), record), 1)
+        assert closed == [{"type": "websocket.close", "code": 1013}]  # a websocket is held to the cap too
         streams[0].cancel()
         await asyncio.sleep(0.05)
         assert cap.open == 2  # a closed stream gives its slot back
