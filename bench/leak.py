@@ -83,9 +83,8 @@ def mixed_task(tasks: dict):
     return TaskData("mix", names, list(DEFAULT_TEMPLATES), train, val, None, {"mix": MIX})
 
 
-def leak_row(learner, name: str, tests: list[EvalTask], threshold: float, vocabulary=None, class_names=()) -> list[dict]:
+def leak_row(learner, name: str, tests: list[EvalTask], threshold: float, router) -> list[dict]:
     """Route every domain's test images to the one learned task; claimed share and accuracy changes per domain."""
-    router = task_router(learner, name, vocabulary, class_names)
     text = learner.text[name]
     row = []
     for i, t in enumerate(tests):
@@ -182,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(out / f"store-{name}")
         learner = KindLearner(spec, args.kind, RecipeSettings(), store, progress=False)
         learner.learn(task)
-        report["rows"][name] = leak_row(learner, name, tests, args.threshold, vocabulary, task.class_names)
-        report["frontier"][name] = check_frontier(task_router(learner, name, vocabulary, task.class_names), name, tests, learner.text[name])
+        router = task_router(learner, name, vocabulary, task.class_names)
+        report["rows"][name] = leak_row(learner, name, tests, args.threshold, router)
+        report["frontier"][name] = check_frontier(router, name, tests, learner.text[name])
         log.info("%s: claimed %s", name, " ".join(f"{c['domain']} {100 * c['claimed']:.1f}" for c in report["rows"][name]))
     report["minutes"] = round((time.perf_counter() - started) / 60, 2)
     report["summary"] = summary(report)

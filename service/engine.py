@@ -533,12 +533,7 @@ class Engine:
         One LRU (LABEL_CACHE_SIZE rows) keyed by (slot, weight, label): 256 prompted labels cost a second or two of
         the engine thread. A slot names one task version and is never reused, so a stale row is never hit, only aged out."""
         key = (slot, float(weight)) if slot is not None and weight > 0 else (None, 0.0)
-        rows: dict[str, torch.Tensor] = {}
-        with self._label_lock:
-            for label in dict.fromkeys(labels):
-                if (row := self._label_cache.get((*key, label))) is not None:
-                    self._label_cache.move_to_end((*key, label))
-                    rows[label] = row
+        rows = self._cached_rows(key, labels)
         missing = [label for label in dict.fromkeys(labels) if label not in rows]
         if missing:  # outside the lock; the rows are kept by this call, whatever another thread evicts meanwhile
             feats = self.runtime.class_text(missing, DEFAULT_TEMPLATES, task=key[0], weight=key[1] if key[0] else 1.0)
@@ -548,6 +543,20 @@ class Engine:
                 while len(self._label_cache) > LABEL_CACHE_SIZE:
                     self._label_cache.popitem(last=False)
         return torch.stack([rows[label] for label in labels])
+
+    def _cached_rows(self, key: tuple, labels: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The cached text rows of `labels` under `key` (slot, weight), marked recently used."""
+        rows: dict[str, torch.Tensor] = {}
+        with self._label_lock:
+            for label in dict.fromkeys(labels):
+                if (row := self._label_cache.get((*key, label))) is not None:
+                    self._label_cache.move_to_end((*key, label))
+                    rows[label] = row
+        return rows
+
+    def labels_cached(self, labels: Sequence[str]) -> bool:
+        """Whether every label's frozen text is cached already (a dictionary look-up per label: no engine work)."""
+        return len(self._cached_rows((None, 0.0), labels)) == len(set(labels))
 
     # ------------------------------------------------------------------ convenience (no batching)
     def classify(self, images: Sequence[torch.Tensor], task: str | None = None, labels=None, top_k: int = 5):

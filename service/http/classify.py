@@ -105,7 +105,7 @@ async def classify(body: ClassifyBody, engine: EngineDep, settings: SettingsDep,
         raise ApiError(422, "validation_error", "give either 'task' or 'labels', not both")
     task, labels, top_k = served_task(req.task), check_labels(req.labels, settings), check_top_k(req.top_k, settings)
     tensors = await image_tensors(engine, settings, body.images)
-    if labels is not None:  # new labels' text is encoded on the text lane, not inside a batch other images share
+    if labels is not None and not engine.labels_cached(labels):  # new labels: on the text lane, not in a shared batch
         await in_engine(engine.encode_labels, labels)
     # the images join the dynamic batch together (each routed on its own); a refusal of any fails the request
     results = await batcher.submit_many([ClassifyJob(image, task, labels, top_k) for image in tensors])
